@@ -1,0 +1,133 @@
+"""Random Qwen (v1) checkpoints in the exact Hugging Face layout, for tests, the demo and GPU benchmarks.
+
+Real Qwen weights cannot be downloaded here; every test and benchmark builds on these. Both config generations
+(v1.1 and the August-2023 v1.0) and the three weight layouts of the Hub are written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# Shapes of the released Qwen (v1) models, plus a tiny one for CPU tests.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_channels=16,
+                 intermediate_size=352, seq_length=64, max_position_embeddings=256),
+    "qwen-1.8b": dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                      kv_channels=128, intermediate_size=11008, seq_length=8192, max_position_embeddings=8192),
+    "qwen-7b": dict(vocab_size=151936, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                    kv_channels=128, intermediate_size=22016, seq_length=8192, max_position_embeddings=8192),
+    "qwen-14b": dict(vocab_size=152064, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                     kv_channels=128, intermediate_size=27392, seq_length=2048, max_position_embeddings=8192),
+    "qwen-72b": dict(vocab_size=152064, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                     kv_channels=128, intermediate_size=49152, seq_length=32768, max_position_embeddings=32768),
+}
+
+GENERATION_CONFIG = {  # Qwen-7B-Chat's generation_config.json
+    "chat_format": "chatml", "decay_bound": 0.0, "decay_factor": 1.0, "do_sample": True, "eos_token_id": 151643,
+    "factual_nucleus_sampling": False, "max_context_size": 1024, "max_generate_size": 512, "max_new_tokens": 512,
+    "pad_token_id": 151643, "stop_words_ids": [[151643]], "repetition_penalty": 1.1, "top_k": 0, "top_p": 0.8,
+    "transformers_version": "4.31.0",
+}
+
+
+def hf_config(shape: dict, generation: str = "v1.1") -> dict:
+    """A config.json dict as Qwen ships it: 'v1.1' (Qwen-7B-Chat today) or 'v1.0' (August 2023)."""
+    common = {
+        "architectures": ["QWenLMHeadModel"],
+        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
+                     "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        "model_type": "qwen", "kv_channels": shape["kv_channels"], "layer_norm_epsilon": 1e-6,
+        "rotary_emb_base": shape.get("rotary_emb_base", 10000), "rotary_pct": 1.0,
+        "seq_length": shape["seq_length"], "use_dynamic_ntk": True, "use_logn_attn": True,
+        "scale_attn_weights": True, "no_bias": True, "tie_word_embeddings": False, "use_cache": True,
+        "use_flash_attn": "auto", "bf16": False, "fp16": False, "fp32": False, "onnx_safe": None,
+        "initializer_range": 0.02, "transformers_version": "4.32.0",
+    }
+    if generation == "v1.1":
+        return {**common, "hidden_size": shape["hidden_size"], "num_hidden_layers": shape["num_hidden_layers"],
+                "num_attention_heads": shape["num_attention_heads"],
+                "intermediate_size": shape["intermediate_size"], "vocab_size": shape["vocab_size"],
+                "max_position_embeddings": shape["max_position_embeddings"], "attn_dropout_prob": 0.0,
+                "emb_dropout_prob": 0.0, "softmax_in_fp32": False, "tokenizer_class": "QWenTokenizer"}
+    if generation == "v1.0":
+        return {**common, "n_embd": shape["hidden_size"], "n_layer": shape["num_hidden_layers"],
+                "n_head": shape["num_attention_heads"], "ffn_hidden_size": shape["intermediate_size"],
+                "padded_vocab_size": shape["vocab_size"], "vocab_size": shape["vocab_size"],
+                "n_positions": shape["max_position_embeddings"], "params_dtype": "torch.bfloat16",
+                "pos_emb": "rotary", "apply_residual_connection_post_layernorm": False,
+                "bias_dropout_fusion": True, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.1,
+                "tokenizer_type": "QWenTokenizer"}
+    raise ValueError(f"unknown config generation {generation!r}: use 'v1.1' or 'v1.0'")
+
+
+def hf_tensor_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor of a Hugging Face Qwen (v1) checkpoint, in file order."""
+    h, v, f = shape["hidden_size"], shape["vocab_size"], shape["intermediate_size"] // 2
+    out: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, h)}
+    for i in range(shape["num_hidden_layers"]):
+        p = f"transformer.h.{i}."
+        out.update({p + "ln_1.weight": (h,), p + "attn.c_attn.weight": (3 * h, h), p + "attn.c_attn.bias": (3 * h,),
+                    p + "attn.c_proj.weight": (h, h), p + "ln_2.weight": (h,), p + "mlp.w1.weight": (f, h),
+                    p + "mlp.w2.weight": (f, h), p + "mlp.c_proj.weight": (h, f)})
+    out.update({"transformer.ln_f.weight": (h,), "lm_head.weight": (v, h)})
+    return out
+
+
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, device: str) -> torch.Tensor:
+    """Weights scaled like a trained model's so activations stay O(1) through many layers."""
+    if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen, device=device)
+    if name.endswith(".bias"):
+        return 0.1 * torch.randn(shape, generator=gen, device=device)
+    std = 1.0 if name == "transformer.wte.weight" else shape[-1] ** -0.5
+    return std * torch.randn(shape, generator=gen, device=device)
+
+
+def write_random_checkpoint(out_dir: str | Path, preset: str | dict = "tiny", *, generation: str = "v1.1",
+                            layout: str = "safetensors-sharded", dtype: torch.dtype = torch.float32,
+                            seed: int = 0, tokenizer_file: str | Path | None = None, device: str = "cpu",
+                            shard_bytes: int = 2 << 30, **overrides) -> Path:
+    """Write a random Qwen (v1) checkpoint. layout: 'safetensors-sharded' (+ index), 'safetensors' (one
+    model.safetensors) or 'bin-sharded' (pytorch_model-*.bin + index). tokenizer_file: a qwen.tiktoken to copy."""
+    shape = {**(PRESETS[preset] if isinstance(preset, str) else preset), **overrides}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config(shape, generation), indent=2))
+    (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": shape["max_position_embeddings"], "tokenizer_class": "QWenTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}, indent=2))
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, out / "qwen.tiktoken")
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, shp in hf_tensor_shapes(shape).items():
+        t = random_tensor(name, shp, gen, device).to(dtype).cpu().contiguous()
+        if size and size + t.nbytes > shard_bytes and layout != "safetensors":
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    if layout == "safetensors":
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+    ext, stem, index = {"safetensors-sharded": ("safetensors", "model", "model.safetensors.index.json"),
+                        "bin-sharded": ("bin", "pytorch_model", "pytorch_model.bin.index.json")}[layout]
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"{stem}-{k + 1:05d}-of-{len(shards):05d}.{ext}"
+        if ext == "safetensors":
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+        else:
+            torch.save(shard, out / fname)
+        weight_map.update({n: fname for n in shard})
+        total += sum(t.nbytes for t in shard.values())
+    (out / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out
