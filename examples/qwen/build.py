@@ -1,0 +1,53 @@
+"""Build a Qwen engine directory: python3 examples/qwen/build.py --model_dir ./c-model/Qwen/1-gpu --dtype float16"""
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import qwen_trtllm  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from qwen_trtllm.builder.build import PLUGIN_FLAGS, build_engine  # noqa: E402
+from qwen_trtllm.cli import run_cli  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model_dir", help="FT directory written by hf_qwen_convert.py (e.g. ./c-model/Qwen/1-gpu)")
+    src.add_argument("--hf_model_dir", help="Hugging Face Qwen checkpoint directory (converted on the fly)")
+    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--max_batch_size", type=int, default=8)
+    p.add_argument("--max_input_len", type=int, default=2048)
+    p.add_argument("--max_output_len", type=int, default=2048)
+    p.add_argument("--world_size", type=int, default=1, help="tensor-parallel ranks")
+    p.add_argument("--output_dir", default="qwen_outputs")
+    p.add_argument("--kernels", default="triton", choices=["triton", "torch"],
+                   help="decode kernels on CUDA: fused Triton kernels (default) or plain PyTorch ops")
+    # TensorRT-LLM's plugin flags: accepted, recorded in the engine config, mapped as the README describes.
+    for flag in ("use_gpt_attention_plugin", "use_gemm_plugin", "use_layernorm_plugin", "use_rmsnorm_plugin"):
+        p.add_argument(f"--{flag}", nargs="?", const="float16", default=None,
+                       choices=["float16", "float32", "bfloat16"])
+    p.add_argument("--enable_context_fmha", action="store_true")
+    p.add_argument("--remove_input_padding", action="store_true")
+    args = p.parse_args(argv)
+    if args.model_dir is None and args.hf_model_dir is None:
+        p.error("give --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    plugins = {k: getattr(args, k) for k in PLUGIN_FLAGS if getattr(args, k)}
+    out = build_engine(args.output_dir, ft_dir=args.model_dir, hf_dir=args.hf_model_dir, dtype=args.dtype,
+                       max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
+                       max_output_len=args.max_output_len, world_size=args.world_size, plugins=plugins,
+                       kernels=args.kernels)
+    print(f"engine written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,104 @@
+"""Chat with a Qwen engine: python3 examples/qwen/run.py --max_output_len 8"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+try:
+    import qwen_trtllm  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from qwen_trtllm import QWenError  # noqa: E402
+from qwen_trtllm.cli import run_cli  # noqa: E402
+from qwen_trtllm.runtime import Engine, GenerationSession  # noqa: E402
+from qwen_trtllm.runtime.distributed import init_distributed  # noqa: E402
+from qwen_trtllm.runtime.runner import (  # noqa: E402
+    QWEN_EOD_ID,
+    StreamPrinter,
+    generation_defaults,
+    read_input_tokens,
+    sampling_from_args,
+    write_outputs,
+)
+
+DEFAULT_QUESTION = "你好，请问你叫什么？"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--engine_dir", default="qwen_outputs")
+    p.add_argument("--tokenizer_dir", default=None, help="directory with qwen.tiktoken (default: the engine dir)")
+    p.add_argument("--input_text", nargs="+", default=[DEFAULT_QUESTION], help="one or more prompts (a batch)")
+    p.add_argument("--input_tokens", default=None, help="prompt token ids (.csv rows or .npy [B, T]), raw")
+    p.add_argument("--max_output_len", type=int, default=None, help="default: min(512, the engine's limit)")
+    p.add_argument("--chat_format", default="chatml", choices=["chatml", "raw"])
+    p.add_argument("--system", default="You are a helpful assistant.")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top_k", type=int, default=None, help="1 = greedy, 0 = off (default: generation_config)")
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--repetition_penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--streaming", action="store_true", help="print tokens as they come")
+    p.add_argument("--output_csv", default=None)
+    p.add_argument("--output_npy", default=None)
+    p.add_argument("--profile", default=None, metavar="TRACE_JSON",
+                   help="write a torch profiler trace (open in Perfetto) and print a per-phase summary")
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.num_beams > 1:
+        raise QWenError("beam search (--num_beams > 1) is not supported by this engine: use sampling or greedy")
+    rank, world = init_distributed()
+    engine = Engine.load(args.engine_dir, rank=rank, world_size=world)
+    session = GenerationSession(engine)
+    defaults = generation_defaults(args.engine_dir)
+    sampling = sampling_from_args(args, defaults)
+    max_new = args.max_output_len or min(512, session.max_output_len)
+
+    from qwen_trtllm.tokenizer import QWenTokenizer, decode_response, make_context, stop_token_ids
+
+    tokenizer = None
+    if args.input_tokens is None or (Path(args.tokenizer_dir or args.engine_dir) / "qwen.tiktoken").is_file():
+        tokenizer = QWenTokenizer.from_dir(args.tokenizer_dir or args.engine_dir)
+    if args.input_tokens is not None:
+        prompts, texts = read_input_tokens(args.input_tokens), None
+        stops = stop_token_ids(tokenizer, "raw") if tokenizer else {QWEN_EOD_ID}
+    else:
+        texts = args.input_text
+        prompts = [make_context(tokenizer, t, system=args.system, chat_format=args.chat_format)[1] for t in texts]
+        stops = stop_token_ids(tokenizer, args.chat_format)
+    show = rank == 0
+    streamer = StreamPrinter(tokenizer, stops) if args.streaming and tokenizer and show else None
+    if streamer:
+        print(f'Input: "{texts[0] if texts else prompts[0]}"\nOutput: "', end="", flush=True)
+
+    from qwen_trtllm.runtime.profiling import maybe_profile
+
+    with maybe_profile(args.profile if show else None):
+        t0 = time.perf_counter()
+        result = session.generate(prompts, max_new, sampling, stop_ids=sorted(stops), end_id=QWEN_EOD_ID,
+                                  streamer=streamer)
+        elapsed = time.perf_counter() - t0
+    if not show:
+        return 0
+    if streamer:
+        print('"')
+    for b, ids in enumerate(result.output_ids):
+        if streamer and b == 0:
+            continue
+        shown_in = texts[b] if texts else prompts[b]
+        out = decode_response(ids, tokenizer, args.chat_format) if tokenizer else ids
+        print(f'Input: "{shown_in}"\nOutput: "{out}"')
+    n = sum(len(ids) for ids in result.output_ids)
+    print(f"generated {n} tokens in {elapsed:.3f} s ({n / elapsed:.1f} tokens/s) on {engine.device}")
+    write_outputs(result.output_ids, result.sequences.numpy(), args.output_csv, args.output_npy)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

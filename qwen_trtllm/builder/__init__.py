@@ -1,0 +1,1 @@
+"""The builder: an FT directory (or a Hugging Face checkpoint) -> a self-contained engine directory."""

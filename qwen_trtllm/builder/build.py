@@ -1,0 +1,135 @@
+"""Build an engine directory from an FT directory (hf_qwen_convert.py's output) or a Hugging Face checkpoint.
+
+Weights are put into the runtime's layout here (transposed to nn.Linear's [out, in], gate/up fused, cast to the
+engine dtype) so that loading an engine is a straight copy. Everything is validated before anything is written,
+and the engine appears under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from qwen_trtllm import QWenError, __version__
+from qwen_trtllm.builder.engine_format import ARCHITECTURE, DTYPES, FORMAT_VERSION, TOKENIZER_FILES, rank_file
+from qwen_trtllm.config import QWenConfig
+
+# TensorRT-LLM plugin flags and what they select in this engine (see README, "Build flags").
+PLUGIN_FLAGS = ("use_gpt_attention_plugin", "use_gemm_plugin", "use_layernorm_plugin", "use_rmsnorm_plugin",
+                "enable_context_fmha", "remove_input_padding")
+
+
+def runtime_weights_from_ft(ft: dict[str, torch.Tensor], config: QWenConfig) -> dict[str, torch.Tensor]:
+    """One rank's FT tensors ([in, out] linears) -> the runtime's state dict ([out, in], gate|up fused)."""
+    out = {"embed.weight": ft["vocab_embedding.weight"], "ln_f.weight": ft["ln_f.weight"],
+           "lm_head.weight": ft["lm_head.weight"]}
+    for i in range(config.num_hidden_layers):
+        f, r = f"model.layers.{i}.", f"layers.{i}."
+        out.update({
+            r + "ln_1.weight": ft[f + "ln_1.weight"], r + "ln_2.weight": ft[f + "ln_2.weight"],
+            r + "attn.qkv.weight": ft[f + "attention.qkv.weight"].reshape(config.hidden_size, -1).t(),
+            r + "attn.qkv.bias": ft[f + "attention.qkv.bias"].reshape(-1),
+            r + "attn.dense.weight": ft[f + "attention.dense.weight"].t(),
+            r + "mlp.gate_up.weight": torch.cat([ft[f + "mlp.w2.weight"].t(), ft[f + "mlp.w1.weight"].t()]),
+            r + "mlp.c_proj.weight": ft[f + "mlp.c_proj.weight"].t(),
+        })
+    return out
+
+
+def runtime_weights_from_hf(get, config: QWenConfig, rank: int, tp: int) -> dict[str, torch.Tensor]:
+    """A Hugging Face checkpoint (get(name) -> tensor) -> one rank's runtime state dict."""
+    H, nh, D, F = config.hidden_size, config.num_attention_heads, config.kv_channels, config.ffn_hidden_size
+    heads, ff = slice(rank * nh // tp, (rank + 1) * nh // tp), slice(rank * F // tp, (rank + 1) * F // tp)
+    out = {"embed.weight": get("transformer.wte.weight"), "ln_f.weight": get("transformer.ln_f.weight"),
+           "lm_head.weight": get("lm_head.weight")}
+    for i in range(config.num_hidden_layers):
+        h, r = f"transformer.h.{i}.", f"layers.{i}."
+        out.update({
+            r + "ln_1.weight": get(h + "ln_1.weight"), r + "ln_2.weight": get(h + "ln_2.weight"),
+            r + "attn.qkv.weight": get(h + "attn.c_attn.weight").view(3, nh, D, H)[:, heads].reshape(-1, H),
+            r + "attn.qkv.bias": get(h + "attn.c_attn.bias").view(3, nh, D)[:, heads].reshape(-1),
+            r + "attn.dense.weight": get(h + "attn.c_proj.weight").view(H, nh, D)[:, heads].reshape(H, -1),
+            r + "mlp.gate_up.weight": torch.cat([get(h + "mlp.w2.weight")[ff], get(h + "mlp.w1.weight")[ff]]),
+            r + "mlp.c_proj.weight": get(h + "mlp.c_proj.weight")[:, ff],
+        })
+    return out
+
+
+def _prepare_output(output_dir: Path) -> Path:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise QWenError(f"--output_dir {output_dir} exists and is not a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / "config.json").is_file():
+        raise QWenError(f"--output_dir {output_dir} is a non-empty directory that is not an engine: "
+                        "choose another --output_dir")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+
+
+def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf_dir: str | Path | None = None,
+                 dtype: str = "float16", max_batch_size: int = 8, max_input_len: int = 2048,
+                 max_output_len: int = 2048, world_size: int = 1, plugins: dict | None = None,
+                 kernels: str = "triton") -> Path:
+    """Build the engine directory and return its path. Exactly one of ft_dir / hf_dir."""
+    if (ft_dir is None) == (hf_dir is None):
+        raise QWenError("give exactly one of --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")
+    if dtype not in DTYPES:
+        raise QWenError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    for name, v in (("max_batch_size", max_batch_size), ("max_input_len", max_input_len),
+                    ("max_output_len", max_output_len), ("world_size", world_size)):
+        if v < 1:
+            raise QWenError(f"--{name} must be >= 1, got {v}")
+    if kernels not in ("triton", "torch"):
+        raise QWenError(f"--kernels {kernels} is not one of triton, torch")
+    if ft_dir is not None:
+        from qwen_trtllm.checkpoint.ft_format import read_ft_config, read_ft_rank
+
+        src = Path(ft_dir)
+        config, info = read_ft_config(src)
+        if int(info["tensor_parallelism"]) != world_size:
+            raise QWenError(f"{src} was converted for {info['tensor_parallelism']} rank(s) but --world_size is "
+                            f"{world_size}: pass --world_size {info['tensor_parallelism']} or re-run "
+                            f"hf_qwen_convert.py with --tensor-parallelism {world_size}")
+        rank_weights = lambda r: runtime_weights_from_ft(read_ft_rank(src, r), config)
+        source = {"ft_dir": str(src), "storage_dtype": info.get("storage_dtype")}
+    else:
+        from qwen_trtllm.checkpoint.hf_checkpoint import HFCheckpoint
+
+        src = Path(hf_dir)
+        ckpt = HFCheckpoint(src)
+        ckpt.validate()
+        config = ckpt.config
+        rank_weights = lambda r: runtime_weights_from_hf(ckpt.get, config, r, world_size)
+        source = {"hf_model_dir": str(src)}
+    config.check_tensor_parallel(world_size)
+
+    out = Path(output_dir)
+    tmp = _prepare_output(out)
+    try:
+        for r in tqdm(range(world_size), desc="building ranks", disable=world_size == 1):
+            weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in rank_weights(r).items()}
+            save_file(weights, str(rank_file(tmp, r)), metadata={"format": "pt"})
+            del weights
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        build = {"dtype": dtype, "world_size": world_size, "max_batch_size": max_batch_size,
+                 "max_input_len": max_input_len, "max_output_len": max_output_len,
+                 "plugins": {k: v for k, v in (plugins or {}).items() if k in PLUGIN_FLAGS},
+                 "kernels": {"decode": kernels, "prefill_attention": "sdpa", "gemm": "cublas"},
+                 "source": source, "builder_version": __version__, "torch_version": torch.__version__}
+        (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
+                                                     "model": config.to_dict(), "build": build}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

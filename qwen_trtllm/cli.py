@@ -1,0 +1,20 @@
+"""Shared plumbing of the example scripts: one-line errors and non-zero exits for bad input."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from qwen_trtllm import QWenError
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run main(); a QWenError becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        code = main()
+    except QWenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,83 @@
+"""Loading an engine directory onto a device: the engine's config decides everything."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from qwen_trtllm import QWenError
+from qwen_trtllm.builder.engine_format import DTYPES, rank_file, read_engine_config
+from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.models.qwen.model import QWen
+
+
+def default_device(rank: int = 0) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise QWenError(f"this engine is bfloat16 but {torch.cuda.get_device_name(device)} cannot run bfloat16: "
+                        "rebuild with --dtype float16")
+
+
+@dataclass
+class Engine:
+    """A loaded engine: the model of this rank on its device, and the engine's configs."""
+
+    engine_dir: Path
+    config: QWenConfig
+    build: dict
+    model: QWen
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, device: str | torch.device | None = None, rank: int = 0,
+             world_size: int = 1) -> Engine:
+        engine_dir = Path(engine_dir)
+        config, build = read_engine_config(engine_dir)
+        if build["world_size"] != world_size:
+            raise QWenError(f"engine {engine_dir} was built for world size {build['world_size']} but is run with "
+                            f"{world_size} rank(s): launch {build['world_size']} ranks (torchrun --nproc-per-node "
+                            f"{build['world_size']}) or rebuild with --world_size {world_size}")
+        device = torch.device(device) if device is not None else default_device(rank)
+        dtype = DTYPES[build["dtype"]]
+        check_dtype_supported(dtype, device)
+        path = rank_file(engine_dir, rank)
+        if not path.is_file():
+            raise QWenError(f"{path} is missing: rebuild the engine with examples/qwen/build.py")
+        try:
+            state = load_file(str(path), device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise QWenError(f"{path} is corrupt ({e}): rebuild the engine with examples/qwen/build.py") from None
+        with torch.device("meta"):
+            model = QWen(config, tp=world_size)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        got = {k: v.shape for k, v in state.items()}
+        if expected != got:
+            bad = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
+            raise QWenError(f"{path} does not match its config.json (first mismatch: {bad[0]}): rebuild the engine")
+        model.load_state_dict(state, assign=True)
+        model.eval().requires_grad_(False)
+        return cls(engine_dir, config, build, model, device, dtype, rank, world_size)
+
+    def tokenizer_dir(self) -> Path:
+        return self.engine_dir
+
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun's or mpirun's environment; (0, 1) when launched alone."""
+    for r, w in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE")):
+        if w in os.environ:
+            return int(os.environ[r]), int(os.environ[w])
+    return 0, 1

@@ -1,0 +1,190 @@
+"""Generation: batched prefill of right-padded prompts, then decode steps over a static KV cache.
+
+The token loop never waits on the device: sampling runs there, stop checks are batched (one host read every
+few steps), and on CUDA each decode step is a replayed CUDA graph (one per batch-size bucket).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qwen_trtllm import QWenError
+from qwen_trtllm.models.qwen.model import StepContext, ntk_alpha, rotary_inv_freq
+from qwen_trtllm.runtime.engine import Engine
+from qwen_trtllm.runtime.profiling import nvtx_range
+from qwen_trtllm.runtime.sampling import SamplingConfig, sample
+
+STOP_CHECK_EVERY = 8  # decode steps between host reads of the "all finished" flag
+
+
+@dataclass
+class GenerationOutput:
+    output_ids: list[list[int]]  # per sequence: generated ids up to and including the first stop id
+    sequences: Tensor  # int32 [B, max_input + max_new_tokens]: prompt + output, padded with end_id (CPU)
+    input_lengths: list[int]
+
+
+class GenerationSession:
+    """A KV cache for max_batch_size x max_seq_len tokens on the engine's device, and the generate loop."""
+
+    def __init__(self, engine: Engine, max_batch_size: int | None = None, max_seq_len: int | None = None,
+                 use_triton: bool | None = None, cuda_graphs: bool | None = None):
+        self.engine, cfg, build = engine, engine.config, engine.build
+        self.max_batch = max_batch_size or build["max_batch_size"]
+        self.max_input_len, self.max_output_len = build["max_input_len"], build["max_output_len"]
+        self.max_seq = max_seq_len or self.max_input_len + self.max_output_len
+        on_cuda = engine.device.type == "cuda"
+        if use_triton is None:
+            use_triton = on_cuda and build.get("kernels", {}).get("decode", "triton") == "triton"
+        if use_triton:
+            from qwen_trtllm.kernels import triton_available
+
+            use_triton = triton_available(engine.device)
+        self.use_triton = use_triton
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        heads = cfg.num_attention_heads // engine.world_size
+        shape = (cfg.num_hidden_layers, self.max_batch, heads, self.max_seq, cfg.kv_channels)
+        self.k_cache = torch.zeros(shape, dtype=engine.dtype, device=engine.device)
+        self.v_cache = torch.zeros(shape, dtype=engine.dtype, device=engine.device)
+        self._graphs: dict[int, DecodeGraph] = {}
+
+    # --- one forward pass each ---------------------------------------------------------------------
+    def prefill(self, tokens: Tensor, lengths: Tensor, inv_freq: Tensor) -> Tensor:
+        """tokens [B, T] right-padded; returns the logits [B, V] at each prompt's last token."""
+        B, T = tokens.shape
+        positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
+        ctx = StepContext(positions, inv_freq, self.k_cache, self.v_cache, prefill=True)
+        with nvtx_range("prefill"):
+            return self.engine.model(tokens, ctx, last_only=lengths - 1)[:, 0]
+
+    def decode(self, tokens: Tensor, positions: Tensor, inv_freq: Tensor, attn_len: int) -> Tensor:
+        """One new token per sequence at positions [B]; returns logits [B, V]."""
+        if self.cuda_graphs:
+            return self._graph_for(tokens.shape[0]).run(tokens, positions, inv_freq)
+        return self._decode_eager(tokens[:, None], positions, inv_freq, attn_len)
+
+    def _decode_eager(self, tokens: Tensor, positions: Tensor, inv_freq: Tensor, attn_len: int) -> Tensor:
+        ctx = StepContext(positions[:, None], inv_freq, self.k_cache, self.v_cache, prefill=False,
+                          seq_lens=(positions + 1).to(torch.int32), attn_len=attn_len, use_triton=self.use_triton)
+        return self.engine.model(tokens, ctx)[:, 0]
+
+    def _graph_for(self, batch: int) -> DecodeGraph:
+        bucket = next((b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b >= batch), batch)
+        bucket = min(bucket, self.max_batch)
+        if bucket not in self._graphs:
+            self._graphs[bucket] = DecodeGraph(self, bucket)
+        return self._graphs[bucket]
+
+    # --- the generate loop -------------------------------------------------------------------------
+    def check_inputs(self, batch_input_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        if not batch_input_ids:
+            raise QWenError("no input prompts given")
+        if len(batch_input_ids) > self.max_batch:
+            raise QWenError(f"{len(batch_input_ids)} prompts exceed the engine's max_batch_size {self.max_batch}: "
+                            "pass fewer prompts or rebuild with a larger --max_batch_size")
+        for ids in batch_input_ids:
+            if not ids:
+                raise QWenError("an input prompt is empty: give at least one token")
+            if len(ids) > self.max_input_len:
+                raise QWenError(f"a prompt of {len(ids)} tokens exceeds the engine's max_input_len "
+                                f"{self.max_input_len}: shorten it or rebuild with a larger --max_input_len")
+            if min(ids) < 0 or max(ids) >= self.engine.config.vocab_size:
+                raise QWenError(f"token ids must lie in [0, {self.engine.config.vocab_size}): got {min(ids)}.."
+                                f"{max(ids)}; is the tokenizer the engine's?")
+        if not 0 < max_new_tokens <= self.max_output_len:
+            raise QWenError(f"max_output_len {max_new_tokens} must be in 1..{self.max_output_len} (the engine's "
+                            "limit): lower it or rebuild with a larger --max_output_len")
+        if max(len(i) for i in batch_input_ids) + max_new_tokens > self.max_seq:
+            raise QWenError(f"prompt + output exceed this session's KV cache of {self.max_seq} tokens")
+
+    @torch.inference_mode()
+    def generate(self, batch_input_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: SamplingConfig | None = None, stop_ids: Sequence[int] = (), end_id: int = 151643,
+                 streamer: Callable[[list[int]], None] | None = None) -> GenerationOutput:
+        """Generate for a batch of prompts (lists of token ids). streamer, if given, is called after each step
+        with the new token of every sequence (end_id for finished ones)."""
+        sampling = sampling or SamplingConfig()
+        sampling.validate()
+        self.check_inputs(batch_input_ids, max_new_tokens)
+        dev, cfg = self.engine.device, self.engine.config
+        B, lens = len(batch_input_ids), [len(i) for i in batch_input_ids]
+        tokens = torch.full((B, max(lens)), end_id, dtype=torch.long)
+        for b, ids in enumerate(batch_input_ids):
+            tokens[b, : lens[b]] = torch.tensor(ids)
+        tokens, lengths = tokens.to(dev), torch.tensor(lens, device=dev)
+        alpha = torch.tensor([ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0 for n in lens], device=dev)
+        inv_freq = rotary_inv_freq(cfg, alpha)
+        gen = torch.Generator(device=dev).manual_seed(sampling.seed)
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=dev)
+            seen.scatter_(1, tokens, True)
+        stops = torch.tensor(sorted(set(stop_ids)) or [end_id], device=dev)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        out = torch.full((B, max_new_tokens), end_id, dtype=torch.long, device=dev)
+
+        logits = self.prefill(tokens, lengths, inv_freq)
+        for step in range(max_new_tokens):
+            nxt = torch.where(finished, end_id, sample(logits, sampling, gen, seen))
+            out[:, step] = nxt
+            finished |= torch.isin(nxt, stops)
+            if self.engine.world_size > 1:  # every rank continues with rank 0's tokens
+                torch.distributed.broadcast(nxt, src=0)
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            if streamer is not None:
+                streamer(nxt.tolist())
+            if step == max_new_tokens - 1 or (step % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and finished.all()):
+                break
+            with nvtx_range(f"decode step {step}"):
+                logits = self.decode(nxt, lengths + step, inv_freq, attn_len=max(lens) + step + 1)
+        return self._outputs(out[:, : step + 1].cpu(), batch_input_ids, stops.tolist(), end_id, max_new_tokens)
+
+    @staticmethod
+    def _outputs(out: Tensor, prompts: Sequence[Sequence[int]], stops: list[int], end_id: int,
+                 max_new_tokens: int) -> GenerationOutput:
+        lens = [len(p) for p in prompts]
+        seqs = torch.full((len(prompts), max(lens) + max_new_tokens), end_id, dtype=torch.int32)
+        output_ids = []
+        for b, row in enumerate(out.tolist()):
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            output_ids.append(row[:cut])
+            seqs[b, : lens[b]] = torch.tensor(prompts[b], dtype=torch.int32)
+            seqs[b, lens[b]: lens[b] + cut] = torch.tensor(row[:cut], dtype=torch.int32)
+        return GenerationOutput(output_ids, seqs, lens)
+
+
+class DecodeGraph:
+    """One decode step captured in a CUDA graph for a fixed batch bucket; smaller batches are padded with
+    dummy rows that write only to cache rows no real sequence of this call uses."""
+
+    def __init__(self, session: GenerationSession, batch: int):
+        self.session, self.batch = session, batch
+        dev, cfg = session.engine.device, session.engine.config
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.inv_freq = torch.zeros(batch, cfg.rotary_dim // 2, dtype=torch.float32, device=dev)
+        step = lambda: session._decode_eager(self.tokens[:, None], self.positions, self.inv_freq, session.max_seq)
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: Triton compilation, cuBLAS handles
+                step()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step()
+
+    def run(self, tokens: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+        n = tokens.shape[0]
+        self.tokens[:n].copy_(tokens)
+        self.positions[:n].copy_(positions)
+        self.inv_freq[:n].copy_(inv_freq)
+        if n < self.batch:
+            self.positions[n:].zero_()
+        self.graph.replay()
+        return self.logits[:n]
