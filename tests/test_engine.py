@@ -1,0 +1,175 @@
+"""The engine against the Hugging Face reference on tiny random checkpoints (CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwen_trtllm import QWenError
+from qwen_trtllm.builder.build import build_engine
+from qwen_trtllm.checkpoint.hf_checkpoint import HFCheckpoint
+from qwen_trtllm.evaluation.teacher_forced import compare_logits, engine_logits, reference_logits
+from qwen_trtllm.models.qwen.reference import load_reference
+from qwen_trtllm.runtime import Engine, GenerationSession, SamplingConfig
+
+PROMPT_LENS = (11, 5, 17)
+STEPS = 9  # logits at the prefill and after 8 decode steps
+
+
+def random_prompts(vocab: int, lens=PROMPT_LENS, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_checkpoint, tmp_path_factory):
+    out = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        d = tmp_path_factory.mktemp(f"engine_{dtype}")
+        out[dtype] = build_engine(d / "engine", hf_dir=tiny_checkpoint, dtype=dtype, max_batch_size=4,
+                                  max_input_len=32, max_output_len=16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return load_reference(tiny_checkpoint, dtype=torch.float32)
+
+
+def test_fp32_logits_match_reference_prefill_and_decode(engines, reference):
+    session = GenerationSession(Engine.load(engines["float32"]))
+    prompts = random_prompts(session.engine.config.vocab_size)
+    forced = torch.randint(0, session.engine.config.vocab_size, (len(prompts), STEPS))
+    got = engine_logits(session, prompts, forced)
+    want = reference_logits(reference, prompts, forced)
+    for s in range(STEPS):  # every step, every sequence, within 1e-4 relative
+        per_seq = (got[:, s] - want[:, s]).norm(dim=-1) / want[:, s].norm(dim=-1)
+        assert per_seq.max() < 1e-4, (s, per_seq)
+    assert compare_logits(got, want)["top1_agreement"] == 1.0
+
+
+def test_greedy_ids_identical_to_reference(engines, reference):
+    session = GenerationSession(Engine.load(engines["float32"]))
+    prompts = random_prompts(session.engine.config.vocab_size, seed=1)
+    res = session.generate(prompts, 12, SamplingConfig(top_k=1), stop_ids=[], end_id=0)
+    for p, ids in zip(prompts, res.output_ids, strict=True):
+        ref = reference.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                                 pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
+        assert ids == ref
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-2), ("bfloat16", 4e-2)])
+def test_half_precision_engines_run_on_cpu(engines, reference, dtype, tol):
+    session = GenerationSession(Engine.load(engines[dtype]))
+    assert session.engine.model.embed.weight.dtype == getattr(torch, dtype)
+    prompts = random_prompts(session.engine.config.vocab_size, seed=2)
+    forced = torch.randint(0, session.engine.config.vocab_size, (len(prompts), 4))
+    stats = compare_logits(engine_logits(session, prompts, forced), reference_logits(reference, prompts, forced))
+    assert stats["rel_err"] < tol, stats
+
+
+def test_ft_and_hf_sources_build_identical_engines(tiny_checkpoint, engines, tmp_path):
+    from qwen_trtllm.checkpoint.ft_format import convert_checkpoint
+
+    ft = convert_checkpoint(tiny_checkpoint, tmp_path / "ft", tp=1, storage_type="float32")
+    eng = build_engine(tmp_path / "engine", ft_dir=ft, dtype="float32", max_batch_size=4, max_input_len=32,
+                       max_output_len=16)
+    a, b = load_file(str(eng / "rank0.safetensors")), load_file(str(engines["float32"] / "rank0.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batch_equals_single_sequences(engines):
+    session = GenerationSession(Engine.load(engines["float32"]))
+    prompts = random_prompts(session.engine.config.vocab_size, seed=3)
+    batch = session.generate(prompts, 10, SamplingConfig(top_k=1), end_id=0, stop_ids=[7]).output_ids
+    for p, ids in zip(prompts, batch, strict=True):
+        assert session.generate([p], 10, SamplingConfig(top_k=1), end_id=0, stop_ids=[7]).output_ids[0] == ids
+
+
+def test_sampling_is_seeded_and_respects_stops(engines):
+    session = GenerationSession(Engine.load(engines["float32"]))
+    prompts = random_prompts(session.engine.config.vocab_size, seed=4)
+    cfg = SamplingConfig(temperature=0.9, top_k=0, top_p=0.8, repetition_penalty=1.1, seed=5)
+    a = session.generate(prompts, 12, cfg, end_id=0, stop_ids=[3]).output_ids
+    assert a == session.generate(prompts, 12, cfg, end_id=0, stop_ids=[3]).output_ids
+    for ids in a:
+        assert 3 not in ids[:-1]
+
+
+# --- long context: dynamic NTK and logn attention against a direct implementation of Qwen's formulas ---
+def qwen_v1_direct(ckpt: HFCheckpoint, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """Qwen (v1) forward in float64 written from the formulas: NTK alpha from the prompt length, logn on q."""
+    c = ckpt.config
+    W = lambda n: ckpt.get(n).double()
+    nh, D, T = c.num_attention_heads, c.kv_channels, len(ids)
+    alpha = max(2 ** math.ceil(math.log2(prompt_len / c.seq_length) + 1) - 1, 1)
+    base = c.rotary_emb_base * alpha ** (D / (D - 2))
+    inv = 1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    rot = lambda x: x * cos + torch.cat([-x[..., D // 2:], x[..., : D // 2]], -1) * sin
+    logn = torch.tensor([math.log(p + 1) / math.log(c.seq_length) if p + 1 > c.seq_length else 1.0
+                         for p in range(T)], dtype=torch.float64)
+    norm = lambda x, w: x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.layer_norm_epsilon) * w
+    x = W("transformer.wte.weight")[torch.tensor(ids)]
+    for i in range(c.num_hidden_layers):
+        p = f"transformer.h.{i}."
+        qkv = norm(x, W(p + "ln_1.weight")) @ W(p + "attn.c_attn.weight").T + W(p + "attn.c_attn.bias")
+        q, k, v = (t.view(T, nh, D).transpose(0, 1) for t in qkv.split(c.hidden_size, -1))
+        q, k = rot(q) * logn[None, :, None], rot(k)
+        s = (q @ k.transpose(1, 2)) / math.sqrt(D) + torch.full((T, T), float("-inf")).triu(1).double()
+        a = (s.softmax(-1) @ v).transpose(0, 1).reshape(T, -1)
+        x = x + a @ W(p + "attn.c_proj.weight").T
+        h = norm(x, W(p + "ln_2.weight"))
+        up, gate = h @ W(p + "mlp.w1.weight").T, h @ W(p + "mlp.w2.weight").T
+        x = x + (up * torch.nn.functional.silu(gate)) @ W(p + "mlp.c_proj.weight").T
+    return norm(x, W("transformer.ln_f.weight")) @ W("lm_head.weight").T
+
+
+def test_long_context_ntk_and_logn(make_checkpoint, tmp_path):
+    ckpt_dir = make_checkpoint(seq_length=8, seed=7)  # prompts of 11..30 tokens: alpha 3 and 7, logn active
+    engine = build_engine(tmp_path / "e", hf_dir=ckpt_dir, dtype="float32", max_batch_size=3, max_input_len=32,
+                          max_output_len=8)
+    session = GenerationSession(Engine.load(engine))
+    ckpt = HFCheckpoint(ckpt_dir)
+    prompts = random_prompts(ckpt.config.vocab_size, lens=(30, 11, 6), seed=8)
+    forced = torch.randint(0, ckpt.config.vocab_size, (3, 6))
+    got = engine_logits(session, prompts, forced)
+    for b, p in enumerate(prompts):
+        want = qwen_v1_direct(ckpt, p + forced[b, :5].tolist(), len(p))[len(p) - 1:]
+        assert ((got[b].double() - want).norm() / want.norm()) < 1e-5, b
+    ref = load_reference(ckpt_dir)  # beyond seq_length the Qwen2 reference (no NTK/logn) must differ
+    assert compare_logits(got[:1], reference_logits(ref, prompts[:1], forced[:1]))["rel_err"] > 1e-2
+
+
+# --- bad input ---
+def test_bad_inputs(engines, tmp_path):
+    session = GenerationSession(Engine.load(engines["float32"]))
+    with pytest.raises(QWenError, match="max_input_len"):
+        session.generate([[1] * 33], 4)
+    with pytest.raises(QWenError, match="max_batch_size"):
+        session.generate([[1]] * 5, 4)
+    with pytest.raises(QWenError, match="max_output_len"):
+        session.generate([[1]], 17)
+    with pytest.raises(QWenError, match="does not exist"):
+        Engine.load(tmp_path / "nope")
+    with pytest.raises(QWenError, match="world size"):
+        Engine.load(engines["float32"], world_size=2, rank=0)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(QWenError, match="corrupt"):
+        Engine.load(broken)
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
+    from qwen_trtllm.runtime import engine as engine_mod
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    with pytest.raises(QWenError, match="cannot run bfloat16"):
+        engine_mod.check_dtype_supported(torch.bfloat16, torch.device("cuda", 0))
