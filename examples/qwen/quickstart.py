@@ -1,0 +1,44 @@
+"""Quickstart with Hugging Face transformers: python3 examples/qwen/quickstart.py --hf_model_dir Qwen/Qwen-7B-Chat
+
+Loads the checkpoint into the library's reference (transformers' Qwen2ForCausalLM with the Qwen (v1) weights
+mapped; exact for contexts up to seq_length), prints the model structure and answers one chat question.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import qwen_trtllm  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from qwen_trtllm.cli import run_cli  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--hf_model_dir", default="Qwen/Qwen-7B-Chat")
+    p.add_argument("--input_text", default="你好，请问你叫什么？")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    args = p.parse_args()
+
+    from qwen_trtllm.models.qwen.reference import load_reference
+    from qwen_trtllm.tokenizer import QWenTokenizer, decode_response, make_context, stop_token_ids
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_reference(args.hf_model_dir, dtype=getattr(torch, args.dtype), device=device)
+    print(model)
+    tok = QWenTokenizer.from_dir(args.hf_model_dir)
+    _, ids = make_context(tok, args.input_text)
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens, do_sample=False,
+                         eos_token_id=sorted(stop_token_ids(tok, "chatml")), pad_token_id=tok.eod_id)
+    print(f'Input: "{args.input_text}"\nOutput: "{decode_response(out[0, len(ids):].tolist(), tok)}"')
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
