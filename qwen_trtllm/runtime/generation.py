@@ -6,6 +6,7 @@ few steps), and on CUDA each decode step is a replayed CUDA graph (one per batch
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -127,7 +128,9 @@ class GenerationSession:
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         out = torch.full((B, max_new_tokens), end_id, dtype=torch.long, device=dev)
 
+        timer = StepTimer(dev)
         logits = self.prefill(tokens, lengths, inv_freq)
+        timer.mark()
         for step in range(max_new_tokens):
             nxt = torch.where(finished, end_id, sample(logits, sampling, gen, seen))
             out[:, step] = nxt
@@ -142,7 +145,11 @@ class GenerationSession:
                 break
             with nvtx_range(f"decode step {step}"):
                 logits = self.decode(nxt, lengths + step, inv_freq, attn_len=max(lens) + step + 1)
-        return self._outputs(out[:, : step + 1].cpu(), batch_input_ids, stops.tolist(), end_id, max_new_tokens)
+        timer.mark()
+        result = self._outputs(out[:, : step + 1].cpu(), batch_input_ids, stops.tolist(), end_id, max_new_tokens)
+        self.last_timing = {"prefill_ms": timer.elapsed_ms(0, 1), "decode_ms": timer.elapsed_ms(1, 2),
+                            "decode_steps": step}
+        return result
 
     @staticmethod
     def _outputs(out: Tensor, prompts: Sequence[Sequence[int]], stops: list[int], end_id: int,
@@ -156,6 +163,29 @@ class GenerationSession:
             seqs[b, : lens[b]] = torch.tensor(prompts[b], dtype=torch.int32)
             seqs[b, lens[b]: lens[b] + cut] = torch.tensor(row[:cut], dtype=torch.int32)
         return GenerationOutput(output_ids, seqs, lens)
+
+
+class StepTimer:
+    """Marks on the device's timeline (CUDA events; host clock on CPU), read once at the end."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def elapsed_ms(self, a: int, b: int) -> float:
+        if self.cuda:
+            self.marks[b].synchronize()
+            return self.marks[a].elapsed_time(self.marks[b])
+        return (self.marks[b] - self.marks[a]) * 1e3
 
 
 class DecodeGraph:

@@ -1,0 +1,83 @@
+"""Benchmark the engine (and Hugging Face eager on the same weights) on the GPU:
+
+python3 examples/qwen/benchmark.py --model qwen-7b --batch_size 1,8,64 --input_output_len "128,128;2048,128" \
+    --dtype float16 --compare_hf
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+try:
+    import qwen_trtllm  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from qwen_trtllm import QWenError  # noqa: E402
+from qwen_trtllm.cli import run_cli  # noqa: E402
+
+
+def parse_pairs(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in pair.split(",")) for pair in text.split(";") if pair.strip()]
+    except ValueError:
+        raise QWenError(f'--input_output_len "{text}" must look like "128,128;2048,128"') from None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="qwen-7b", help="random weights of a named shape: tiny, qwen-1.8b, qwen-7b, "
+                     "qwen-14b (created directly on the GPU)")
+    src.add_argument("--engine_dir", default=None, help="an engine directory built by build.py")
+    p.add_argument("--batch_size", default="1,8,64")
+    p.add_argument("--input_output_len", default="128,128;2048,128")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--kernels", default="triton", choices=["triton", "torch"])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--compare_hf", action="store_true", help="also time Hugging Face eager on the same weights")
+    p.add_argument("--hf_batch_size", default="1,8", help="batch sizes for --compare_hf (eager is slow)")
+    p.add_argument("--json_output", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise QWenError("benchmark.py times CUDA kernels and needs an NVIDIA GPU; on CPU run examples/qwen/run.py")
+
+    from qwen_trtllm.evaluation import benchmark as bm
+    from qwen_trtllm.runtime import Engine
+
+    pairs, batches = parse_pairs(args.input_output_len), [int(b) for b in args.batch_size.split(",")]
+    if args.engine_dir:
+        engine = Engine.load(args.engine_dir)
+        if args.kernels == "torch":
+            engine.build.setdefault("kernels", {})["decode"] = "torch"
+    else:
+        engine = bm.random_engine(args.model, args.dtype, "cuda", max_batch_size=max(batches),
+                                  max_input_len=max(i for i, _ in pairs), max_output_len=max(o for _, o in pairs),
+                                  kernels=args.kernels)
+    copy_gbs = bm.copy_bandwidth_gbs(engine.device)
+    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s, "
+          f"weights {bm.decode_step_bytes(engine, 0, 0) / 1e9:.2f} GB moved per decode step")
+    rows = []
+    for inp, out in pairs:
+        for b in batches:
+            rows.append(bm.bench_engine(engine, b, inp, out, args.runs, copy_gbs))
+            print(bm.format_table(rows[-1:]).splitlines()[-1], flush=True)
+    if args.compare_hf:
+        hf = bm.hf_model_sharing_weights(engine)
+        for inp, out in pairs[:1]:
+            for b in [int(v) for v in args.hf_batch_size.split(",")]:
+                rows.append(bm.bench_hf(hf, b, inp, out, copy_gbs, bm.decode_step_bytes(engine, b, inp + out // 2)))
+                print(bm.format_table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(bm.format_table(rows))
+    if args.json_output:
+        Path(args.json_output).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs,
+                                                      "rows": bm.rows_to_json(rows)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

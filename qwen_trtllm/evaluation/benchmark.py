@@ -1,0 +1,176 @@
+"""Speed measurement in TensorRT-LLM's benchmark conventions: time to first token, decode ms/token, tokens/s,
+percentage of the measured copy bandwidth, peak memory; Hugging Face eager on the same weights alongside.
+
+Timings come from CUDA events around the real generate path (prefill, then CUDA-graph decode steps, greedy
+sampling on the device, no stop tokens), median over runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qwen_trtllm.builder.engine_format import DTYPES
+from qwen_trtllm.checkpoint.random_checkpoint import PRESETS
+from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.models.qwen.model import QWen
+from qwen_trtllm.runtime.engine import Engine
+from qwen_trtllm.runtime.generation import GenerationSession
+from qwen_trtllm.runtime.sampling import SamplingConfig
+
+
+@dataclass
+class BenchRow:
+    backend: str
+    batch: int
+    input_len: int
+    output_len: int
+    ttft_ms: float
+    decode_ms_per_token: float
+    tokens_per_s: float
+    bandwidth_pct: float
+    peak_mem_gb: float
+
+
+def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max_batch_size: int = 64,
+                  max_input_len: int = 2048, max_output_len: int = 128, seed: int = 0,
+                  kernels: str = "triton") -> Engine:
+    """An engine with random weights of a named shape, created directly on the device (no checkpoint files)."""
+    shape = PRESETS[preset]
+    config = QWenConfig(**shape)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = QWen(config).to(DTYPES[dtype])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+                p.normal_(1.0, 0.1)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+            else:
+                p.normal_(0.0, 1.0 if name == "embed.weight" else p.shape[-1] ** -0.5)
+    model.eval().requires_grad_(False)
+    build = {"dtype": dtype, "world_size": 1, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
+             "max_output_len": max_output_len, "kernels": {"decode": kernels}}
+    return Engine(engine_dir=None, config=config, build=build, model=model, device=torch.device(device),
+                  dtype=DTYPES[dtype])
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written (median of 10)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    del a, b
+    return 2 * nbytes / (statistics.median(times[2:]) * 1e-3) / 1e9
+
+
+def decode_step_bytes(engine: Engine, batch: int, context: int) -> int:
+    """Fewest bytes one decode step must move: every weight but the embedding table, plus the KV cache read."""
+    cfg, esize = engine.config, torch.finfo(engine.dtype).bits // 8
+    weights = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters() if n != "embed.weight")
+    kv = batch * context * cfg.num_hidden_layers * 2 * cfg.hidden_size * esize // engine.world_size
+    return weights + kv
+
+
+def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, runs: int = 3,
+                 copy_gbs: float | None = None) -> BenchRow:
+    dev = engine.device
+    session = GenerationSession(engine, max_batch_size=batch, max_seq_len=input_len + output_len)
+    session.max_input_len, session.max_output_len = input_len, output_len
+    g = torch.Generator().manual_seed(batch * 1000 + input_len)
+    prompts = torch.randint(0, engine.config.vocab_size, (batch, input_len), generator=g).tolist()
+    torch.cuda.reset_peak_memory_stats(dev)
+    timings = []
+    for i in range(runs + 1):  # the first run warms up (CUDA graph capture, Triton compilation)
+        session.generate(prompts, output_len, SamplingConfig(top_k=1), stop_ids=[-1], end_id=0)
+        if i:
+            timings.append(session.last_timing)
+    ttft = statistics.median(t["prefill_ms"] for t in timings)
+    per_tok = statistics.median(t["decode_ms"] / t["decode_steps"] for t in timings)
+    total_s = (ttft + per_tok * (output_len - 1)) / 1e3
+    bw = decode_step_bytes(engine, batch, input_len + output_len // 2) / (per_tok * 1e-3) / 1e9
+    row = BenchRow("engine", batch, input_len, output_len, ttft, per_tok, batch * output_len / total_s,
+                   100 * bw / copy_gbs if copy_gbs else float("nan"), torch.cuda.max_memory_allocated(dev) / 2**30)
+    del session
+    torch.cuda.empty_cache()
+    return row
+
+
+def hf_model_sharing_weights(engine: Engine):
+    """transformers' Qwen2ForCausalLM over the engine's own weight tensors (views, no copy); tp = 1 only."""
+    from transformers import Qwen2ForCausalLM
+
+    from qwen_trtllm.models.qwen.reference import qwen2_config
+
+    cfg, sd = engine.config, engine.model.state_dict()
+    H, F = cfg.hidden_size, cfg.ffn_hidden_size
+    hf = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["ln_f.weight"],
+          "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        r, p = f"layers.{i}.", f"model.layers.{i}."
+        for j, n in enumerate("qkv"):
+            hf[p + f"self_attn.{n}_proj.weight"] = sd[r + "attn.qkv.weight"][j * H:(j + 1) * H]
+            hf[p + f"self_attn.{n}_proj.bias"] = sd[r + "attn.qkv.bias"][j * H:(j + 1) * H]
+        hf.update({p + "self_attn.o_proj.weight": sd[r + "attn.dense.weight"],
+                   p + "mlp.gate_proj.weight": sd[r + "mlp.gate_up.weight"][:F],
+                   p + "mlp.up_proj.weight": sd[r + "mlp.gate_up.weight"][F:],
+                   p + "mlp.down_proj.weight": sd[r + "mlp.c_proj.weight"],
+                   p + "input_layernorm.weight": sd[r + "ln_1.weight"],
+                   p + "post_attention_layernorm.weight": sd[r + "ln_2.weight"]})
+    qcfg = qwen2_config(cfg)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(qcfg)
+    model.load_state_dict(hf, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(qcfg, device=engine.device)
+    return model.eval()
+
+
+@torch.inference_mode()
+def bench_hf(model, batch: int, input_len: int, output_len: int, copy_gbs: float | None,
+             step_bytes: int) -> BenchRow:
+    """Hugging Face eager generate (greedy, no early stop): TTFT from a 1-token generate, decode from the rest."""
+    dev = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, input_len), device=dev)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize(dev)
+        return (time.perf_counter() - t) * 1e3
+
+    torch.cuda.reset_peak_memory_stats(dev)
+    timed(2)  # warm-up
+    ttft = timed(1)
+    per_tok = (timed(output_len) - ttft) / (output_len - 1)
+    total_s = (ttft + per_tok * (output_len - 1)) / 1e3
+    bw = step_bytes / (per_tok * 1e-3) / 1e9
+    return BenchRow("hf-eager", batch, input_len, output_len, ttft, per_tok, batch * output_len / total_s,
+                    100 * bw / copy_gbs if copy_gbs else float("nan"), torch.cuda.max_memory_allocated(dev) / 2**30)
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    head = f"{'backend':<10} {'batch':>5} {'in':>5} {'out':>4} {'TTFT ms':>8} {'ms/token':>9} {'tokens/s':>9} " \
+           f"{'%copyBW':>8} {'peak GB':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.backend:<10} {r.batch:>5} {r.input_len:>5} {r.output_len:>4} {r.ttft_ms:>8.2f} "
+                     f"{r.decode_ms_per_token:>9.3f} {r.tokens_per_s:>9.1f} {r.bandwidth_pct:>8.1f} "
+                     f"{r.peak_mem_gb:>8.2f}")
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: list[BenchRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
