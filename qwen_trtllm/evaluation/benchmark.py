@@ -109,9 +109,7 @@ def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, ru
 
 def hf_model_sharing_weights(engine: Engine):
     """transformers' Qwen2ForCausalLM over the engine's own weight tensors (views, no copy); tp = 1 only."""
-    from transformers import Qwen2ForCausalLM
-
-    from qwen_trtllm.models.qwen.reference import qwen2_config
+    from qwen_trtllm.models.qwen.reference import qwen2_from_state
 
     cfg, sd = engine.config, engine.model.state_dict()
     H, F = cfg.hidden_size, cfg.ffn_hidden_size
@@ -128,12 +126,7 @@ def hf_model_sharing_weights(engine: Engine):
                    p + "mlp.down_proj.weight": sd[r + "mlp.c_proj.weight"],
                    p + "input_layernorm.weight": sd[r + "ln_1.weight"],
                    p + "post_attention_layernorm.weight": sd[r + "ln_2.weight"]})
-    qcfg = qwen2_config(cfg)
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(qcfg)
-    model.load_state_dict(hf, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(qcfg, device=engine.device)
-    return model.eval()
+    return qwen2_from_state(cfg, hf, engine.device)
 
 
 @torch.inference_mode()

@@ -55,13 +55,19 @@ def load_reference(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float3
 
     ckpt = HFCheckpoint(checkpoint_dir)
     ckpt.validate()
-    cfg = qwen2_config(ckpt.config)
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg)
     state = {}
     for name in ckpt.expected_shapes():
         state.update(map_qwen_to_qwen2(name, ckpt.get(name).to(device=device, dtype=dtype),
                                        ckpt.config.hidden_size))
+    return qwen2_from_state(ckpt.config, state, device)
+
+
+def qwen2_from_state(config: QWenConfig, state: dict[str, torch.Tensor],
+                     device: str | torch.device) -> Qwen2ForCausalLM:
+    """A Qwen2ForCausalLM (eval mode) that uses the given tensors as its weights, without copying them."""
+    cfg = qwen2_config(config)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg)
     model.load_state_dict(state, strict=True, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(cfg, device=device)  # buffers were on meta
-    return model.to(device=device).eval()
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg).to(device)  # its buffers were on meta
+    return model.eval()
