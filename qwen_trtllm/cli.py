@@ -9,11 +9,14 @@ from qwen_trtllm import QWenError
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run main(); a QWenError becomes `error: <message>` on stderr and exit status 2."""
+    """Run main(); a QWenError becomes `error: <message>` on stderr (from rank 0 only) and exit status 2."""
     try:
         code = main()
     except QWenError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from qwen_trtllm.runtime.engine import world_from_env
+
+        if world_from_env()[0] == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

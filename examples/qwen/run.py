@@ -12,8 +12,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from qwen_trtllm import QWenError  # noqa: E402
 from qwen_trtllm.cli import run_cli  # noqa: E402
-from qwen_trtllm.runtime import Engine, GenerationSession  # noqa: E402
-from qwen_trtllm.runtime.distributed import init_distributed  # noqa: E402
+from qwen_trtllm.runtime import GenerationSession  # noqa: E402
+from qwen_trtllm.runtime.distributed import init_distributed, load_engine_on_all_ranks  # noqa: E402
 from qwen_trtllm.runtime.runner import (  # noqa: E402
     QWEN_EOD_ID,
     StreamPrinter,
@@ -54,7 +54,7 @@ def main() -> int:
     if args.num_beams > 1:
         raise QWenError("beam search (--num_beams > 1) is not supported by this engine: use sampling or greedy")
     rank, world = init_distributed()
-    engine = Engine.load(args.engine_dir, rank=rank, world_size=world)
+    engine = load_engine_on_all_ranks(args.engine_dir, rank, world)
     session = GenerationSession(engine)
     defaults = generation_defaults(args.engine_dir)
     sampling = sampling_from_args(args, defaults)
