@@ -133,10 +133,10 @@ class GenerationSession:
         timer.mark()
         for step in range(max_new_tokens):
             nxt = torch.where(finished, end_id, sample(logits, sampling, gen, seen))
-            out[:, step] = nxt
-            finished |= torch.isin(nxt, stops)
             if self.engine.world_size > 1:  # every rank continues with rank 0's tokens
                 torch.distributed.broadcast(nxt, src=0)
+            out[:, step] = nxt
+            finished |= torch.isin(nxt, stops)
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
             if streamer is not None:

@@ -1,0 +1,120 @@
+"""Tensor parallelism on CPU: gloo process groups, each rank loading only its own rank file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from qwen_trtllm.builder.build import build_engine
+from qwen_trtllm.evaluation.teacher_forced import engine_logits
+from qwen_trtllm.runtime import Engine, GenerationSession, SamplingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _prompts(vocab: int) -> tuple[list[list[int]], torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (9, 4, 14)]
+    return prompts, torch.randint(0, vocab, (3, 8), generator=g)
+
+
+def _worker(rank: int, world: int, engine_dir: str, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    session = GenerationSession(Engine.load(engine_dir, device="cpu", rank=rank, world_size=world))
+    prompts, forced = _prompts(session.engine.config.vocab_size)
+    logits = engine_logits(session, prompts, forced)
+    ids = session.generate(prompts, 10, SamplingConfig(temperature=0.8, top_k=0, top_p=0.9, seed=rank),
+                           stop_ids=[-1], end_id=0).output_ids
+    torch.save({"logits": logits, "ids": ids}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def run_tp(engine_dir: Path, world: int, tmp: Path) -> list[dict]:
+    mp.spawn(_worker, args=(world, str(engine_dir), str(tmp / f"pg{world}"), str(tmp / "out")), nprocs=world)
+    return [torch.load(tmp / f"out.{r}") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def tp_engines(tiny_checkpoint, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tp")
+    kw = dict(hf_dir=tiny_checkpoint, dtype="float32", max_batch_size=3, max_input_len=16, max_output_len=12)
+    return {w: build_engine(d / f"tp{w}", world_size=w, **kw) for w in (1, 2, 4)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_logits_and_tokens_match_tp1(tp_engines, world, tmp_path):
+    session = GenerationSession(Engine.load(tp_engines[1], device="cpu"))
+    prompts, forced = _prompts(session.engine.config.vocab_size)
+    want = engine_logits(session, prompts, forced)
+    results = run_tp(tp_engines[world], world, tmp_path)
+    for res in results:
+        rel = (res["logits"] - want).norm(dim=-1) / want.norm(dim=-1)
+        assert rel.max() < 1e-5
+    # every rank continues with rank 0's sampled tokens, even with different seeds per rank
+    assert all(res["ids"] == results[0]["ids"] for res in results)
+    greedy_tp1 = session.generate(prompts, 10, SamplingConfig(top_k=1), stop_ids=[-1], end_id=0).output_ids
+    assert (want.argmax(-1)[:, 0].tolist() == [ids[0] for ids in greedy_tp1])
+
+
+def test_rank_files_hold_only_their_shard(tp_engines):
+    from safetensors import safe_open
+
+    with safe_open(str(tp_engines[2] / "rank1.safetensors"), "pt") as f:
+        full = Engine.load(tp_engines[1], device="cpu").model.state_dict()
+        qkv = f.get_tensor("layers.0.attn.qkv.weight")
+        assert qkv.shape[0] == full["layers.0.attn.qkv.weight"].shape[0] // 2
+
+
+def _torchrun(engine: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + nproc)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           str(ROOT / "examples/qwen/run.py"), "--engine_dir", str(engine), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_run_py_under_torchrun(tp_engines, tmp_path):
+    out = tmp_path / "o.npy"
+    r = _torchrun(tp_engines[2], 2, "--input_tokens", str(_write_tokens(tmp_path)), "--max_output_len", "6",
+                  "--top_k", "1", "--output_npy", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("Output:") == 2  # rank 0 prints, once per prompt
+    single = tmp_path / "s.npy"
+    r1 = subprocess.run([sys.executable, str(ROOT / "examples/qwen/run.py"), "--engine_dir", str(tp_engines[1]),
+                         "--input_tokens", str(_write_tokens(tmp_path)), "--max_output_len", "6", "--top_k", "1",
+                         "--output_npy", str(single)], capture_output=True, text=True)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert np.array_equal(np.load(out), np.load(single))
+
+
+def test_world_size_mismatch_fails_on_all_ranks(tp_engines):
+    r = _torchrun(tp_engines[4], 2, "--input_tokens", "unused.csv")
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "world size" in errors[0]
+
+
+def test_missing_rank_file_fails_without_hanging(tp_engines, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tp_engines[2], broken)
+    (broken / "rank1.safetensors").unlink()
+    r = _torchrun(broken, 2, "--input_tokens", str(_write_tokens(tmp_path)))
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank1.safetensors" in errors[0]
+
+
+def _write_tokens(tmp: Path) -> Path:
+    p = tmp / "tokens.csv"
+    p.write_text("5,6,7,8\n9,10\n")
+    return p
