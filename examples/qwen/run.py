@@ -77,7 +77,7 @@ def main() -> int:
     if streamer:
         print(f'Input: "{texts[0] if texts else prompts[0]}"\nOutput: "', end="", flush=True)
 
-    from qwen_trtllm.runtime.profiling import maybe_profile
+    from qwen_trtllm.profiling import maybe_profile
 
     with maybe_profile(args.profile if show else None):
         t0 = time.perf_counter()

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from qwen_trtllm import QWenError
 from qwen_trtllm.models.qwen.model import StepContext, ntk_alpha, rotary_inv_freq
+from qwen_trtllm.profiling import nvtx_range
 from qwen_trtllm.runtime.engine import Engine
-from qwen_trtllm.runtime.profiling import nvtx_range
 from qwen_trtllm.runtime.sampling import SamplingConfig, sample
 
 STOP_CHECK_EVERY = 8  # decode steps between host reads of the "all finished" flag

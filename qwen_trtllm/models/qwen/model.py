@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.profiling import nvtx_range
 
 
 def ntk_alpha(prompt_len: int, seq_length: int) -> float:
@@ -162,13 +163,6 @@ class Block(nn.Module):
         self.mlp = MLP(config, tp)
 
     def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
-        if ctx.use_triton and not ctx.prefill:  # fused residual add + RMSNorm
-            from qwen_trtllm.kernels import rms_norm
-
-            h, _ = rms_norm(x, self.ln_1.weight, self.ln_1.eps)
-            a = self.attn(h, ctx)
-            h, x = rms_norm(a, self.ln_2.weight, self.ln_2.eps, residual=x)
-            return x + self.mlp(h, use_triton=True)
         a = self.attn(self.ln_1(x), ctx)
         x = x + a
         m = self.mlp(self.ln_2(x))
@@ -191,11 +185,14 @@ class QWen(nn.Module):
 
     def forward(self, tokens: Tensor, ctx: StepContext, last_only: Tensor | None = None) -> Tensor:
         """tokens [B, T] -> logits [B, T, V] in float32; last_only [B] picks one position per row ([B, 1, V])."""
+        if ctx.use_triton and not ctx.prefill:
+            return self._decode_fused(tokens, ctx)
         x = self.embed(tokens)
         if ctx.capture is not None:
             ctx.capture["embedding"] = x
-        for layer in self.layers:
-            x = layer(x, ctx)
+        for i, layer in enumerate(self.layers):
+            with nvtx_range(f"layer {i}"):
+                x = layer(x, ctx)
         if last_only is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last_only][:, None]
         x = self.ln_f(x)
@@ -203,3 +200,17 @@ class QWen(nn.Module):
         if ctx.capture is not None:
             ctx.capture.update({"ln_f": x, "logits": logits})
         return logits
+
+    def _decode_fused(self, tokens: Tensor, ctx: StepContext) -> Tensor:
+        """The decode step through the Triton kernels: each residual add is fused into the next RMSNorm."""
+        from qwen_trtllm.kernels import rms_norm
+
+        residual = self.embed(tokens)
+        norms = [n for layer in self.layers for n in (layer.ln_1, layer.ln_2)] + [self.ln_f]
+        h, _ = rms_norm(residual, norms[0].weight, norms[0].eps)
+        for i, layer in enumerate(self.layers):
+            a = layer.attn(h, ctx)
+            h, residual = rms_norm(a, norms[2 * i + 1].weight, norms[2 * i + 1].eps, residual=residual)
+            m = layer.mlp(h, use_triton=True)
+            h, residual = rms_norm(m, norms[2 * i + 2].weight, norms[2 * i + 2].eps, residual=residual)
+        return self.lm_head(h).float()
