@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; must be set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from qwen_trtllm.checkpoint.random_checkpoint import write_random_checkpoint
 from qwen_trtllm.checkpoint.tokenizer_file import packaged_qwen_tiktoken
