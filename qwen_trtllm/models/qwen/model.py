@@ -90,6 +90,15 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def project(layer: nn.Module, x: Tensor, fast: bool) -> Tensor:
+    """A linear layer; on the fused decode path plain nn.Linear layers go through the Triton GEMV."""
+    if fast and type(layer) is nn.Linear:
+        from qwen_trtllm.kernels.gemv import linear
+
+        return linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
 def all_reduce(x: Tensor, tp: int) -> Tensor:
     """Sum the row-parallel partial outputs over the tensor-parallel ranks (a no-op at tp = 1)."""
     if tp > 1:
@@ -108,16 +117,17 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
         B, T, _ = x.shape
-        qkv = self.qkv(x)
+        fast = ctx.use_triton and not ctx.prefill
+        qkv = project(self.qkv, x, fast)
         kc, vc = ctx.k_cache[self.layer], ctx.v_cache[self.layer]
         logn_len = self.config.seq_length if self.config.use_logn_attn else 0
-        if ctx.use_triton and not ctx.prefill:
+        if fast:
             from qwen_trtllm.kernels import decode_attention, rotary_kv_write
 
             q = rotary_kv_write(qkv.view(B, -1), ctx.inv_freq, ctx.positions[:, 0], kc, vc, self.heads,
                                 self.head_dim, self.config.rotary_dim, logn_len)
             o = decode_attention(q, kc, vc, ctx.seq_lens, 1.0 / math.sqrt(self.head_dim))
-            return all_reduce(self.dense(o.reshape(B, T, -1)), self.tp)
+            return all_reduce(project(self.dense, o.reshape(B, T, -1), fast), self.tp)
 
         q, k, v = qkv.view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B, heads, T, D]
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
@@ -143,7 +153,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(ff, config.hidden_size, bias=False)  # row-parallel
 
     def forward(self, x: Tensor, use_triton: bool = False) -> Tensor:
-        gu = self.gate_up(x)
+        gu = project(self.gate_up, x, use_triton)
         if use_triton:
             from qwen_trtllm.kernels import silu_mul
 
@@ -151,7 +161,7 @@ class MLP(nn.Module):
         else:
             gate, up = gu.chunk(2, dim=-1)
             h = up * F.silu(gate)
-        return all_reduce(self.c_proj(h), self.tp)
+        return all_reduce(project(self.c_proj, h, use_triton), self.tp)
 
 
 class Block(nn.Module):
@@ -213,4 +223,4 @@ class QWen(nn.Module):
             h, residual = rms_norm(a, norms[2 * i + 1].weight, norms[2 * i + 1].eps, residual=residual)
             m = layer.mlp(h, use_triton=True)
             h, residual = rms_norm(m, norms[2 * i + 2].weight, norms[2 * i + 2].eps, residual=residual)
-        return self.lm_head(h).float()
+        return project(self.lm_head, h, True).float()
