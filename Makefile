@@ -18,7 +18,9 @@ demo: install
 
 test: install-dev
 	$(PY) -m ruff check .
+	hadolint Dockerfile
 	$(PY) -m pytest -q
 
 lint:
 	$(PY) -m ruff check .
+	hadolint Dockerfile
