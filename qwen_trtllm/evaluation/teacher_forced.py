@@ -31,7 +31,7 @@ def engine_logits(session: GenerationSession, prompts: Sequence[Sequence[int]], 
     alpha = torch.tensor([ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0 for n in lens], device=dev)
     inv_freq = rotary_inv_freq(cfg, alpha)
     forced = forced.to(dev)
-    out = [session.prefill(tokens, lengths, inv_freq)]
+    out = [session.prefill(tokens, lengths, inv_freq).clone()]
     for s in range(forced.shape[1] - 1):
         out.append(session.decode(forced[:, s], lengths + s, inv_freq, attn_len=max(lens) + s + 1).clone())
     return torch.stack(out, dim=1)

@@ -20,6 +20,7 @@ from qwen_trtllm.runtime.engine import Engine
 from qwen_trtllm.runtime.sampling import SamplingConfig, sample
 
 STOP_CHECK_EVERY = 8  # decode steps between host reads of the "all finished" flag
+PREFILL_GRAPH_TOKENS = 16384  # longer prefills are GPU-bound and run eagerly
 
 
 @dataclass
@@ -51,34 +52,47 @@ class GenerationSession:
         shape = (cfg.num_hidden_layers, self.max_batch, heads, self.max_seq, cfg.kv_channels)
         self.k_cache = torch.zeros(shape, dtype=engine.dtype, device=engine.device)
         self.v_cache = torch.zeros(shape, dtype=engine.dtype, device=engine.device)
-        self._graphs: dict[int, DecodeGraph] = {}
+        self._graphs: dict[tuple, GraphedStep] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # --- one forward pass each ---------------------------------------------------------------------
     def prefill(self, tokens: Tensor, lengths: Tensor, inv_freq: Tensor) -> Tensor:
-        """tokens [B, T] right-padded; returns the logits [B, V] at each prompt's last token."""
+        """tokens [B, T] right-padded; returns the logits [B, V] at each prompt's last token.
+
+        On CUDA, prompts of up to PREFILL_GRAPH_TOKENS tokens run as a CUDA graph per (batch, length) bucket:
+        rows and columns of padding change nothing for the real tokens (causal attention, right padding)."""
+        B, T = tokens.shape
+        with nvtx_range("prefill"):
+            bb, tb = _bucket(B, self.max_batch), _length_bucket(T, self.max_input_len)
+            if not self.cuda_graphs or bb * tb > PREFILL_GRAPH_TOKENS:
+                return self._prefill_eager(tokens, lengths, inv_freq)
+            padded = (_pad(tokens, (bb, tb), 0), _pad(lengths, (bb,), 1), _pad(inv_freq, (bb, inv_freq.shape[1]), 0))
+            return self._graphed(("prefill", bb, tb), self._prefill_eager, padded)[:B]
+
+    def _prefill_eager(self, tokens: Tensor, lengths: Tensor, inv_freq: Tensor) -> Tensor:
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
         ctx = StepContext(positions, inv_freq, self.k_cache, self.v_cache, prefill=True)
-        with nvtx_range("prefill"):
-            return self.engine.model(tokens, ctx, last_only=lengths - 1)[:, 0]
+        return self.engine.model(tokens, ctx, last_only=lengths - 1)[:, 0]
 
     def decode(self, tokens: Tensor, positions: Tensor, inv_freq: Tensor, attn_len: int) -> Tensor:
         """One new token per sequence at positions [B]; returns logits [B, V]."""
-        if self.cuda_graphs:
-            return self._graph_for(tokens.shape[0]).run(tokens, positions, inv_freq)
-        return self._decode_eager(tokens[:, None], positions, inv_freq, attn_len)
+        if not self.cuda_graphs:
+            return self._decode_eager(tokens, positions, inv_freq, attn_len)
+        B, bb = tokens.shape[0], _bucket(tokens.shape[0], self.max_batch)
+        padded = (_pad(tokens, (bb,), 0), _pad(positions, (bb,), 0), _pad(inv_freq, (bb, inv_freq.shape[1]), 0))
+        step = lambda t, p, f: self._decode_eager(t, p, f, self.max_seq)
+        return self._graphed(("decode", bb), step, padded)[:B]
 
     def _decode_eager(self, tokens: Tensor, positions: Tensor, inv_freq: Tensor, attn_len: int) -> Tensor:
         ctx = StepContext(positions[:, None], inv_freq, self.k_cache, self.v_cache, prefill=False,
                           seq_lens=(positions + 1).to(torch.int32), attn_len=attn_len, use_triton=self.use_triton)
-        return self.engine.model(tokens, ctx)[:, 0]
+        return self.engine.model(tokens[:, None], ctx)[:, 0]
 
-    def _graph_for(self, batch: int) -> DecodeGraph:
-        bucket = next((b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b >= batch), batch)
-        bucket = min(bucket, self.max_batch)
-        if bucket not in self._graphs:
-            self._graphs[bucket] = DecodeGraph(self, bucket)
-        return self._graphs[bucket]
+    def _graphed(self, key: tuple, fn: Callable[..., Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
+        if key not in self._graphs:
+            self._graphs[key] = GraphedStep(fn, inputs, self._pool)
+        return self._graphs[key].run(*inputs)
 
     # --- the generate loop -------------------------------------------------------------------------
     def check_inputs(self, batch_input_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -188,33 +202,42 @@ class StepTimer:
         return (self.marks[b] - self.marks[a]) * 1e3
 
 
-class DecodeGraph:
-    """One decode step captured in a CUDA graph for a fixed batch bucket; smaller batches are padded with
-    dummy rows that write only to cache rows no real sequence of this call uses."""
+def _bucket(n: int, cap: int) -> int:
+    return min(next((b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b >= n), n), max(cap, n))
 
-    def __init__(self, session: GenerationSession, batch: int):
-        self.session, self.batch = session, batch
-        dev, cfg = session.engine.device, session.engine.config
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.inv_freq = torch.zeros(batch, cfg.rotary_dim // 2, dtype=torch.float32, device=dev)
-        step = lambda: session._decode_eager(self.tokens[:, None], self.positions, self.inv_freq, session.max_seq)
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
+
+def _length_bucket(n: int, cap: int) -> int:
+    step = 32 if n <= 256 else 128
+    return min(-(-n // step) * step, max(cap, n))
+
+
+def _pad(x: Tensor, shape: tuple[int, ...], value: float) -> Tensor:
+    if tuple(x.shape) == shape:
+        return x
+    out = torch.full(shape, value, dtype=x.dtype, device=x.device)
+    out[tuple(slice(0, n) for n in x.shape)] = x
+    return out
+
+
+class GraphedStep:
+    """fn(*inputs) captured once in a CUDA graph over static input buffers of the bucket's shape; run() copies
+    new inputs (already padded to that shape) in and replays. Padding rows write only to KV-cache rows that no
+    real sequence of the call uses."""
+
+    def __init__(self, fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], pool):
+        self.inputs = tuple(x.clone() for x in inputs)
+        stream = torch.cuda.Stream(inputs[0].device)
+        stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: Triton compilation, cuBLAS handles
-                step()
-        torch.cuda.current_stream(dev).wait_stream(stream)
+            for _ in range(2):  # warm-up: Triton compilation, cuBLAS workspaces
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = fn(*self.inputs)
 
-    def run(self, tokens: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
-        n = tokens.shape[0]
-        self.tokens[:n].copy_(tokens)
-        self.positions[:n].copy_(positions)
-        self.inv_freq[:n].copy_(inv_freq)
-        if n < self.batch:
-            self.positions[n:].zero_()
+    def run(self, *inputs: Tensor) -> Tensor:
+        for static, x in zip(self.inputs, inputs, strict=True):
+            static.copy_(x)
         self.graph.replay()
-        return self.logits[:n]
+        return self.output
