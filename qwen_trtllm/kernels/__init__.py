@@ -1,0 +1,55 @@
+"""Triton kernels for the decode step, each next to its plain PyTorch reference (`<name>_reference`).
+
+rms_norm (fused residual add + RMSNorm), rotary_kv_write (rotary + logn + KV-cache write), decode_attention
+(flash-decoding over the static KV cache) and silu_mul (SwiGLU). The wrappers launch with grids computed from
+static shapes only and never synchronise, so they can be captured in CUDA graphs. triton_available(device) says
+whether they can run there.
+
+Off CUDA the kernels run only in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1) before this
+package is first imported: triton.jit picks the interpreter when a kernel is defined, not when it runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from qwen_trtllm.kernels.activation import silu_mul, silu_mul_reference
+    from qwen_trtllm.kernels.decode_attention import decode_attention, decode_attention_reference, default_num_splits
+    from qwen_trtllm.kernels.rmsnorm import rms_norm, rms_norm_reference
+    from qwen_trtllm.kernels.rotary import (
+        apply_rotary_reference,
+        logn_scale_reference,
+        rotary_kv_write,
+        rotary_kv_write_reference,
+    )
+except ImportError as exc:  # Triton missing or broken: triton_available() is False everywhere
+    _IMPORT_ERROR: ImportError | None = exc
+else:
+    _IMPORT_ERROR = None
+
+__all__ = ["apply_rotary_reference", "decode_attention", "decode_attention_reference", "default_num_splits",
+           "interpreted", "logn_scale_reference", "rms_norm", "rms_norm_reference", "rotary_kv_write",
+           "rotary_kv_write_reference", "silu_mul", "silu_mul_reference", "triton_available"]
+
+
+def interpreted() -> bool:
+    """True when the kernels were defined under Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    if _IMPORT_ERROR is not None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from qwen_trtllm.kernels.rmsnorm import _rms_norm_kernel
+
+    return isinstance(_rms_norm_kernel, InterpretedFunction)
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton wrappers can run on tensors of `device`: CUDA with Triton importable, or CPU when the
+    kernels were defined under the interpreter. Otherwise use the `*_reference` functions."""
+    if _IMPORT_ERROR is not None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and interpreted()
