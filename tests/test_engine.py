@@ -82,12 +82,14 @@ def test_ft_and_hf_sources_build_identical_engines(tiny_checkpoint, engines, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_batch_equals_single_sequences(engines):
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_batch_equals_single_sequences(engines, penalty):
     session = GenerationSession(Engine.load(engines["float32"]))
     prompts = random_prompts(session.engine.config.vocab_size, seed=3)
-    batch = session.generate(prompts, 10, SamplingConfig(top_k=1), end_id=0, stop_ids=[7]).output_ids
+    cfg = SamplingConfig(top_k=1, repetition_penalty=penalty)
+    batch = session.generate(prompts, 10, cfg, end_id=151643, stop_ids=[7]).output_ids  # end id beyond the vocab
     for p, ids in zip(prompts, batch, strict=True):
-        assert session.generate([p], 10, SamplingConfig(top_k=1), end_id=0, stop_ids=[7]).output_ids[0] == ids
+        assert session.generate([p], 10, cfg, end_id=151643, stop_ids=[7]).output_ids[0] == ids
 
 
 def test_sampling_is_seeded_and_respects_stops(engines):

@@ -127,8 +127,9 @@ class GenerationSession:
         self.check_inputs(batch_input_ids, max_new_tokens)
         dev, cfg = self.engine.device, self.engine.config
         B, lens = len(batch_input_ids), [len(i) for i in batch_input_ids]
-        tokens = torch.full((B, max(lens)), end_id, dtype=torch.long)
-        for b, ids in enumerate(batch_input_ids):
+        tokens = torch.zeros((B, max(lens)), dtype=torch.long)
+        for b, ids in enumerate(batch_input_ids):  # padding repeats the row's first token: never attended to,
+            tokens[b] = ids[0]  # and adds nothing new to the repetition-penalty set
             tokens[b, : lens[b]] = torch.tensor(ids)
         tokens, lengths = tokens.to(dev), torch.tensor(lens, device=dev)
         alpha = torch.tensor([ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0 for n in lens], device=dev)
