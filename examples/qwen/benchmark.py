@@ -63,6 +63,9 @@ def main() -> int:
     rows = []
     for inp, out in pairs:
         for b in batches:
+            if not bm.fits(engine, b, inp + out):
+                print(f"skipped batch {b} x {inp + out} tokens: its KV cache does not fit in GPU memory", flush=True)
+                continue
             rows.append(bm.bench_engine(engine, b, inp, out, args.runs, copy_gbs))
             print(bm.format_table(rows[-1:]).splitlines()[-1], flush=True)
     if args.compare_hf:

@@ -7,6 +7,7 @@ sampling on the device, no stop tokens), median over runs after warm-up.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -102,9 +103,28 @@ def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, ru
     bw = decode_step_bytes(engine, batch, input_len + output_len // 2) / (per_tok * 1e-3) / 1e9
     row = BenchRow("engine", batch, input_len, output_len, ttft, per_tok, batch * output_len / total_s,
                    100 * bw / copy_gbs if copy_gbs else float("nan"), torch.cuda.max_memory_allocated(dev) / 2**30)
-    del session
-    torch.cuda.empty_cache()
+    release(session)
     return row
+
+
+def release(session: GenerationSession) -> None:
+    """Free a session's KV cache and CUDA graphs (they hold reference cycles through the captured steps)."""
+    session._graphs.clear()
+    del session
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def kv_cache_bytes(engine: Engine, batch: int, seq_len: int) -> int:
+    cfg = engine.config
+    return 2 * cfg.num_hidden_layers * batch * seq_len * cfg.hidden_size * engine.model.embed.weight.element_size() \
+        // engine.world_size
+
+
+def fits(engine: Engine, batch: int, seq_len: int, workspace: int = 4 << 30) -> bool:
+    """Whether a KV cache for batch x seq_len fits next to what is allocated now, with some workspace."""
+    free, _ = torch.cuda.mem_get_info(engine.device)
+    return kv_cache_bytes(engine, batch, seq_len) + workspace < free
 
 
 def hf_model_sharing_weights(engine: Engine):
