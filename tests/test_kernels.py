@@ -100,6 +100,28 @@ def test_rms_norm_strided_rows():
     assert rel_err(out, ref) < 1e-5 and rel_err(h, ref_h) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_kv_write_prefill_rows(dtype):
+    """Prefill: every token of 2 sequences in one call; batch_index picks each token's cache and inv_freq row."""
+    g = torch.Generator().manual_seed(3)
+    B, T, heads, D, rd = 2, 5, 2, 32, 32
+    qkv = randn(B * T, 3 * heads * D, gen=g, dtype=dtype)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, rd, 2) / rd)))[None].repeat(B, 1)
+    inv_freq[1] /= 3.0  # the second sequence has its own (NTK) base
+    inv_freq = inv_freq.to(DEVICE)
+    positions = torch.arange(T, device=DEVICE).repeat(B)
+    index = torch.arange(B, device=DEVICE).repeat_interleave(T)
+    kc = torch.full((B + 1, heads, 8, D), SENTINEL, dtype=dtype, device=DEVICE)
+    vc = kc.clone()
+    kc_ref, vc_ref = kc.float(), vc.float()
+    q = rotary_kv_write(qkv, inv_freq, positions, kc, vc, heads, D, rd, 3, batch_index=index)
+    q_ref = rotary_kv_write_reference(qkv.float(), inv_freq, positions, kc_ref, vc_ref, heads, D, rd, 3,
+                                      batch_index=index)
+    assert rel_err(q, q_ref) < TOL[dtype]
+    assert rel_err(kc, kc_ref) < TOL[dtype] and rel_err(vc, vc_ref) < TOL[dtype]
+    assert (kc[B] == SENTINEL).all() and (kc[:, :, T:] == SENTINEL).all()
+
+
 # --- rotary_kv_write -------------------------------------------------------------------------------------------
 def _inv_freq(alphas, rotary_dim, base=10000.0):
     a = torch.tensor(alphas, dtype=torch.float64)

@@ -72,7 +72,7 @@ class GenerationSession:
     def _prefill_eager(self, tokens: Tensor, lengths: Tensor, inv_freq: Tensor) -> Tensor:
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
-        ctx = StepContext(positions, inv_freq, self.k_cache, self.v_cache, prefill=True)
+        ctx = StepContext(positions, inv_freq, self.k_cache, self.v_cache, prefill=True, use_triton=self.use_triton)
         return self.engine.model(tokens, ctx, last_only=lengths - 1)[:, 0]
 
     def decode(self, tokens: Tensor, positions: Tensor, inv_freq: Tensor, attn_len: int) -> Tensor:

@@ -117,17 +117,22 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: StepContext) -> Tensor:
         B, T, _ = x.shape
-        fast = ctx.use_triton and not ctx.prefill
-        qkv = project(self.qkv, x, fast)
+        qkv = project(self.qkv, x, ctx.use_triton)
         kc, vc = ctx.k_cache[self.layer], ctx.v_cache[self.layer]
         logn_len = self.config.seq_length if self.config.use_logn_attn else 0
-        if fast:
+        if ctx.use_triton:  # rotary + logn + KV-cache write in one kernel, then flash attention
             from qwen_trtllm.kernels import decode_attention, rotary_kv_write
 
-            q = rotary_kv_write(qkv.view(B, -1), ctx.inv_freq, ctx.positions[:, 0], kc, vc, self.heads,
-                                self.head_dim, self.config.rotary_dim, logn_len)
-            o = decode_attention(q, kc, vc, ctx.seq_lens, 1.0 / math.sqrt(self.head_dim))
-            return all_reduce(project(self.dense, o.reshape(B, T, -1), fast), self.tp)
+            rope = (self.heads, self.head_dim, self.config.rotary_dim, logn_len)
+            if ctx.prefill:
+                rows = torch.arange(B, device=x.device).repeat_interleave(T)
+                q = rotary_kv_write(qkv.view(B * T, -1), ctx.inv_freq, ctx.positions.reshape(-1), kc, vc, *rope,
+                                    batch_index=rows).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+                o = F.scaled_dot_product_attention(q, kc[:B, :, :T], vc[:B, :, :T], is_causal=True).transpose(1, 2)
+            else:
+                q = rotary_kv_write(qkv.view(B, -1), ctx.inv_freq, ctx.positions[:, 0], kc, vc, *rope)
+                o = decode_attention(q, kc, vc, ctx.seq_lens, 1.0 / math.sqrt(self.head_dim))
+            return all_reduce(project(self.dense, o.reshape(B, T, -1), True), self.tp)
 
         q, k, v = qkv.view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B, heads, T, D]
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
@@ -195,8 +200,8 @@ class QWen(nn.Module):
 
     def forward(self, tokens: Tensor, ctx: StepContext, last_only: Tensor | None = None) -> Tensor:
         """tokens [B, T] -> logits [B, T, V] in float32; last_only [B] picks one position per row ([B, 1, V])."""
-        if ctx.use_triton and not ctx.prefill:
-            return self._decode_fused(tokens, ctx)
+        if ctx.use_triton:
+            return self._forward_fused(tokens, ctx, last_only)
         x = self.embed(tokens)
         if ctx.capture is not None:
             ctx.capture["embedding"] = x
@@ -211,16 +216,22 @@ class QWen(nn.Module):
             ctx.capture.update({"ln_f": x, "logits": logits})
         return logits
 
-    def _decode_fused(self, tokens: Tensor, ctx: StepContext) -> Tensor:
-        """The decode step through the Triton kernels: each residual add is fused into the next RMSNorm."""
+    def _forward_fused(self, tokens: Tensor, ctx: StepContext, last_only: Tensor | None) -> Tensor:
+        """The forward pass through the Triton kernels: each residual add is fused into the next RMSNorm."""
         from qwen_trtllm.kernels import rms_norm
 
         residual = self.embed(tokens)
-        norms = [n for layer in self.layers for n in (layer.ln_1, layer.ln_2)] + [self.ln_f]
-        h, _ = rms_norm(residual, norms[0].weight, norms[0].eps)
+        h, _ = rms_norm(residual, self.layers[0].ln_1.weight, self.layers[0].ln_1.eps)
         for i, layer in enumerate(self.layers):
-            a = layer.attn(h, ctx)
-            h, residual = rms_norm(a, norms[2 * i + 1].weight, norms[2 * i + 1].eps, residual=residual)
-            m = layer.mlp(h, use_triton=True)
-            h, residual = rms_norm(m, norms[2 * i + 2].weight, norms[2 * i + 2].eps, residual=residual)
+            with nvtx_range(f"layer {i}"):
+                a = layer.attn(h, ctx)
+                h, residual = rms_norm(a, layer.ln_2.weight, layer.ln_2.eps, residual=residual)
+                m = layer.mlp(h, use_triton=True)
+                if i + 1 < len(self.layers):
+                    nxt = self.layers[i + 1].ln_1
+                    h, residual = rms_norm(m, nxt.weight, nxt.eps, residual=residual)
+        if last_only is not None:
+            rows = torch.arange(tokens.shape[0], device=tokens.device)
+            m, residual = m[rows, last_only][:, None], residual[rows, last_only][:, None]
+        h, _ = rms_norm(m, self.ln_f.weight, self.ln_f.eps, residual=residual)
         return project(self.lm_head, h, True).float()
