@@ -56,3 +56,16 @@ def compare_logits(test: Tensor, ref: Tensor) -> dict[str, float]:
     return {"top1_agreement": (test.argmax(-1) == ref.argmax(-1)).float().mean().item(),
             "rel_err": ((test - ref).norm() / ref.norm()).item(), "max_rel_err": per_pos.max().item(),
             "positions": int(per_pos.numel())}
+
+
+def random_prompts(vocab: int, n: int, prompt_len: int, steps: int, seed: int = 0) -> tuple[list[list[int]], Tensor]:
+    """n random prompts of prompt_len ids and [n, steps] random forced ids (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, prompt_len + steps), generator=g)
+    return ids[:, :prompt_len].tolist(), ids[:, prompt_len:]
+
+
+def batched(fn, prompts: list[list[int]], forced: Tensor, batch_size: int) -> Tensor:
+    """fn(prompts, forced) over batches of batch_size rows, logits moved to the CPU and concatenated."""
+    return torch.cat([fn(prompts[i:i + batch_size], forced[i:i + batch_size]).float().cpu()
+                      for i in range(0, len(prompts), batch_size)])

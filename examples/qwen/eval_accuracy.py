@@ -1,0 +1,94 @@
+"""Teacher-forced accuracy of an engine against the Hugging Face reference or against another engine:
+
+python3 examples/qwen/eval_accuracy.py --engine_dir qwen_outputs --hf_model_dir ./Qwen-7B-Chat --min_top1 0.98
+python3 examples/qwen/eval_accuracy.py --engine_dir qwen_int8 --reference_engine_dir qwen_outputs --min_top1 0.97
+
+Both sides see the same random prompts and the same forced continuation; the logits at every generated position
+are compared (top-1 agreement and relative error). Exits 1 when top-1 agreement is below --min_top1.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+try:
+    import qwen_trtllm  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from qwen_trtllm.cli import run_cli  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine_dir", required=True)
+    p.add_argument("--kernels", default=None, choices=["triton", "torch"], help="default: the engine's build")
+    ref = p.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--hf_model_dir", help="reference: the checkpoint in transformers' Qwen2 (contexts <= "
+                     "seq_length)")
+    ref.add_argument("--reference_engine_dir", help="reference: another engine (e.g. the fp16 one for int8)")
+    p.add_argument("--reference_dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--reference_kernels", default=None, choices=["triton", "torch"])
+    p.add_argument("--num_prompts", type=int, default=64)
+    p.add_argument("--prompt_len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min_top1", type=float, default=0.0)
+    p.add_argument("--json_output", default=None)
+    args = p.parse_args()
+
+    from qwen_trtllm.evaluation.teacher_forced import (
+        batched,
+        compare_logits,
+        engine_logits,
+        random_prompts,
+        reference_logits,
+    )
+    from qwen_trtllm.runtime import Engine, GenerationSession
+
+    def session(engine_dir: str, kernels: str | None, cache: dict = {}) -> GenerationSession:  # noqa: B006
+        if engine_dir not in cache:
+            cache[engine_dir] = Engine.load(engine_dir)
+        use_triton = None if kernels is None else kernels == "triton"
+        return GenerationSession(cache[engine_dir], max_batch_size=args.batch_size,
+                                 max_seq_len=args.prompt_len + args.steps, use_triton=use_triton)
+
+    test = session(args.engine_dir, args.kernels)
+    prompts, forced = random_prompts(test.engine.config.vocab_size, args.num_prompts, args.prompt_len, args.steps,
+                                     args.seed)
+    t0 = time.perf_counter()
+    got = batched(lambda pr, fo: engine_logits(test, pr, fo), prompts, forced, args.batch_size)
+    t_test = time.perf_counter() - t0
+    if args.hf_model_dir:
+        from qwen_trtllm.models.qwen.reference import load_reference
+
+        model = load_reference(args.hf_model_dir, getattr(torch, args.reference_dtype), test.engine.device)
+        reference = lambda pr, fo: reference_logits(model, pr, fo)
+        label = f"Hugging Face reference ({args.reference_dtype})"
+    else:
+        ref_session = session(args.reference_engine_dir, args.reference_kernels)
+        reference = lambda pr, fo: engine_logits(ref_session, pr, fo)
+        label = f"engine {args.reference_engine_dir} ({args.reference_kernels or 'as built'})"
+    t0 = time.perf_counter()
+    want = batched(reference, prompts, forced, args.batch_size)
+    t_ref = time.perf_counter() - t0
+    stats = compare_logits(got, want)
+    print(f"{args.engine_dir} ({args.kernels or 'as built'}, {test.engine.build['dtype']}) vs {label}: "
+          f"{args.num_prompts} prompts x {args.steps} tokens teacher-forced")
+    print(f"top-1 agreement {100 * stats['top1_agreement']:.2f}%  logits rel. error {stats['rel_err']:.2e} "
+          f"(worst position {stats['max_rel_err']:.2e})  [{t_test:.1f} s vs {t_ref:.1f} s]")
+    if args.json_output:
+        Path(args.json_output).write_text(json.dumps({**stats, **vars(args)}, indent=2))
+    if stats["top1_agreement"] < args.min_top1:
+        print(f"accuracy check failed: top-1 agreement {stats['top1_agreement']:.4f} < --min_top1 {args.min_top1}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
