@@ -180,7 +180,8 @@ def test_processes_and_chunking_do_not_change_bytes(tiny_checkpoint, tmp_path, m
     one = files_of(convert_checkpoint(tiny_checkpoint, tmp_path / "p1", tp=2, storage_type="bfloat16"))
     two = files_of(convert_checkpoint(tiny_checkpoint, tmp_path / "p2", tp=2, storage_type="bfloat16", processes=2))
     assert one == two
-    monkeypatch.setattr(ft_format, "CHUNK_BYTES", 100)  # many slabs per tensor
+    monkeypatch.setattr(ft_format, "CHUNK_BYTES", 3000)  # many slabs per tensor, ragged transpose tiles
+    monkeypatch.setattr(ft_format, "TILE", 3)
     assert files_of(convert_checkpoint(tiny_checkpoint, tmp_path / "c", tp=2, storage_type="bfloat16")) == one
 
 

@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-tp", "--tensor-parallelism", "--tensor_parallelism", dest="tensor_parallelism", type=int,
                    default=1, help="number of tensor-parallel ranks (must divide the attention heads)")
     p.add_argument("-p", "--processes", type=int, default=1,
-                   help="worker processes converting tensors in parallel (memory grows ~64 MiB per process)")
+                   help="worker processes converting tensors in parallel (each adds ~200 MiB: its own torch runtime)")
     p.add_argument("--force", action="store_true", help="replace an existing <out-dir>/<tp>-gpu")
     return p.parse_args(argv)
 
