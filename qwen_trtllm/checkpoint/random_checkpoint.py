@@ -106,28 +106,30 @@ def write_random_checkpoint(out_dir: str | Path, preset: str | dict = "tiny", *,
         shutil.copyfile(tokenizer_file, out / "qwen.tiktoken")
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    itemsize = torch.finfo(dtype).bits // 8
+    plan: list[list[tuple[str, tuple[int, ...]]]] = [[]]  # shards planned from the shapes: one in RAM at a time
     size = 0
     for name, shp in hf_tensor_shapes(shape).items():
-        t = random_tensor(name, shp, gen, device).to(dtype).cpu().contiguous()
-        if size and size + t.nbytes > shard_bytes and layout != "safetensors":
-            shards.append({})
+        nbytes = itemsize * int(torch.Size(shp).numel())
+        if size and size + nbytes > shard_bytes and layout != "safetensors":
+            plan.append([])
             size = 0
-        shards[-1][name] = t
-        size += t.nbytes
-    if layout == "safetensors":
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return out
-    ext, stem, index = {"safetensors-sharded": ("safetensors", "model", "model.safetensors.index.json"),
+        plan[-1].append((name, shp))
+        size += nbytes
+    ext, stem, index = {"safetensors": ("safetensors", "model", None),
+                        "safetensors-sharded": ("safetensors", "model", "model.safetensors.index.json"),
                         "bin-sharded": ("bin", "pytorch_model", "pytorch_model.bin.index.json")}[layout]
     weight_map, total = {}, 0
-    for k, shard in enumerate(shards):
-        fname = f"{stem}-{k + 1:05d}-of-{len(shards):05d}.{ext}"
+    for k, names in enumerate(plan):
+        shard = {n: random_tensor(n, shp, gen, device).to(dtype).cpu().contiguous() for n, shp in names}
+        fname = f"{stem}.{ext}" if index is None else f"{stem}-{k + 1:05d}-of-{len(plan):05d}.{ext}"
         if ext == "safetensors":
             save_file(shard, str(out / fname), metadata={"format": "pt"})
         else:
             torch.save(shard, out / fname)
         weight_map.update({n: fname for n in shard})
         total += sum(t.nbytes for t in shard.values())
-    (out / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        del shard
+    if index is not None:
+        (out / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return out
