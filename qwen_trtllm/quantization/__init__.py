@@ -1,0 +1,29 @@
+"""Weight-only quantisation (int8 per channel, int4 per group; symmetric, fp16 scales) of the QWen linears."""
+
+from qwen_trtllm.quantization.weight_only import (
+    LM_HEAD,
+    PRECISIONS,
+    QUANTIZED_LAYERS,
+    WeightOnlyLinear,
+    check_group_size,
+    dequantize_int4,
+    dequantize_int8,
+    dequantize_weight,
+    is_quantized_layer,
+    make_quantized_skeleton,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    quantize_state_dict,
+    quantize_weight,
+    quantized_state_dict_names,
+    unpack_int4,
+)
+
+__all__ = [
+    "LM_HEAD", "PRECISIONS", "QUANTIZED_LAYERS", "WeightOnlyLinear", "check_group_size", "dequantize_int4",
+    "dequantize_int8", "dequantize_weight", "is_quantized_layer", "make_quantized_skeleton", "pack_int4",
+    "quantize_int4", "quantize_int8", "quantize_model", "quantize_state_dict", "quantize_weight",
+    "quantized_state_dict_names", "unpack_int4",
+]
