@@ -37,6 +37,8 @@ def main() -> int:
     p.add_argument("--input_output_len", default="128,128;2048,128")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--kernels", default="triton", choices=["triton", "torch"])
+    p.add_argument("--quant", default="", help="also time weight-only quantised copies: int8, int4 or int8,int4")
+    p.add_argument("--group_size", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--compare_hf", action="store_true", help="also time Hugging Face eager on the same weights")
     p.add_argument("--hf_batch_size", default="1,8", help="batch sizes for --compare_hf (eager is slow)")
@@ -61,13 +63,17 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s, "
           f"weights {bm.decode_step_bytes(engine, 0, 0) / 1e9:.2f} GB moved per decode step")
     rows = []
-    for inp, out in pairs:
-        for b in batches:
-            if not bm.fits(engine, b, inp + out):
-                print(f"skipped batch {b} x {inp + out} tokens: its KV cache does not fit in GPU memory", flush=True)
-                continue
-            rows.append(bm.bench_engine(engine, b, inp, out, args.runs, copy_gbs))
-            print(bm.format_table(rows[-1:]).splitlines()[-1], flush=True)
+    for quant in [None] + [q for q in args.quant.split(",") if q]:
+        eng = engine if quant is None else bm.quantized_engine(engine, quant, args.group_size)
+        for inp, out in pairs:
+            for b in batches:
+                if not bm.fits(eng, b, inp + out):
+                    print(f"skipped batch {b} x {inp + out} tokens: its KV cache does not fit in GPU memory")
+                    continue
+                rows.append(bm.bench_engine(eng, b, inp, out, args.runs, copy_gbs))
+                print(bm.format_table(rows[-1:]).splitlines()[-1], flush=True)
+        if quant is not None:
+            del eng
     if args.compare_hf:
         hf = bm.hf_model_sharing_weights(engine)
         for inp, out in pairs[:1]:

@@ -30,6 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("use_gpt_attention_plugin", "use_gemm_plugin", "use_layernorm_plugin", "use_rmsnorm_plugin"):
         p.add_argument(f"--{flag}", nargs="?", const="float16", default=None,
                        choices=["float16", "float32", "bfloat16"])
+    p.add_argument("--use_weight_only", action="store_true", help="store the linear layers as int8/int4")
+    p.add_argument("--weight_only_precision", default="int8", choices=["int8", "int4"])
+    p.add_argument("--group_size", type=int, default=128, help="int4: input channels per scale")
+    p.add_argument("--quantize_lm_head", action="store_true", help="quantise lm_head too (default: keep fp16)")
     p.add_argument("--enable_context_fmha", action="store_true")
     p.add_argument("--remove_input_padding", action="store_true")
     args = p.parse_args(argv)
@@ -44,7 +48,9 @@ def main() -> int:
     out = build_engine(args.output_dir, ft_dir=args.model_dir, hf_dir=args.hf_model_dir, dtype=args.dtype,
                        max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                        max_output_len=args.max_output_len, world_size=args.world_size, plugins=plugins,
-                       kernels=args.kernels)
+                       kernels=args.kernels,
+                       weight_only_precision=args.weight_only_precision if args.use_weight_only else None,
+                       group_size=args.group_size, quantize_lm_head=args.quantize_lm_head)
     print(f"engine written to {out}")
     return 0
 

@@ -75,8 +75,10 @@ def _prepare_output(output_dir: Path) -> Path:
 def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf_dir: str | Path | None = None,
                  dtype: str = "float16", max_batch_size: int = 8, max_input_len: int = 2048,
                  max_output_len: int = 2048, world_size: int = 1, plugins: dict | None = None,
-                 kernels: str = "triton") -> Path:
-    """Build the engine directory and return its path. Exactly one of ft_dir / hf_dir."""
+                 kernels: str = "triton", weight_only_precision: str | None = None, group_size: int = 128,
+                 quantize_lm_head: bool = False) -> Path:
+    """Build the engine directory and return its path. Exactly one of ft_dir / hf_dir. weight_only_precision
+    'int8' or 'int4' stores the linear layers quantised (TensorRT-LLM's --use_weight_only)."""
     if (ft_dir is None) == (hf_dir is None):
         raise QWenError("give exactly one of --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")
     if dtype not in DTYPES:
@@ -85,6 +87,10 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
                     ("max_output_len", max_output_len), ("world_size", world_size)):
         if v < 1:
             raise QWenError(f"--{name} must be >= 1, got {v}")
+    if weight_only_precision not in (None, "int8", "int4"):
+        raise QWenError(f"--weight_only_precision {weight_only_precision} is not one of int8, int4")
+    if group_size < 1:
+        raise QWenError(f"--group_size must be >= 1, got {group_size}")
     if kernels not in ("triton", "torch"):
         raise QWenError(f"--kernels {kernels} is not one of triton, torch")
     if ft_dir is not None:
@@ -114,6 +120,10 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
     try:
         for r in tqdm(range(world_size), desc="building ranks", disable=world_size == 1):
             weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in rank_weights(r).items()}
+            if weight_only_precision:
+                from qwen_trtllm.quantization import quantize_state_dict
+
+                weights = quantize_state_dict(weights, weight_only_precision, group_size, quantize_lm_head)
             save_file(weights, str(rank_file(tmp, r)), metadata={"format": "pt"})
             del weights
         for name in TOKENIZER_FILES:
@@ -123,6 +133,9 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
                  "max_input_len": max_input_len, "max_output_len": max_output_len,
                  "plugins": {k: v for k, v in (plugins or {}).items() if k in PLUGIN_FLAGS},
                  "kernels": {"decode": kernels, "prefill_attention": "sdpa", "gemm": "cublas"},
+                 "quantization": None if not weight_only_precision else {
+                     "mode": "weight_only", "precision": weight_only_precision, "group_size": group_size,
+                     "quantize_lm_head": quantize_lm_head},
                  "source": source, "builder_version": __version__, "torch_version": torch.__version__}
         (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
                                                      "model": config.to_dict(), "build": build}, indent=2))

@@ -60,6 +60,19 @@ def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max
                   dtype=DTYPES[dtype])
 
 
+def quantized_engine(engine: Engine, precision: str, group_size: int = 128) -> Engine:
+    """A weight-only quantised copy of an engine (the original is kept), as build.py --use_weight_only makes."""
+    from qwen_trtllm.quantization import make_quantized_skeleton, quantize_state_dict
+
+    with torch.device("meta"):
+        model = QWen(engine.config, tp=engine.world_size)
+    make_quantized_skeleton(model, precision, group_size)
+    model.load_state_dict(quantize_state_dict(engine.model.state_dict(), precision, group_size), assign=True)
+    build = {**engine.build, "quantization": {"precision": precision, "group_size": group_size,
+                                              "quantize_lm_head": False}}
+    return Engine(engine.engine_dir, engine.config, build, model.eval(), engine.device, engine.dtype)
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written (median of 10)."""
     a = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -79,7 +92,7 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
 def decode_step_bytes(engine: Engine, batch: int, context: int) -> int:
     """Fewest bytes one decode step must move: every weight but the embedding table, plus the KV cache read."""
     cfg, esize = engine.config, torch.finfo(engine.dtype).bits // 8
-    weights = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters() if n != "embed.weight")
+    weights = sum(t.numel() * t.element_size() for n, t in engine.model.state_dict().items() if n != "embed.weight")
     kv = batch * context * cfg.num_hidden_layers * 2 * cfg.hidden_size * esize // engine.world_size
     return weights + kv
 
@@ -101,7 +114,9 @@ def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, ru
     per_tok = statistics.median(t["decode_ms"] / t["decode_steps"] for t in timings)
     total_s = (ttft + per_tok * (output_len - 1)) / 1e3
     bw = decode_step_bytes(engine, batch, input_len + output_len // 2) / (per_tok * 1e-3) / 1e9
-    row = BenchRow("engine", batch, input_len, output_len, ttft, per_tok, batch * output_len / total_s,
+    quant = (engine.build.get("quantization") or {}).get("precision")
+    row = BenchRow(f"engine-{quant}" if quant else "engine", batch, input_len, output_len, ttft, per_tok,
+                   batch * output_len / total_s,
                    100 * bw / copy_gbs if copy_gbs else float("nan"), torch.cuda.max_memory_allocated(dev) / 2**30)
     release(session)
     return row

@@ -62,6 +62,11 @@ class Engine:
             raise QWenError(f"{path} is corrupt ({e}): rebuild the engine with examples/qwen/build.py") from None
         with torch.device("meta"):
             model = QWen(config, tp=world_size)
+        quant = build.get("quantization")
+        if quant:
+            from qwen_trtllm.quantization import make_quantized_skeleton
+
+            make_quantized_skeleton(model, quant["precision"], quant["group_size"], quant["quantize_lm_head"])
         expected = {k: v.shape for k, v in model.state_dict().items()}
         got = {k: v.shape for k, v in state.items()}
         if expected != got:
