@@ -43,13 +43,13 @@ def tune(name: str, N: int, K: int, rows: int) -> None:
     results = []
     for cfg in itertools.product((8, 16), (256, 512, 1024), (4, 8), (2, 3, 4)):
         bn, bk, warps, stages = cfg
-        if bn * bk > 16384 or bn * bk < 1024 or K % bk:
+        if bn * bk > 16384 or bn * bk < 1024:
             continue
 
         def run(bn=bn, bk=bk, warps=warps, stages=stages):
             for w in ws:
                 G._gemv_kernel[(triton.cdiv(N, bn),)](x, w, w, y, N, K, x.stride(0), y.stride(0), M=rows,
-                                                      HAS_BIAS=False, EVEN_K=True, BLOCK_N=bn, BLOCK_K=bk,
+                                                      HAS_BIAS=False, EVEN_K=K % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
                                                       num_warps=warps, num_stages=stages)
         results.append((time_graph(run), cfg))
     results.sort()

@@ -1,9 +1,10 @@
 """Skinny matmuls for decode: y = x @ W^T (+ bias) for a few rows of x, streaming W [N, K] once from HBM.
 
 At batch 1 a decode step is a chain of matrix-vector products whose time is the weight bytes over memory
-bandwidth. cuBLAS reaches 70-90% of the copy bandwidth on the 7B shapes (scripts/gpu_gemv_bench.py); this kernel
-gives each program BLOCK_N whole rows of W, reads them in BLOCK_K-wide 16-byte-vector tiles and reduces in
-float32, which measured 3-15% faster. Used for up to MAX_ROWS rows; larger batches go to cuBLAS.
+bandwidth. cuBLAS reaches 70-85% of the copy bandwidth on the 7B shapes inside a CUDA graph; this kernel gives
+each program BLOCK_N whole rows of W, reads them in BLOCK_K-wide 16-byte-vector tiles and reduces in float32,
+which measured 10-20% faster (scripts/gpu_gemv_tune.py, docs/PERF.md). Used for up to MAX_ROWS rows; larger
+batches go to cuBLAS.
 """
 
 from __future__ import annotations
@@ -42,10 +43,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.con
 
 
 def _config(N: int, K: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the best of a sweep on an H100 for the Qwen shapes."""
-    block_k = 512 if K % 512 == 0 else 256
-    block_n = 16 if N >= 8192 else 8
-    return block_n, block_k, 8, 2 if N < 16384 else 3
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the best of scripts/gpu_gemv_tune.py on an H100 for the Qwen-7B
+    shapes (1 KiB-wide K tiles; narrow outputs want wider row blocks to keep enough loads in flight)."""
+    return (16 if N <= 4096 else 8), 1024, 8, 3
 
 
 def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
