@@ -61,9 +61,11 @@ def tune(name: str, N: int, K: int, rows: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--shapes", default="qkv,dense,gate_up,c_proj")
     args = ap.parse_args()
     shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "gate_up": (22016, 4096), "c_proj": (4096, 11008)}
-    for name, (N, K) in shapes.items():
+    for name in args.shapes.split(","):
+        N, K = shapes[name]
         tune(name, N, K, args.rows)
 
 
