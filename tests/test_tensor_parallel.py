@@ -118,3 +118,23 @@ def _write_tokens(tmp: Path) -> Path:
     p = tmp / "tokens.csv"
     p.write_text("5,6,7,8\n9,10\n")
     return p
+
+
+def test_summarize_under_torchrun_matches_tp1(make_checkpoint, tiktoken_file, tmp_path):
+    import json
+
+    ckpt = make_checkpoint(vocab_size=151936, seq_length=2048, tokenizer_file=tiktoken_file)
+    outputs = []
+    for world in (1, 2):
+        eng = build_engine(tmp_path / f"e{world}", hf_dir=ckpt, dtype="float32", max_batch_size=2, max_input_len=256,
+                           max_output_len=8, world_size=world)
+        out = tmp_path / f"o{world}.jsonl"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29700 + world)}
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+                            str(ROOT / "examples/qwen/summarize.py"), "--test_trt_llm", "--engine_dir", str(eng),
+                            "--max_ite", "2", "--output_len", "6", "--no_progress", "--output_file", str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.count("[engine] rouge1") == 1  # rank 0 alone prints
+        outputs.append([json.loads(line)["engine_ids"] for line in out.read_text().splitlines()])
+    assert outputs[0] == outputs[1]

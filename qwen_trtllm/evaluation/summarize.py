@@ -317,11 +317,13 @@ def run_summarize(opts: SummarizeOptions) -> int:
     sampling.validate()
     examples = load_examples(opts.dataset_path)[: opts.max_ite * opts.batch_size]
 
-    max_input, device = opts.max_input_length, None
-    if opts.test_trt_llm:
-        from qwen_trtllm.runtime import Engine, GenerationSession
+    max_input, device, rank = opts.max_input_length, None, 0
+    if opts.test_trt_llm:  # under torchrun/mpirun every rank runs the engine; rank 0 alone prints and scores
+        from qwen_trtllm.runtime import GenerationSession
+        from qwen_trtllm.runtime.distributed import init_distributed, load_engine_on_all_ranks
 
-        engine = Engine.load(opts.engine_dir)
+        rank, world = init_distributed()
+        engine = load_engine_on_all_ranks(opts.engine_dir, rank, world)
         build = engine.build
         if opts.batch_size > build["max_batch_size"]:
             raise QWenError(f"--batch_size {opts.batch_size} exceeds the engine's max_batch_size "
@@ -340,8 +342,9 @@ def run_summarize(opts: SummarizeOptions) -> int:
     tokenizer = QWenTokenizer.from_dir(_find_tokenizer_dir(opts))
     stops, end_id = set(stop_token_ids(tokenizer, "chatml")), tokenizer.eod_id
     prompts = [build_prompt(tokenizer, ex.article, opts.system, max_input) for ex in examples]
-    print(f"{len(examples)} examples from {opts.dataset_path or SAMPLE_PATH}; prompts of "
-          f"{min(map(len, prompts))}..{max(map(len, prompts))} tokens; {sampling}")
+    if rank == 0:
+        print(f"{len(examples)} examples from {opts.dataset_path or SAMPLE_PATH}; prompts of "
+              f"{min(map(len, prompts))}..{max(map(len, prompts))} tokens; {sampling}")
 
     engine_res = hf_res = engine_scores = hf_scores = agreement = None
     refs = [ex.highlights for ex in examples]
@@ -354,6 +357,8 @@ def run_summarize(opts: SummarizeOptions) -> int:
         engine_res.texts = [response_text(ids, tokenizer) for ids in engine_res.output_ids]
         engine_scores = rouge_scores(engine_res.texts, refs)
         del session, engine
+        if rank:
+            return 0
     if opts.test_hf:
         from qwen_trtllm.models.qwen.reference import load_reference
 
