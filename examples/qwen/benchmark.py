@@ -48,19 +48,23 @@ def main() -> int:
         raise QWenError("benchmark.py times CUDA kernels and needs an NVIDIA GPU; on CPU run examples/qwen/run.py")
 
     from qwen_trtllm.evaluation import benchmark as bm
-    from qwen_trtllm.runtime import Engine
+    from qwen_trtllm.runtime.distributed import init_distributed, load_engine_on_all_ranks
 
     pairs, batches = parse_pairs(args.input_output_len), [int(b) for b in args.batch_size.split(",")]
+    rank, world = init_distributed()  # under torchrun/mpirun: a tensor-parallel engine, rank 0 reports
+    show = print if rank == 0 else (lambda *a, **k: None)
     if args.engine_dir:
-        engine = Engine.load(args.engine_dir)
+        engine = load_engine_on_all_ranks(args.engine_dir, rank, world)
         if args.kernels == "torch":
             engine.build.setdefault("kernels", {})["decode"] = "torch"
+    elif world > 1:
+        raise QWenError("random models are single-GPU: pass --engine_dir of an engine built with --world_size")
     else:
         engine = bm.random_engine(args.model, args.dtype, "cuda", max_batch_size=max(batches),
                                   max_input_len=max(i for i, _ in pairs), max_output_len=max(o for _, o in pairs),
                                   kernels=args.kernels)
     copy_gbs = bm.copy_bandwidth_gbs(engine.device)
-    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s, "
+    show(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s, "
           f"weights {bm.decode_step_bytes(engine, 0, 0) / 1e9:.2f} GB moved per decode step")
     rows = []
     for quant in [None] + [q for q in args.quant.split(",") if q]:
@@ -68,21 +72,21 @@ def main() -> int:
         for inp, out in pairs:
             for b in batches:
                 if not bm.fits(eng, b, inp + out):
-                    print(f"skipped batch {b} x {inp + out} tokens: its KV cache does not fit in GPU memory")
+                    show(f"skipped batch {b} x {inp + out} tokens: its KV cache does not fit in GPU memory")
                     continue
                 rows.append(bm.bench_engine(eng, b, inp, out, args.runs, copy_gbs))
-                print(bm.format_table(rows[-1:]).splitlines()[-1], flush=True)
+                show(bm.format_table(rows[-1:]).splitlines()[-1], flush=True)
         if quant is not None:
             del eng
-    if args.compare_hf:
+    if args.compare_hf and world == 1:
         hf = bm.hf_model_sharing_weights(engine)
         for inp, out in pairs[:1]:
             for b in [int(v) for v in args.hf_batch_size.split(",")]:
                 rows.append(bm.bench_hf(hf, b, inp, out, copy_gbs, bm.decode_step_bytes(engine, b, inp + out // 2)))
                 print(bm.format_table(rows[-1:]).splitlines()[-1], flush=True)
-    print()
-    print(bm.format_table(rows))
-    if args.json_output:
+    show()
+    show(bm.format_table(rows))
+    if args.json_output and rank == 0:
         Path(args.json_output).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs,
                                                       "rows": bm.rows_to_json(rows)}, indent=2))
     return 0
