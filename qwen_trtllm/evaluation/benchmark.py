@@ -70,7 +70,8 @@ def quantized_engine(engine: Engine, precision: str, group_size: int = 128) -> E
     model.load_state_dict(quantize_state_dict(engine.model.state_dict(), precision, group_size), assign=True)
     build = {**engine.build, "quantization": {"precision": precision, "group_size": group_size,
                                               "quantize_lm_head": False}}
-    return Engine(engine.engine_dir, engine.config, build, model.eval(), engine.device, engine.dtype)
+    return Engine(engine.engine_dir, engine.config, build, model.eval(), engine.device, engine.dtype, engine.rank,
+                  engine.world_size)
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
