@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install install-dev demo test lint
 install:
-	$(PIP) install -q $(TORCH) -r requirements.txt
+	$(PIP) install -q $(TORCH) "setuptools>=64" -r requirements.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 
 install-dev: install
