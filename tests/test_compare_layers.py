@@ -4,15 +4,14 @@ flagged first at the tensor where they enter (tiny random checkpoint, real vocab
 from __future__ import annotations
 
 import runpy
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from qwen_trtllm.builder.build import build_engine
+from qwen_trtllm.checkpoint.random_checkpoint import swap_mlp_weights
 from qwen_trtllm.evaluation.compare_layers import compare_layers, first_flagged, tensor_names
 from qwen_trtllm.models.qwen import model as model_mod
 from qwen_trtllm.models.qwen.reference import load_reference
@@ -21,18 +20,6 @@ from qwen_trtllm.runtime import Engine
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 9707, 11, 1879, 0,
           151645, 198, 151644, 77091, 198]
-
-
-def swap_mlp_weights(src: Path, dst: Path, layer: int) -> Path:
-    """A copy of a safetensors checkpoint with mlp.w1 and mlp.w2 of one layer exchanged."""
-    shutil.copytree(src, dst)
-    names = (f"transformer.h.{layer}.mlp.w1.weight", f"transformer.h.{layer}.mlp.w2.weight")
-    for f in dst.glob("*.safetensors"):
-        t = load_file(str(f))
-        if names[0] in t:
-            t[names[0]], t[names[1]] = t[names[1]], t[names[0]]
-            save_file(t, str(f), metadata={"format": "pt"})
-    return dst
 
 
 def gptj_interleaved_rotary(x, cos, sin):

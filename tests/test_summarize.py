@@ -7,16 +7,15 @@ from __future__ import annotations
 import json
 import re
 import runpy
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 from qwen_trtllm import QWenError
 from qwen_trtllm.builder.build import build_engine
+from qwen_trtllm.checkpoint.random_checkpoint import swap_mlp_weights
 from qwen_trtllm.evaluation import summarize as sm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,18 +38,6 @@ def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 def scores(stdout: str, backend: str) -> dict[str, float]:
     return {k: float(v) for k, v in re.findall(rf"^\[{backend}\] (rouge\w+) : ([\d.]+)$", stdout, re.M)}
-
-
-def swap_mlp_weights(src: Path, dst: Path, layer: int) -> Path:
-    """A copy of a safetensors checkpoint with mlp.w1 and mlp.w2 of one layer exchanged."""
-    shutil.copytree(src, dst)
-    names = (f"transformer.h.{layer}.mlp.w1.weight", f"transformer.h.{layer}.mlp.w2.weight")
-    for f in dst.glob("*.safetensors"):
-        t = load_file(str(f))
-        if names[0] in t:
-            t[names[0]], t[names[1]] = t[names[1]], t[names[0]]
-            save_file(t, str(f), metadata={"format": "pt"})
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -133,3 +133,19 @@ def write_random_checkpoint(out_dir: str | Path, preset: str | dict = "tiny", *,
     if index is not None:
         (out / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return out
+
+
+def swap_mlp_weights(src: str | Path, dst: str | Path, layer: int) -> Path:
+    """A copy of a safetensors checkpoint with mlp.w1 and mlp.w2 of one layer exchanged: the classic Qwen port
+    bug, planted to show that summarize.py and compare_layers.py catch it."""
+    from safetensors.torch import load_file
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    names = (f"transformer.h.{layer}.mlp.w1.weight", f"transformer.h.{layer}.mlp.w2.weight")
+    for f in dst.glob("*.safetensors"):
+        t = load_file(str(f))
+        if names[0] in t:
+            t[names[0]], t[names[1]] = t[names[1]], t[names[0]]
+            save_file(t, str(f), metadata={"format": "pt"})
+    return dst
