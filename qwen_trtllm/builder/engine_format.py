@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from qwen_trtllm import QWenError
+from qwen_trtllm.checkpoint.ft_format import TOKENIZER_FILES  # noqa: F401  (re-exported: copied into engines)
 from qwen_trtllm.config import QWenConfig
 
 FORMAT_VERSION = 1
 ARCHITECTURE = "QWenForCausalLM"
-TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json", "generation_config.json")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
