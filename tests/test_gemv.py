@@ -29,3 +29,21 @@ def test_gemv_matches_fp32_matmul(N, K, rows, dtype):
 def test_linear_falls_back_for_large_batches():
     x, w = torch.randn(MAX_ROWS + 1, 64, device=DEVICE), torch.randn(32, 64, device=DEVICE)
     assert torch.allclose(linear(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("K", [512, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gated_gemv_fuses_silu_mul(K, dtype):
+    """c_proj over [gate | up]: the same as silu_mul then the matmul, without the intermediate in memory."""
+    from qwen_trtllm.kernels import silu_mul_reference
+
+    g = torch.Generator().manual_seed(K)
+    gu = torch.randn(2, 1, 2 * K, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(40, K, generator=g) * K**-0.5).to(DEVICE, dtype)
+    ref = torch.nn.functional.linear(silu_mul_reference(gu).double(), w.double())
+    got = gemv(gu, w, gated=True)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    assert got.shape == (2, 1, 40) and ((got.double() - ref).norm() / ref.norm()) < tol
+    gu32, w32 = gu.float().cpu(), w.float().cpu()  # the CPU fallback: silu_mul, then F.linear
+    ref32 = torch.nn.functional.linear(silu_mul_reference(gu32), w32)
+    assert torch.allclose(linear(gu32, w32, gated=True), ref32, rtol=1e-4, atol=1e-5)

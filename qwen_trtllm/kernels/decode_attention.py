@@ -25,7 +25,7 @@ _LOG2E = 1.4426950408889634
 def _decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, max_seq,
                               stride_qb, stride_qh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
                               N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                              BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
+                              BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, NUM_STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2)
@@ -41,16 +41,17 @@ def _decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, qk_
     run_max = -float("inf")
     denom = 0.0
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
+        # both tiles are requested before any arithmetic, so their memory latencies overlap
         k = tl.load(k_base + n[:, None].to(tl.int64) * k_ss + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + n[:, None].to(tl.int64) * v_ss + d[None, :], mask=valid[:, None], other=0.0)
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
         scores = tl.where(valid, scores, -float("inf"))
         new_max = tl.maximum(run_max, tl.max(scores, axis=0))  # finite: every tile holds a valid key
         alpha = tl.exp2(run_max - new_max)
         p = tl.exp2(scores - new_max)
-        v = tl.load(v_base + n[:, None].to(tl.int64) * v_ss + d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         denom = denom * alpha + tl.sum(p, axis=0)
         run_max = new_max
@@ -128,7 +129,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
         q, k_cache, v_cache, seq_lens, o_ws, lse_ws, scale * _LOG2E, max_seq, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D, BLOCK_N=BLOCK_N, DIRECT=splits == 1,
-        num_warps=4)
+        NUM_STAGES=2, num_warps=4)
     if splits > 1:
         _decode_attn_merge_kernel[(B, H)](o_ws, lse_ws, out, N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D,
                                           BLOCK_S=triton.next_power_of_2(splits), num_warps=1)

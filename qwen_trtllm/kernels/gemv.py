@@ -19,7 +19,7 @@ MAX_ROWS = 4
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -27,14 +27,18 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.con
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for k0 in tl.range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
             if EVEN_K:
                 w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None], other=0.0)
-                x = tl.load(x_ptr + m * stride_x + offs_k)
             else:
-                k_ok = offs_k < K
                 w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                             other=0.0)
-                x = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
+            x = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
+            if GATED:  # x row = [gate | up]: SiLU(gate) * up with silu_mul's roundings, never written to memory
+                up = tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0)
+                g = x.to(tl.float32)
+                act = (g / (1.0 + tl.exp(-g))).to(x.dtype)
+                x = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
@@ -48,23 +52,28 @@ def _config(N: int, K: int) -> tuple[int, int, int, int]:
     return (16 if N <= 4096 else 8), 1024, 8, 3
 
 
-def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] with at most MAX_ROWS rows in total, weight [N, K] contiguous -> [..., N] in x.dtype."""
+def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = False) -> Tensor:
+    """x [..., K] with at most MAX_ROWS rows in total, weight [N, K] contiguous -> [..., N] in x.dtype.
+    gated: x is [..., 2K] = [gate | up] and the product uses SiLU(gate) * up (the MLP's c_proj)."""
     N, K = weight.shape
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(-1, 2 * K if gated else K)
     M = x2.shape[0]
     assert M <= MAX_ROWS and weight.is_contiguous() and x2.stride(1) == 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = _config(N, K)
     _gemv_kernel[(triton.cdiv(N, bn),)](x2, weight, bias if bias is not None else weight, y, N, K, x2.stride(0),
                                        y.stride(0), M=M, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0,
-                                       BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                                       BLOCK_N=bn, BLOCK_K=bk, GATED=gated, num_warps=warps, num_stages=stages)
     return y.view(*x.shape[:-1], N)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear with the GEMV kernel for decode-sized inputs on CUDA."""
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = False) -> Tensor:
+    """F.linear with the GEMV kernel for decode-sized inputs on CUDA; gated as in gemv()."""
     rows = x.numel() // x.shape[-1]
     if x.is_cuda and rows <= MAX_ROWS and weight.is_contiguous():
-        return gemv(x, weight, bias)
+        return gemv(x, weight, bias, gated)
+    if gated:
+        from qwen_trtllm.kernels import silu_mul
+
+        x = silu_mul(x)
     return torch.nn.functional.linear(x, weight, bias)

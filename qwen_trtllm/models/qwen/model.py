@@ -159,10 +159,14 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, use_triton: bool = False) -> Tensor:
         gu = project(self.gate_up, x, use_triton)
+        if use_triton and type(self.c_proj) is nn.Linear:  # SiLU*mul fused into c_proj (GEMV) or before it
+            from qwen_trtllm.kernels.gemv import linear
+
+            return all_reduce(linear(gu, self.c_proj.weight, gated=True), self.tp)
         if use_triton:
             from qwen_trtllm.kernels import silu_mul
 
-            h = silu_mul(gu.view(-1, gu.shape[-1])).view(*gu.shape[:-1], -1)
+            h = silu_mul(gu)
         else:
             gate, up = gu.chunk(2, dim=-1)
             h = up * F.silu(gate)
