@@ -73,7 +73,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = 
     if x.is_cuda and rows <= MAX_ROWS and weight.is_contiguous():
         return gemv(x, weight, bias, gated)
     if gated:
-        from qwen_trtllm.kernels import silu_mul
+        from qwen_trtllm.kernels import silu_mul, silu_mul_reference, triton_available
 
-        x = silu_mul(x)
+        x = silu_mul(x) if triton_available(x.device) else silu_mul_reference(x)
     return torch.nn.functional.linear(x, weight, bias)
