@@ -1,0 +1,86 @@
+"""The seed's workflow, verbatim, on a tiny random checkpoint with the real tokenizer: convert -> build -> run."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen_trtllm.runtime import Engine, GenerationSession, SamplingConfig
+from qwen_trtllm.tokenizer import QWenTokenizer, make_context, stop_token_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+EOD = 151643
+
+
+def sh(cwd: Path, command: str) -> subprocess.CompletedProcess:
+    """A README command line, with python3 meaning this interpreter and examples/ this checkout's."""
+    args = command.split()
+    args = [sys.executable if a == "python3" else str(ROOT / a) if a.startswith("examples/") else a for a in args]
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workdir(make_checkpoint, tiktoken_file, tmp_path_factory) -> Path:
+    ckpt = make_checkpoint(vocab_size=151936, seq_length=2048, tokenizer_file=tiktoken_file, seed=5)
+    work = tmp_path_factory.mktemp("seed")
+    shutil.copytree(ckpt, work / "Qwen" / "Qwen-7B-Chat")  # so `-i Qwen/Qwen-7B-Chat` runs as written
+    for cmd in ("python3 examples/qwen/hf_qwen_convert.py -i Qwen/Qwen-7B-Chat -o ./c-model/Qwen "
+                "--tensor-parallelism 1 --storage-type float16",
+                "python3 examples/qwen/build.py --model_dir ./c-model/Qwen/1-gpu --use_gpt_attention_plugin float16 "
+                "--dtype float16 --use_layernorm_plugin float16 --use_gemm_plugin float16 --max_batch_size 2"):
+        r = sh(work, cmd)
+        assert r.returncode == 0, r.stderr
+    return work
+
+
+def test_seed_commands_verbatim(workdir):
+    r = sh(workdir, "python3 examples/qwen/run.py --max_output_len 8")
+    assert r.returncode == 0, r.stderr
+    assert 'Input: "你好，请问你叫什么？"' in r.stdout and 'Output: "' in r.stdout
+    engine = workdir / "qwen_outputs"
+    assert (engine / "config.json").is_file() and (engine / "qwen.tiktoken").is_file()
+
+
+def test_run_outputs_match_the_library_and_trtllm_layout(workdir):
+    npy, out_csv = workdir / "o.npy", workdir / "o.csv"
+    r = sh(workdir, f"python3 examples/qwen/run.py --max_output_len 6 --top_k 1 --input_text 你好 Hello "
+                    f"--output_npy {npy} --output_csv {out_csv}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Output:") == 2
+    tok = QWenTokenizer.from_dir(workdir / "qwen_outputs")
+    prompts = [make_context(tok, q)[1] for q in ("你好", "Hello")]
+    session = GenerationSession(Engine.load(workdir / "qwen_outputs"))
+    # run.py takes repetition_penalty 1.1 from the checkpoint's generation_config.json; --top_k 1 makes it greedy
+    want = session.generate(prompts, 6, SamplingConfig(top_k=1, repetition_penalty=1.1),
+                            stop_ids=sorted(stop_token_ids(tok)), end_id=EOD).output_ids
+    seqs = np.load(npy)
+    assert seqs.dtype == np.int32 and seqs.shape == (2, max(map(len, prompts)) + 6)
+    for b, (p, ids) in enumerate(zip(prompts, want, strict=True)):
+        row = seqs[b].tolist()
+        assert row[: len(p)] == p and row[len(p): len(p) + len(ids)] == ids
+        assert all(t == EOD for t in row[len(p) + len(ids):])  # padded with the end id
+    with out_csv.open() as f:
+        assert [[int(t) for t in row] for row in csv.reader(f)] == want
+
+
+def test_streaming_prints_the_answer_once(workdir):
+    r = sh(workdir, "python3 examples/qwen/run.py --max_output_len 5 --top_k 1 --streaming")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Output:") == 1 and "tokens/s" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    ("--engine_dir missing", "does not exist"),
+    ("--num_beams 2", "beam search"),
+    ("--input_text a b c", "max_batch_size"),
+])
+def test_run_bad_input(workdir, args, message):
+    r = sh(workdir, f"python3 examples/qwen/run.py --max_output_len 4 {args}")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
