@@ -63,7 +63,7 @@ class GenerationSession:
         rows and columns of padding change nothing for the real tokens (causal attention, right padding)."""
         B, T = tokens.shape
         with nvtx_range("prefill"):
-            bb, tb = _bucket(B, self.max_batch), _length_bucket(T, self.max_input_len)
+            bb, tb = _bucket(B, self.max_batch), _length_bucket(T, min(self.max_input_len, self.max_seq))
             if not self.cuda_graphs or bb * tb > PREFILL_GRAPH_TOKENS:
                 return self._prefill_eager(tokens, lengths, inv_freq)
             padded = (_pad(tokens, (bb, tb), 0), _pad(lengths, (bb,), 1), _pad(inv_freq, (bb, inv_freq.shape[1]), 0))
