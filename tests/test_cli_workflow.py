@@ -84,3 +84,9 @@ def test_run_bad_input(workdir, args, message):
     r = sh(workdir, f"python3 examples/qwen/run.py --max_output_len 4 {args}")
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_quickstart_answers_with_the_reference(workdir):
+    r = sh(workdir, "python3 examples/qwen/quickstart.py --hf_model_dir Qwen/Qwen-7B-Chat --max_new_tokens 4")
+    assert r.returncode == 0, r.stderr
+    assert "Qwen2ForCausalLM" in r.stdout and 'Output: "' in r.stdout
