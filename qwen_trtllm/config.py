@@ -20,6 +20,7 @@ _IGNORED_HF_KEYS = {
     "onnx_safe", "scale_attn_weights", "params_dtype", "pos_emb", "activation", "bias_dropout_fusion",
     "apply_residual_connection_post_layernorm", "no_bias", "tie_word_embeddings", "n_positions",
     "vocab_size", "padded_vocab_size", "ffn_hidden_size", "n_embd", "n_head", "n_layer",
+    "quantization_config",  # GPTQ checkpoints (Qwen-*-Int4): read from quantize_config.json by checkpoint/gptq.py
 }
 # v1.0 name -> v1.1 name
 _V10_ALIASES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",

@@ -105,22 +105,33 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
         rank_weights = lambda r: runtime_weights_from_ft(read_ft_rank(src, r), config)
         source = {"ft_dir": str(src), "storage_dtype": info.get("storage_dtype")}
     else:
+        from qwen_trtllm.checkpoint.gptq import gptq_group_size, is_gptq_checkpoint, runtime_weights_from_gptq
         from qwen_trtllm.checkpoint.hf_checkpoint import HFCheckpoint
 
         src = Path(hf_dir)
         ckpt = HFCheckpoint(src)
-        ckpt.validate()
         config = ckpt.config
-        rank_weights = lambda r: runtime_weights_from_hf(ckpt.get, config, r, world_size)
         source = {"hf_model_dir": str(src)}
+        if is_gptq_checkpoint(src):  # already int4: its weights are repacked, not re-quantised
+            if world_size != 1 or weight_only_precision not in (None, "int4"):
+                raise QWenError(f"{src} is a GPTQ int4 checkpoint: build it with --world_size 1 and no other "
+                                "--weight_only_precision than int4")
+            weight_only_precision, group_size, quantize_lm_head = "int4", gptq_group_size(src), False
+            gptq = runtime_weights_from_gptq(ckpt, config, group_size)
+            rank_weights = lambda r: gptq
+            source["gptq"] = True
+        else:
+            ckpt.validate()
+            rank_weights = lambda r: runtime_weights_from_hf(ckpt.get, config, r, world_size)
     config.check_tensor_parallel(world_size)
 
     out = Path(output_dir)
     tmp = _prepare_output(out)
     try:
         for r in tqdm(range(world_size), desc="building ranks", disable=world_size == 1):
-            weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in rank_weights(r).items()}
-            if weight_only_precision:
+            weights = {k: v if k.endswith((".qweight", ".scales")) else v.to(DTYPES[dtype]).contiguous()
+                       for k, v in rank_weights(r).items()}  # packed GPTQ weights keep their storage types
+            if weight_only_precision and not source.get("gptq"):
                 from qwen_trtllm.quantization import quantize_state_dict
 
                 weights = quantize_state_dict(weights, weight_only_precision, group_size, quantize_lm_head)
