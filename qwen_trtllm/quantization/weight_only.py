@@ -189,12 +189,7 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         use = self.use_triton if self.use_triton is not None else x.is_cuda
         if use and _triton_usable(x):
-            from qwen_trtllm.kernels import weight_only_gemv as gemv
             from qwen_trtllm.kernels.weight_only_gemm import weight_only_matmul
-
-            if x.is_cuda and gemv.usable(x, self.precision, self.group_size):  # decode: the streaming GEMV
-                return gemv.weight_only_gemv(x, self.qweight, self.scales, self.precision, self.group_size,
-                                             self.bias)
 
             x2 = x.reshape(-1, self.in_features)
             y = weight_only_matmul(x2, self.qweight, self.scales, self.precision, self.group_size, self.bias)
