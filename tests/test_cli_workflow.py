@@ -90,3 +90,12 @@ def test_quickstart_answers_with_the_reference(workdir):
     r = sh(workdir, "python3 examples/qwen/quickstart.py --hf_model_dir Qwen/Qwen-7B-Chat --max_new_tokens 4")
     assert r.returncode == 0, r.stderr
     assert "Qwen2ForCausalLM" in r.stdout and 'Output: "' in r.stdout
+
+
+def test_profile_writes_a_perfetto_trace(workdir):
+    import json
+
+    trace = workdir / "trace.json"
+    r = sh(workdir, f"python3 examples/qwen/run.py --max_output_len 3 --top_k 1 --profile {trace}")
+    assert r.returncode == 0, r.stderr
+    assert "traceEvents" in json.loads(trace.read_text()) and "Self CPU time total" in r.stdout
