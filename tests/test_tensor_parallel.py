@@ -138,3 +138,14 @@ def test_summarize_under_torchrun_matches_tp1(make_checkpoint, tiktoken_file, tm
         assert r.stdout.count("[engine] rouge1") == 1  # rank 0 alone prints
         outputs.append([json.loads(line)["engine_ids"] for line in out.read_text().splitlines()])
     assert outputs[0] == outputs[1]
+
+
+def test_eval_accuracy_under_torchrun(tp_engines):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": "29650"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        str(ROOT / "examples/qwen/eval_accuracy.py"), "--engine_dir", str(tp_engines[2]),
+                        "--reference_engine_dir", str(tp_engines[1]), "--num_prompts", "6", "--prompt_len", "8",
+                        "--steps", "4", "--batch_size", "3", "--min_top1", "1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert r.stdout.count("top-1 agreement 100.00%") == 1

@@ -42,6 +42,7 @@ def main() -> int:
     p.add_argument("--json_output", default=None)
     args = p.parse_args()
 
+    from qwen_trtllm import QWenError
     from qwen_trtllm.evaluation.teacher_forced import (
         batched,
         compare_logits,
@@ -50,20 +51,26 @@ def main() -> int:
         reference_logits,
     )
     from qwen_trtllm.runtime import Engine, GenerationSession
+    from qwen_trtllm.runtime.distributed import init_distributed, load_engine_on_all_ranks
 
-    def session(engine_dir: str, kernels: str | None, cache: dict = {}) -> GenerationSession:  # noqa: B006
-        if engine_dir not in cache:
-            cache[engine_dir] = Engine.load(engine_dir)
+    # under torchrun/mpirun the engine under test is tensor-parallel; rank 0 alone runs the reference and reports
+    rank, world = init_distributed()
+    if world > 1 and args.reference_engine_dir == args.engine_dir:
+        raise QWenError("under several ranks, compare with another (single-rank) engine or --hf_model_dir")
+
+    def session(engine: Engine, kernels: str | None) -> GenerationSession:
         use_triton = None if kernels is None else kernels == "triton"
-        return GenerationSession(cache[engine_dir], max_batch_size=args.batch_size,
-                                 max_seq_len=args.prompt_len + args.steps, use_triton=use_triton)
+        return GenerationSession(engine, max_batch_size=args.batch_size, max_seq_len=args.prompt_len + args.steps,
+                                 use_triton=use_triton)
 
-    test = session(args.engine_dir, args.kernels)
+    test = session(load_engine_on_all_ranks(args.engine_dir, rank, world), args.kernels)
     prompts, forced = random_prompts(test.engine.config.vocab_size, args.num_prompts, args.prompt_len, args.steps,
                                      args.seed)
     t0 = time.perf_counter()
     got = batched(lambda pr, fo: engine_logits(test, pr, fo), prompts, forced, args.batch_size)
     t_test = time.perf_counter() - t0
+    if rank:
+        return 0
     if args.hf_model_dir:
         from qwen_trtllm.models.qwen.reference import load_reference
 
@@ -71,7 +78,9 @@ def main() -> int:
         reference = lambda pr, fo: reference_logits(model, pr, fo)
         label = f"Hugging Face reference ({args.reference_dtype})"
     else:
-        ref_session = session(args.reference_engine_dir, args.reference_kernels)
+        same = args.reference_engine_dir == args.engine_dir
+        ref_session = session(test.engine if same else Engine.load(args.reference_engine_dir),
+                              args.reference_kernels)
         reference = lambda pr, fo: engine_logits(ref_session, pr, fo)
         label = f"engine {args.reference_engine_dir} ({args.reference_kernels or 'as built'})"
     t0 = time.perf_counter()
