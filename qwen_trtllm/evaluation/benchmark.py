@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from qwen_trtllm.builder.engine_format import DTYPES
-from qwen_trtllm.checkpoint.random_checkpoint import PRESETS
+from qwen_trtllm.checkpoint.random_checkpoint import PRESETS, random_tensor
 from qwen_trtllm.config import QWenConfig
 from qwen_trtllm.models.qwen.model import QWen
 from qwen_trtllm.runtime.engine import Engine
@@ -42,17 +42,12 @@ def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max
     """An engine with random weights of a named shape, created directly on the device (no checkpoint files)."""
     shape = PRESETS[preset]
     config = QWenConfig(**shape)
-    torch.manual_seed(seed)
     with torch.device(device):
         model = QWen(config).to(DTYPES[dtype])
-    with torch.no_grad():
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():  # the random checkpoints' scheme (their names: the embedding is transformer.wte)
         for name, p in model.named_parameters():
-            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
-                p.normal_(1.0, 0.1)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-            else:
-                p.normal_(0.0, 1.0 if name == "embed.weight" else p.shape[-1] ** -0.5)
+            p.copy_(random_tensor("transformer.wte.weight" if name == "embed.weight" else name, p.shape, gen, device))
     model.eval().requires_grad_(False)
     build = {"dtype": dtype, "world_size": 1, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
              "max_output_len": max_output_len, "kernels": {"decode": kernels}}

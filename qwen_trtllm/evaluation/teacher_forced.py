@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from qwen_trtllm.models.qwen.model import ntk_alpha, rotary_inv_freq
 from qwen_trtllm.runtime.generation import GenerationSession
 
 
@@ -21,16 +20,9 @@ from qwen_trtllm.runtime.generation import GenerationSession
 def engine_logits(session: GenerationSession, prompts: Sequence[Sequence[int]], forced: Tensor) -> Tensor:
     """Logits [B, S, V] (float32, on the engine's device): position 0 after the prompt, then after each of the
     first S-1 forced tokens [B, S]."""
-    dev, cfg = session.engine.device, session.engine.config
     lens = [len(p) for p in prompts]
-    B = len(prompts)
-    tokens = torch.zeros(B, max(lens), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, : lens[b]] = torch.tensor(p)
-    tokens, lengths = tokens.to(dev), torch.tensor(lens, device=dev)
-    alpha = torch.tensor([ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0 for n in lens], device=dev)
-    inv_freq = rotary_inv_freq(cfg, alpha)
-    forced = forced.to(dev)
+    tokens, lengths, inv_freq = session.prepare(prompts)
+    forced = forced.to(session.engine.device)
     out = [session.prefill(tokens, lengths, inv_freq).clone()]
     for s in range(forced.shape[1] - 1):
         out.append(session.decode(forced[:, s], lengths + s, inv_freq, attn_len=max(lens) + s + 1).clone())

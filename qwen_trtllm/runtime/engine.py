@@ -76,9 +76,6 @@ class Engine:
         model.eval().requires_grad_(False)
         return cls(engine_dir, config, build, model, device, dtype, rank, world_size)
 
-    def tokenizer_dir(self) -> Path:
-        return self.engine_dir
-
 
 def world_from_env() -> tuple[int, int]:
     """(rank, world size) from torchrun's or mpirun's environment; (0, 1) when launched alone."""

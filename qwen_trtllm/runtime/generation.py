@@ -94,6 +94,19 @@ class GenerationSession:
             self._graphs[key] = GraphedStep(fn, inputs, self._pool)
         return self._graphs[key].run(*inputs)
 
+    def prepare(self, batch_input_ids: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Right-padded tokens [B, T], lengths [B] and each sequence's rotary inv_freq (dynamic NTK from its prompt
+        length) on the device. Padding repeats the row's first token: never attended to, and nothing new for the
+        repetition-penalty set."""
+        dev, cfg = self.engine.device, self.engine.config
+        lens = [len(i) for i in batch_input_ids]
+        tokens = torch.zeros((len(lens), max(lens)), dtype=torch.long)
+        for b, ids in enumerate(batch_input_ids):
+            tokens[b] = ids[0]
+            tokens[b, : lens[b]] = torch.tensor(ids)
+        alpha = torch.tensor([ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0 for n in lens], device=dev)
+        return tokens.to(dev), torch.tensor(lens, device=dev), rotary_inv_freq(cfg, alpha)
+
     # --- the generate loop -------------------------------------------------------------------------
     def check_inputs(self, batch_input_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if not batch_input_ids:
@@ -127,13 +140,7 @@ class GenerationSession:
         self.check_inputs(batch_input_ids, max_new_tokens)
         dev, cfg = self.engine.device, self.engine.config
         B, lens = len(batch_input_ids), [len(i) for i in batch_input_ids]
-        tokens = torch.zeros((B, max(lens)), dtype=torch.long)
-        for b, ids in enumerate(batch_input_ids):  # padding repeats the row's first token: never attended to,
-            tokens[b] = ids[0]  # and adds nothing new to the repetition-penalty set
-            tokens[b, : lens[b]] = torch.tensor(ids)
-        tokens, lengths = tokens.to(dev), torch.tensor(lens, device=dev)
-        alpha = torch.tensor([ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0 for n in lens], device=dev)
-        inv_freq = rotary_inv_freq(cfg, alpha)
+        tokens, lengths, inv_freq = self.prepare(batch_input_ids)
         gen = torch.Generator(device=dev).manual_seed(sampling.seed)
         seen = None
         if sampling.repetition_penalty != 1.0:
