@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from qwen_trtllm import QWenError
-from qwen_trtllm.models.qwen.model import StepContext, ntk_alpha, rotary_inv_freq
+from qwen_trtllm.models.qwen.model import StepContext
 
 DEFAULT_TOLERANCES = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -61,14 +61,12 @@ def engine_intermediates(engine, token_ids: Sequence[int]) -> dict[str, Tensor]:
     """One prefill of token_ids through the engine's PyTorch path, returning its captured tensors."""
     if engine.world_size != 1:
         raise QWenError("compare_layers runs a single-rank engine: rebuild it with --world_size 1")
-    cfg, dev = engine.config, engine.device
+    from qwen_trtllm.runtime.generation import GenerationSession
+
     T = len(token_ids)
-    tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=dev)
-    alpha = torch.tensor([ntk_alpha(T, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0], device=dev)
-    cache_shape = (cfg.num_hidden_layers, 1, cfg.num_attention_heads, T, cfg.kv_channels)
-    k_cache = torch.zeros(cache_shape, dtype=engine.dtype, device=dev)
-    v_cache = torch.zeros_like(k_cache)
-    ctx = StepContext(torch.arange(T, device=dev)[None], rotary_inv_freq(cfg, alpha), k_cache, v_cache,
+    session = GenerationSession(engine, max_batch_size=1, max_seq_len=T, use_triton=False, cuda_graphs=False)
+    tokens, _, inv_freq = session.prepare([list(token_ids)])
+    ctx = StepContext(torch.arange(T, device=engine.device)[None], inv_freq, session.k_cache, session.v_cache,
                       prefill=True, capture={})
     engine.model(tokens, ctx)
     return {k: v[0] for k, v in ctx.capture.items()}

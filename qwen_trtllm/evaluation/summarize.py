@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from qwen_trtllm import QWenError
+from qwen_trtllm.runtime.generation import cut_after_stop
 from qwen_trtllm.runtime.sampling import SamplingConfig
 
 SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "cnn_dailymail_sample.jsonl"
@@ -173,10 +174,6 @@ def run_engine(session, prompts: list[list[int]], batch_size: int, output_len: i
         res.seconds += time.perf_counter() - t0
         res.output_ids.extend(out.output_ids)
     return res
-
-
-def cut_after_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
-    return next((ids[: i + 1] for i, t in enumerate(ids) if t in stop_ids), ids)
 
 
 @torch.inference_mode()

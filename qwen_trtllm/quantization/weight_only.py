@@ -15,7 +15,6 @@ and, for attn.qkv, <layer>.bias (the engine dtype).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
@@ -133,16 +132,6 @@ def dequantize_weight(qweight: Tensor, scales: Tensor, precision: str, group_siz
 
 
 # --- the module -------------------------------------------------------------------------------------------------
-def _triton_usable(x: Tensor) -> bool:
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class WeightOnlyLinear(nn.Module):
     """y = x @ dequant(qweight)^T + bias with int8 / int4 weights; the Triton kernel on CUDA.
 
@@ -188,7 +177,9 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         use = self.use_triton if self.use_triton is not None else x.is_cuda
-        if use and _triton_usable(x):
+        from qwen_trtllm.kernels import triton_available
+
+        if use and triton_available(x.device):
             from qwen_trtllm.kernels.weight_only_gemm import weight_only_matmul
 
             x2 = x.reshape(-1, self.in_features)

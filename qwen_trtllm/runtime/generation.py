@@ -180,8 +180,8 @@ class GenerationSession:
         seqs = torch.full((len(prompts), max(lens) + max_new_tokens), end_id, dtype=torch.int32)
         output_ids = []
         for b, row in enumerate(out.tolist()):
-            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-            output_ids.append(row[:cut])
+            output_ids.append(cut_after_stop(row, stops))
+            cut = len(output_ids[-1])
             seqs[b, : lens[b]] = torch.tensor(prompts[b], dtype=torch.int32)
             seqs[b, lens[b]: lens[b] + cut] = torch.tensor(row[:cut], dtype=torch.int32)
         return GenerationOutput(output_ids, seqs, lens)
@@ -225,6 +225,11 @@ def _pad(x: Tensor, shape: tuple[int, ...], value: float) -> Tensor:
     out = torch.full(shape, value, dtype=x.dtype, device=x.device)
     out[tuple(slice(0, n) for n in x.shape)] = x
     return out
+
+
+def cut_after_stop(ids: list[int], stop_ids) -> list[int]:
+    """ids up to and including the first stop id (all of them when none occurs)."""
+    return next((ids[: i + 1] for i, t in enumerate(ids) if t in stop_ids), ids)
 
 
 class GraphedStep:
