@@ -8,6 +8,8 @@ call to stream its weights from HBM; triton.testing.do_bench takes the median re
 
     python3 scripts/gpu_quant_bench.py            # the table
     python3 scripts/gpu_quant_bench.py --sweep    # also time alternative kernel configs (tuning; minutes)
+    python3 scripts/gpu_quant_bench.py --layers   # 32 decoder layers' four matmuls chained in one graph, M=1:
+                                                  # launch variants (split-K reduction, PDL, L2 prefetch)
 """
 
 from __future__ import annotations
@@ -103,10 +105,9 @@ def sweep_configs(M: int, precision: str) -> list:
         for bn, bk, w in ((8, 512, 8), (16, 512, 8)):
             out.append(WOConfig("gemv", triton_next_pow2(M), bn, bk, 1, w, 3))
     if M <= 16:
-        bns, bks, splits = ((64, 128), (64, 128), (1, 2, 4, 8)) if int4 else ((32, 64, 128), (128, 256), (1, 2, 4))
-        grid = itertools.product(bns, bks, splits)
-        out += [WOConfig("mma", 16, bn, bk, split, 4, 4, 1) for bn, bk, split in grid]
-        out += [WOConfig("mma", 16, 64, 128, 2, 4, st, 1) for st in (3, 5)]
+        bk = 128 if int4 else 256
+        grid = itertools.product((64, 128), (2, 4, 8) if int4 else (1, 2, 4), (3, 4), (None, 128, 96))
+        out += [WOConfig("mma", 16, bn, bk, split, 4, st, 1, prefetch=256, maxnreg=reg) for bn, split, st, reg in grid]
     elif M <= 64:
         grid = itertools.product((64, 128), (128,), (1, 2, 4), (3, 5))
         out += [WOConfig("mma", 64, bn, bk, split, 4, st, 1) for bn, bk, split, st in grid]
@@ -119,6 +120,65 @@ def sweep_configs(M: int, precision: str) -> list:
                                   (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)):
             out.append(WOConfig("mma", bm, bn, bk, 1, w, st, 8))
     return out
+
+
+LAYER = ("qkv", "dense", "gate_up", "c_proj")
+VARIANTS = {"2 kernels": dict(last_reduces=False, pdl=False), "in-kernel reduce": dict(pdl=False),
+            "+ PDL": dict(), "+ PDL + prefetch 256 B/row": dict(prefetch=256),
+            "+ PDL + prefetch 1 KiB/row": dict(prefetch=1024), "+ PDL + prefetch slice": dict(prefetch=1 << 20)}
+
+
+def layer_chain(precision: str, layers: int, gen: torch.Generator) -> list[dict]:
+    """Decode-step matmuls of `layers` decoder layers (qkv -> dense -> gate_up -> c_proj, each output sliced
+    into the next input) chained in one CUDA graph, M = 1, for each launch variant: us per layer, and whether the
+    output is bit-identical to the first variant's on every replay (a race check)."""
+    from dataclasses import replace
+
+    from qwen_trtllm.kernels.weight_only_gemm import select_config, weight_only_matmul
+    from qwen_trtllm.quantization import quantize_weight
+
+    weights = []
+    for _ in range(layers):
+        layer = []
+        for name in LAYER:
+            K, N = SHAPES[name]
+            w = (torch.randn(N, K, device="cuda", generator=gen) * K**-0.5).half()
+            layer.append(quantize_weight(w, precision, GROUP))
+        weights.append(layer)
+    nbytes = sum(t.numel() * t.element_size() for d in weights[0] for t in d.values())
+    x = torch.randn(1, SHAPES["qkv"][0], device="cuda", generator=gen).half()
+
+    def chain(variant: dict) -> torch.Tensor:
+        h = x
+        for layer in weights:
+            for name, d in zip(LAYER, layer, strict=True):
+                K, N = SHAPES[name]
+                cfg = replace(select_config(1, N, K, precision, GROUP, x.device), **variant)
+                h = weight_only_matmul(h[:, :K], d["qweight"], d["scales"], precision, GROUP, config=cfg)
+        return h
+
+    rows, ref = [], None
+    for label, variant in VARIANTS.items():
+        chain(variant)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(variant)
+        same = True
+        for _ in range(5):
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = out.clone() if ref is None else ref
+            same &= bool(torch.equal(out, ref)) and bool(out.isfinite().all())
+        import triton
+
+        us = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") * 1e3 / layers
+        rows.append(dict(precision=precision, variant=label, us_per_layer=us, gbps=nbytes / us / 1e3,
+                         bit_identical=same))
+        print(f"{precision} {label:<28} {us:7.1f} us/layer {nbytes / us / 1e3:6.0f} GB/s identical={same}",
+              flush=True)
+        del graph
+    return rows
 
 
 def triton_next_pow2(n: int) -> int:
@@ -146,9 +206,21 @@ def main() -> None:
     ap.add_argument("--impls", nargs="*", default=["fp16", "int8", "int4"])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--json", type=Path, help="write all results (and sweep results) to this file")
+    ap.add_argument("--layers", type=int, default=0, help="also time this many decoder layers' matmuls chained")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_quant_bench.py needs a CUDA GPU")
+    if args.layers:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        chains = [r for p in args.impls if p != "fp16" for r in layer_chain(p, args.layers, gen)]
+        print(f"\n{'precision':<9} {'variant':<28} {'us/layer':>9} {'GB/s':>6}  identical")
+        for r in chains:
+            print(f"{r['precision']:<9} {r['variant']:<28} {r['us_per_layer']:9.1f} {r['gbps']:6.0f}  "
+                  f"{r['bit_identical']}")
+        if not all(r["bit_identical"] for r in chains):
+            sys.exit("a launch variant changed the chained result: a race")
+        if not args.ms:
+            return
     from qwen_trtllm.kernels.weight_only_gemm import select_config
 
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -18,9 +18,14 @@ def main() -> None:
     ap.add_argument("--input_len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--trace", default=None)
+    ap.add_argument("--quant", default="", choices=["", "int8", "int4"], help="a weight-only quantised copy")
     args = ap.parse_args()
     engine = random_engine(args.model, "float16", "cuda", max_batch_size=args.batch, max_input_len=args.input_len,
                            max_output_len=args.steps)
+    if args.quant:
+        from qwen_trtllm.evaluation.benchmark import quantized_engine
+
+        engine = quantized_engine(engine, args.quant)
     session = GenerationSession(engine)
     prompts = torch.randint(0, engine.config.vocab_size, (args.batch, args.input_len)).tolist()
     session.generate(prompts, args.steps, SamplingConfig(top_k=1), stop_ids=[-1])  # warm-up and capture

@@ -43,7 +43,7 @@ def test_fp32_logits_match_reference_prefill_and_decode(engines, reference):
     session = GenerationSession(Engine.load(engines["float32"]))
     prompts = random_prompts(session.engine.config.vocab_size)
     forced = torch.randint(0, session.engine.config.vocab_size, (len(prompts), STEPS))
-    got = engine_logits(session, prompts, forced)
+    got = engine_logits(session, prompts, forced).cpu()  # the reference runs on the CPU
     want = reference_logits(reference, prompts, forced)
     for s in range(STEPS):  # every step, every sequence, within 1e-4 relative
         per_seq = (got[:, s] - want[:, s]).norm(dim=-1) / want[:, s].norm(dim=-1)
@@ -67,7 +67,7 @@ def test_half_precision_engines_run_on_cpu(engines, reference, dtype, tol):
     assert session.engine.model.embed.weight.dtype == getattr(torch, dtype)
     prompts = random_prompts(session.engine.config.vocab_size, seed=2)
     forced = torch.randint(0, session.engine.config.vocab_size, (len(prompts), 4))
-    stats = compare_logits(engine_logits(session, prompts, forced), reference_logits(reference, prompts, forced))
+    stats = compare_logits(engine_logits(session, prompts, forced).cpu(), reference_logits(reference, prompts, forced))
     assert stats["rel_err"] < tol, stats
 
 
@@ -140,7 +140,7 @@ def test_long_context_ntk_and_logn(make_checkpoint, tmp_path):
     ckpt = HFCheckpoint(ckpt_dir)
     prompts = random_prompts(ckpt.config.vocab_size, lens=(30, 11, 6), seed=8)
     forced = torch.randint(0, ckpt.config.vocab_size, (3, 6))
-    got = engine_logits(session, prompts, forced)
+    got = engine_logits(session, prompts, forced).cpu()
     for b, p in enumerate(prompts):
         want = qwen_v1_direct(ckpt, p + forced[b, :5].tolist(), len(p))[len(p) - 1:]
         assert ((got[b].double() - want).norm() / want.norm()) < 1e-5, b

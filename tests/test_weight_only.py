@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -167,6 +168,39 @@ def test_kernel_rejects_bad_shapes():
         int4_weight_only_matmul(x, qw, s, 48)
     with pytest.raises(ValueError, match="int8"):
         int8_weight_only_matmul(x, qw, s)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_split_k_reduced_in_kernel_equals_the_reduce_kernel(precision):
+    """The last program of each tile sums the partials in split order, as the separate reduce kernel does: the
+    two give identical bits, and the arrival counters are back at zero after every call (graph replays)."""
+    from qwen_trtllm.kernels import weight_only_gemm as wog
+
+    x, qw, s, b, ref = _case(precision, 3, 256, 96, torch.float16, 64, seed=13)
+    for kernel, bm in (("mma", 16), ("gemv", 4)):
+        cfg = WOConfig(kernel, bm, 32, 32, split_k=4)
+        outs = [weight_only_matmul(x, qw, s, precision, 64, b, config=replace(cfg, last_reduces=last))
+                for last in (True, True, False)]
+        assert _rel(outs[0].cpu(), ref) <= 2e-3, kernel
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), kernel
+        assert int(wog._COUNTERS[x.device].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_gated_input_equals_silu_mul_then_matmul(precision):
+    """gated=True (the MLP's c_proj) computes SiLU(gate) * up in the kernel with silu_mul's roundings: the same
+    bits as silu_mul_reference followed by the plain kernel, for both kernels; the module's CPU fallback agrees."""
+    from qwen_trtllm.kernels import silu_mul_reference
+
+    x, qw, s, _, _ = _case(precision, 3, 128, 48, torch.float16, 64, seed=14)
+    gu = torch.randn(3, 256, generator=torch.Generator().manual_seed(15)).half().to(DEVICE)
+    for cfg in (WOConfig("mma", 16, 32, 32, split_k=2), WOConfig("gemv", 4, 16, 32)):
+        fused = weight_only_matmul(gu, qw, s, precision, 64, config=cfg, gated=True)
+        assert torch.equal(fused, weight_only_matmul(silu_mul_reference(gu), qw, s, precision, 64, config=cfg))
+    mod = WeightOnlyLinear(128, 48, precision=precision, group_size=64, dtype=torch.float16)
+    mod.load_state_dict({"qweight": qw.cpu(), "scales": s.cpu()}, strict=False)
+    want = mod(silu_mul_reference(gu.cpu().float()))
+    assert _rel(mod(gu.cpu().float(), gated=True), want) < 1e-6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -13,19 +13,28 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwen_trtllm.kernels.pdl import pdl_enabled, pdl_start
+
 BLOCK_F = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, F, stride_gu, stride_out, BLOCK: tl.constexpr):
+def silu_times(gate, up):
+    """SiLU(gate) * up with PyTorch's roundings (SiLU in float32, rounded to the input dtype, then the product)."""
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, F, stride_gu, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL, EARLY=True)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F
     gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
     up = tl.load(gu_ptr + row * stride_gu + F + cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    tl.store(out_ptr + row * stride_out + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+    tl.store(out_ptr + row * stride_out + cols, silu_times(gate, up), mask=mask)
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:
@@ -40,8 +49,9 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     out = torch.empty(*gate_up.shape[:-1], f, dtype=gate_up.dtype, device=gate_up.device)
     block = min(BLOCK_F, triton.next_power_of_2(max(f, 1)))
     if M and f:
-        _silu_mul_kernel[(M, triton.cdiv(f, block))](gu, out, f, gu.stride(0), f, BLOCK=block,
-                                                      num_warps=4 if block >= 512 else 2)
+        pdl = pdl_enabled(gate_up.device)
+        _silu_mul_kernel[(M, triton.cdiv(f, block))](gu, out, f, gu.stride(0), f, BLOCK=block, PDL=pdl,
+                                                      num_warps=4 if block >= 512 else 2, launch_pdl=pdl)
     return out
 
 

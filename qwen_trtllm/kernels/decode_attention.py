@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwen_trtllm.kernels.pdl import pdl_enabled, pdl_start
+
 BLOCK_N = 64  # keys per tile; also the smallest chunk a split handles
 _LOG2E = 1.4426950408889634
 
@@ -25,7 +27,9 @@ _LOG2E = 1.4426950408889634
 def _decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, max_seq,
                               stride_qb, stride_qh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
                               N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                              BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, NUM_STAGES: tl.constexpr):
+                              BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, NUM_STAGES: tl.constexpr,
+                              PDL: tl.constexpr = False):
+    pdl_start(PDL, EARLY=True)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2)
@@ -69,7 +73,8 @@ def _decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, qk_
 
 @triton.jit
 def _decode_attn_merge_kernel(o_ws_ptr, lse_ptr, out_ptr, N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                              HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+                              HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL, EARLY=True)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     row = b * N_HEADS + h
@@ -125,14 +130,16 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
     else:
         o_ws = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         lse_ws = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    pdl = pdl_enabled(q.device)
     _decode_attn_split_kernel[(B, H, splits)](
         q, k_cache, v_cache, seq_lens, o_ws, lse_ws, scale * _LOG2E, max_seq, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D, BLOCK_N=BLOCK_N, DIRECT=splits == 1,
-        NUM_STAGES=2, num_warps=4)
+        NUM_STAGES=2, PDL=pdl, num_warps=4, launch_pdl=pdl)
     if splits > 1:
         _decode_attn_merge_kernel[(B, H)](o_ws, lse_ws, out, N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D,
-                                          BLOCK_S=triton.next_power_of_2(splits), num_warps=1)
+                                          BLOCK_S=triton.next_power_of_2(splits), PDL=pdl, num_warps=1,
+                                          launch_pdl=pdl)
     return out
 
 

@@ -14,15 +14,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwen_trtllm.kernels.activation import silu_times
+from qwen_trtllm.kernels.pdl import l2_prefetch_rows, pdl_enabled, pdl_start
+
 MAX_ROWS = 4
+PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False):
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False,
+                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    if PREFETCH > 0:  # the weights never depend on the previous kernel: start streaming them before the wait
+        l2_prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * K, PREFETCH)
+    pdl_start(PDL)
     for m in tl.static_range(M):  # each row re-reads W from L2, not HBM: programs finish a tile before moving on
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for k0 in tl.range(0, K, BLOCK_K):
@@ -35,10 +43,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.con
                             other=0.0)
             x = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
             if GATED:  # x row = [gate | up]: SiLU(gate) * up with silu_mul's roundings, never written to memory
-                up = tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0)
-                g = x.to(tl.float32)
-                act = (g / (1.0 + tl.exp(-g))).to(x.dtype)
-                x = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+                x = silu_times(x, tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0))
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
@@ -61,9 +66,13 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = Fa
     assert M <= MAX_ROWS and weight.is_contiguous() and x2.stride(1) == 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = _config(N, K)
+    pdl = pdl_enabled(x.device)
+    row_bytes = K * weight.element_size()
+    prefetch = min(PREFETCH_BYTES, row_bytes) // 16 * 16 if pdl and row_bytes % 16 == 0 else 0
     _gemv_kernel[(triton.cdiv(N, bn),)](x2, weight, bias if bias is not None else weight, y, N, K, x2.stride(0),
                                        y.stride(0), M=M, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0,
-                                       BLOCK_N=bn, BLOCK_K=bk, GATED=gated, num_warps=warps, num_stages=stages)
+                                       BLOCK_N=bn, BLOCK_K=bk, GATED=gated, PDL=pdl, PREFETCH=prefetch,
+                                       num_warps=warps, num_stages=stages, launch_pdl=pdl)
     return y.view(*x.shape[:-1], N)
 
 

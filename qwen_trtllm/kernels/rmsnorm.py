@@ -12,10 +12,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwen_trtllm.kernels.pdl import pdl_enabled, pdl_start
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, N, eps, stride_x, stride_r, stride_out, stride_h,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL, EARLY=True)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -60,8 +63,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     block = triton.next_power_of_2(H)
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     if M:
+        pdl = pdl_enabled(x.device)
         _rms_norm_kernel[(M,)](x2, r2, weight, out, h2, H, eps, x2.stride(0), r2.stride(0), H, h2.stride(0),
-                               HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps)
+                               HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, num_warps=warps,
+                               launch_pdl=pdl)
     return out, h
 
 

@@ -14,12 +14,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwen_trtllm.kernels.pdl import pdl_enabled, pdl_start
+
 
 @triton.jit
 def _rotary_kv_kernel(qkv_ptr, freq_ptr, pos_ptr, idx_ptr, kc_ptr, vc_ptr, q_ptr, stride_qkv, stride_freq, stride_pos,
                       kc_sb, kc_sh, kc_ss, vc_sb, vc_sh, vc_ss, logn_len, log_logn_len,
                       N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, USE_LOGN: tl.constexpr,
-                      HAS_INDEX: tl.constexpr, BLOCK_D: tl.constexpr):
+                      HAS_INDEX: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL, EARLY=True)
     b = tl.program_id(0).to(tl.int64)  # the token's row in qkv
     h = tl.program_id(1).to(tl.int64)
     s = tl.load(idx_ptr + b).to(tl.int64) if HAS_INDEX else b  # its sequence: cache row and inv_freq row
@@ -82,13 +85,14 @@ def rotary_kv_write(qkv: Tensor, inv_freq: Tensor, positions: Tensor, k_cache: T
     if B == 0:
         return q
     logn = int(logn_seq_length)
+    pdl = pdl_enabled(qkv.device)
     _rotary_kv_kernel[(B, n_heads)](
         qkv, inv_freq, positions, positions if batch_index is None else batch_index, k_cache, v_cache, q,
         qkv.stride(0), inv_freq.stride(0), positions.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), max(logn, 1), math.log(max(logn, 2)),
         N_HEADS=n_heads, HEAD_DIM=head_dim, ROT_DIM=rotary_dim, USE_LOGN=logn > 0, HAS_INDEX=batch_index is not None,
-        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1 if head_dim <= 128 else 2)
+        BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, num_warps=1 if head_dim <= 128 else 2, launch_pdl=pdl)
     return q
 
 

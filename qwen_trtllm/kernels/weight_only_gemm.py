@@ -27,6 +27,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwen_trtllm.kernels.activation import silu_times
+from qwen_trtllm.kernels.pdl import l2_prefetch_rows, pdl_enabled, pdl_start
+
 _XKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # as when the kernels below are defined
 
@@ -100,24 +103,49 @@ def _uint4x2_to_f16_asm(b):
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, n_ld, b_ptr, y_ptr, p_ptr, M, N, stride_ym, pid_k,
-              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+def _epilogue(acc, offs_m, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, tile, M, N, stride_ym, pid_k,
+              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, LAST_REDUCES: tl.constexpr):
+    """Store the tile; with SPLIT_K > 1 store the fp32 partial instead, and (LAST_REDUCES) let the program that
+    finishes a tile last sum all its partials in split order (deterministic) and reset the tile's counter."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + n_ld).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(p_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+        p_ptrs = p_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(p_ptrs + pid_k * M * N, acc, mask=mask)
+        if LAST_REDUCES:
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLIT_K - 1:
+                total = tl.zeros(acc.shape, tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + n_ld).to(tl.float32)[None, :]
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, stride_xm, stride_wn, stride_ym, n_groups,
-                    k_per_split, ROWS: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
+def _load_x(ptrs, mask, K, GATED: tl.constexpr):
+    """A tile of x; GATED: x rows are [gate | up] (2K wide) and the tile is SiLU(gate) * up (the MLP's c_proj)."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if GATED:
+        x = silu_times(x, tl.load(ptrs + K, mask=mask, other=0.0))
+    return x
+
+
+@triton.jit
+def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                    n_groups, k_per_split, ROWS: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr, LAST_REDUCES: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pdl_start(PDL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ld = offs_n % N  # loads stay in bounds; stores are masked
     offs_r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
@@ -133,7 +161,8 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, stride_xm
             lo = _nibble_to_float(b & 0xF, 0)
             hi = _nibble_to_float(b >> 4, 0)
             offs_k = k + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + r_ld[:, None] * stride_xm + offs_k[None, :]).to(tl.float32)
+            x = _load_x(x_ptr + r_ld[:, None] * stride_xm + offs_k[None, :], offs_k[None, :] < K, K, GATED)
+            x = x.to(tl.float32)
             xe, xo = tl.split(tl.reshape(x, (ROWS, KW, 2)))
             part = tl.sum(xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :], axis=2)
             s = tl.load(s_ptr + n_ld * n_groups + k // GROUP).to(tl.float32)
@@ -146,21 +175,23 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, stride_xm
             x_ptrs = x_ptr + r_ld[:, None] * stride_xm + offs_k[None, :]
             if EVEN_K:
                 q = tl.load(w_ptrs, eviction_policy="evict_first")
-                x = tl.load(x_ptrs)
             else:
                 q = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0, eviction_policy="evict_first")
-                x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+            x = _load_x(x_ptrs, offs_k[None, :] < K, K, GATED)
             acc3 += x.to(tl.float32)[:, None, :] * _int8_to_float(q, 0)[None, :, :]
         acc = tl.sum(acc3, axis=2) * tl.load(s_ptr + n_ld).to(tl.float32)[None, :]
-    _epilogue(acc, offs_r, offs_n, n_ld, b_ptr, y_ptr, p_ptr, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
+    tile = tl.program_id(2) * tl.num_programs(0) + pid_n
+    _epilogue(acc, offs_r, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, tile, M, N, stride_ym, pid_k, HAS_BIAS,
+              SPLIT_K, LAST_REDUCES)
 
 
 @triton.jit
-def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, stride_xm, stride_wn, stride_ym, n_groups,
-                   k_per_split, INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                   n_groups, k_per_split, INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, XKIND: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   USE_ASM: tl.constexpr):
+                   USE_ASM: tl.constexpr, LAST_REDUCES: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                   GATED: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -174,8 +205,15 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, stride_xm,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ld = offs_m % M
     n_ld = offs_n % N
+    m_ok = offs_m < M
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    if PREFETCH > 0:  # the weights never depend on the previous kernel: start streaming them before the wait
+        if INT4:
+            l2_prefetch_rows(w_ptr + n_ld * stride_wn + k_lo // 2, PREFETCH)
+        else:
+            l2_prefetch_rows(w_ptr + n_ld * stride_wn + k_lo, PREFETCH)
+    pdl_start(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if INT4:  # the group scales are prefetched one K tile ahead: their tiny loads are not pipelined otherwise
         s_next = tl.load(s_ptr + n_ld * n_groups + k_lo // GROUP)
@@ -186,7 +224,7 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, stride_xm,
             s = s_next.to(tl.float32)
             s_next = tl.load(s_ptr + n_ld * n_groups + tl.minimum((k + BLOCK_K) // GROUP, n_groups - 1))
             KW: tl.constexpr = BLOCK_K // 2
-            x = tl.load(x_ptrs)
+            x = _load_x(x_ptrs, m_ok[:, None], K, GATED)  # padding rows of a decode tile read nothing
             offs_kw = tl.max_contiguous(tl.multiple_of(k // 2 + tl.arange(0, KW), KW), KW)
             b = tl.load(w_ptr + n_ld[:, None] * stride_wn + offs_kw[None, :], eviction_policy="evict_first")
             if USE_ASM:
@@ -205,10 +243,10 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, stride_xm,
         else:
             w_ptrs = w_ptr + n_ld[:, None] * stride_wn + offs_k[None, :]
             if EVEN_K:
-                x = tl.load(x_ptrs)
+                x = _load_x(x_ptrs, m_ok[:, None], K, GATED)
                 q = tl.load(w_ptrs, eviction_policy="evict_first")
             else:
-                x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
+                x = _load_x(x_ptrs, m_ok[:, None] & (offs_k[None, :] < K), K, GATED)
                 q = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0, eviction_policy="evict_first")
             if USE_ASM:
                 w = _int8_to_f16_asm(q)
@@ -220,12 +258,14 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, stride_xm,
                 acc = tl.dot(x, tl.trans(w), acc)
     if not INT4:
         acc = acc * tl.load(s_ptr + n_ld).to(tl.float32)[None, :]
-    _epilogue(acc, offs_m, offs_n, n_ld, b_ptr, y_ptr, p_ptr, M, N, stride_ym, pid_k, HAS_BIAS, SPLIT_K)
+    _epilogue(acc, offs_m, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, pid, M, N, stride_ym, pid_k, HAS_BIAS,
+              SPLIT_K, LAST_REDUCES)
 
 
 @triton.jit
 def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), tl.float32)
@@ -250,11 +290,29 @@ class WOConfig:
     num_stages: int = 3
     group_m: int = 8
     asm: bool = True  # mma kernel, fp16 x: the inline-PTX converters
+    last_reduces: bool = True  # split K: the last program of a tile sums the partials (else a second kernel)
+    pdl: bool = True  # programmatic dependent launch where the GPU has it (sm_90+)
+    prefetch: int = 0  # mma kernel on sm_90+: bytes of each weight row to prefetch into L2 before the PDL wait
+    maxnreg: int | None = None  # register cap per thread (more programs per SM), None = the compiler's choice
 
 
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_COUNTERS: dict[torch.device, Tensor] = {}
+_MAX_TILES = 1 << 16
+
+
+def _tile_counters(device: torch.device) -> Tensor:
+    """Zeroed int32 arrival counters for split-K tiles, one buffer per device (each kernel leaves it zeroed;
+    kernels of one stream never overlap on it: with PDL every program waits for the previous kernel first)."""
+    if device not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("weight_only_matmul: run once outside CUDA-graph capture before capturing it")
+        _COUNTERS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -280,17 +338,24 @@ def select_config(M: int, N: int, K: int, precision: str, group_size: int = 128,
     """The launch configuration for a static shape: the same choice for the same shapes, no autotuning.
 
     Picked from sweeps on an H100 over Qwen-7B's shapes (scripts/gpu_quant_bench.py --sweep): decode (M <= 16)
-    streams the weights with 16-row tensor-core tiles split over K until about 3 programs per SM are in flight;
-    M <= 64 uses 32/64-row tiles and about 1.5 programs per SM; prefill uses large tiles and no split.
+    streams the weights with 16-row tensor-core tiles split over K until about 3 (int4 with N <= 4096: 4)
+    programs per SM are in flight, each prefetching the first 256 bytes of its weight rows into L2 before its
+    PDL wait; M <= 64 uses 32/64-row tiles and about 1.5 programs per SM; prefill uses large tiles and no split.
     """
     sms = _sm_count(device) if device is not None else 132
     int4 = precision == "int4"
     gk = _low_pow2(group_size) if int4 else 1 << 30  # int4: block_k must divide the group
     if int4 and gk < 32:  # groups too small for the mma kernel's split-x dots: the gemv kernel, in row tiles
         cfg, programs = WOConfig("gemv", min(triton.next_power_of_2(M), 8), 16, gk, num_warps=4), 3 * sms
-    elif M <= 16:
-        cfg = WOConfig("mma", 16, 128 if int4 else 64, 128 if int4 else 256, num_warps=4, num_stages=4, group_m=1)
-        programs = 3 * sms
+    elif M <= 16 and int4:
+        narrow = N <= 4096
+        cfg = WOConfig("mma", 16, 64 if narrow else 128, 128, num_warps=4, num_stages=3, group_m=1, prefetch=256)
+        programs = (4 if narrow else 3) * sms
+    elif M <= 16:  # int8: narrow outputs take 3 stages, or with a long K (c_proj) wide tiles, 1 program per SM
+        narrow, long_k = N <= 4096, K > 4096
+        cfg = WOConfig("mma", 16, 128 if narrow and long_k else 64, 256, num_warps=4,
+                       num_stages=3 if narrow and not long_k else 4, group_m=1, prefetch=256, maxnreg=128)
+        programs = sms if narrow and long_k else 3 * sms
     elif M <= 64:
         cfg = WOConfig("mma", triton.next_power_of_2(M), 128, 128, num_warps=4, num_stages=3, group_m=1)
         programs = 3 * sms // 2
@@ -304,10 +369,12 @@ def select_config(M: int, N: int, K: int, precision: str, group_size: int = 128,
     return replace(cfg, split_k=_split_for(tiles, triton.cdiv(K, cfg.block_k), programs))
 
 
-def _check(x: Tensor, qweight: Tensor, scales: Tensor, precision: str, group_size: int) -> tuple[int, int, int]:
-    if x.dim() != 2 or x.dtype not in _XKIND:
-        raise ValueError(f"x must be 2-D float32/float16/bfloat16, got {tuple(x.shape)} {x.dtype}")
-    M, K = x.shape
+def _check(x: Tensor, qweight: Tensor, scales: Tensor, precision: str, group_size: int,
+           gated: bool = False) -> tuple[int, int, int]:
+    if x.dim() != 2 or x.dtype not in _XKIND or (gated and x.shape[1] % 2):
+        raise ValueError(f"x must be 2-D float32/float16/bfloat16 (gated: an even width), got {tuple(x.shape)} "
+                         f"{x.dtype}")
+    M, K = x.shape[0], x.shape[1] // (2 if gated else 1)
     N = qweight.shape[0]
     if precision == "int8":
         if qweight.dtype != torch.int8 or qweight.shape != (N, K) or scales.shape != (N,):
@@ -328,9 +395,10 @@ def _check(x: Tensor, qweight: Tensor, scales: Tensor, precision: str, group_siz
 
 
 def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: str, group_size: int = 128,
-                       bias: Tensor | None = None, config: WOConfig | None = None) -> Tensor:
-    """x [M, K] @ dequant(qweight)^T (+ bias) -> [M, N] in x.dtype; precision 'int8' or 'int4'."""
-    M, N, K = _check(x, qweight, scales, precision, group_size)
+                       bias: Tensor | None = None, config: WOConfig | None = None, gated: bool = False) -> Tensor:
+    """x [M, K] @ dequant(qweight)^T (+ bias) -> [M, N] in x.dtype; precision 'int8' or 'int4'.
+    gated: x is [M, 2K] = [gate | up] and the product uses SiLU(gate) * up (the MLP's c_proj)."""
+    M, N, K = _check(x, qweight, scales, precision, group_size, gated)
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -346,25 +414,40 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
     partial = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     b = bias if bias is not None else y
     n_groups = K // group_size if int4 else 1
+    in_kernel = split > 1 and cfg.last_reduces
+    counters = _tile_counters(x.device) if in_kernel else y
+    hopper = pdl_enabled(x.device)
+    pdl = cfg.pdl and hopper
     common = dict(INT4=int4, GROUP=group_size if int4 else 1, HAS_BIAS=bias is not None, SPLIT_K=split,
-                  EVEN_K=K % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
-    args = (x, qweight, scales, b, y, partial, M, N, K, x.stride(0), qweight.stride(0), y.stride(0), n_groups,
-            k_per_split)
+                  EVEN_K=K % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk, LAST_REDUCES=in_kernel, PDL=pdl, GATED=gated,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+                  **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x.is_cuda else {}))
+    args = (x, qweight, scales, b, y, partial, counters, M, N, K, x.stride(0), qweight.stride(0), y.stride(0),
+            n_groups, k_per_split)
     if cfg.kernel == "gemv":
         grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
-        _wo_gemv_kernel[grid](*args, ROWS=cfg.block_m, **common)
+        tiles = grid[0] * grid[2]
     else:
         if int4 and bk < 32:
             raise ValueError(f"the int4 mma kernel needs block_k >= 32 (group_size {group_size}): use gemv")
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+        tiles = grid[0]
+    if in_kernel and tiles > _MAX_TILES:
+        raise ValueError(f"weight_only_matmul: {tiles} output tiles exceed the {_MAX_TILES} split-K counters")
+    if cfg.kernel == "gemv":
+        _wo_gemv_kernel[grid](*args, ROWS=cfg.block_m, **common)
+    else:
         use_asm = cfg.asm and x.dtype == torch.float16 and x.is_cuda and not _INTERPRETED
+        row_bytes = (K - (split - 1) * k_per_split) // (2 if int4 else 1)  # the shortest (last) split's slice
+        aligned = qweight.stride(0) * qweight.element_size() % 16 == 0
+        prefetch = min(cfg.prefetch, row_bytes) // 16 * 16 if hopper and aligned else 0
         _wo_mma_kernel[grid](*args, XKIND=_XKIND[x.dtype], BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
-                             USE_ASM=use_asm, **common)
-    if split > 1:
+                             USE_ASM=use_asm, PREFETCH=prefetch, **common)
+    if split > 1 and not in_kernel:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](partial, b, y, M, N, y.stride(0), SPLIT_K=split,
-                                                           HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+                                                           HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl,
+                                                           num_warps=4, launch_pdl=pdl)
     return y
 
 

@@ -1,0 +1,53 @@
+"""Programmatic dependent launch (PDL) and L2 prefetch, for the kernels of a decode step on Hopper and newer.
+
+A kernel launched with PDL may start while the previous kernel of its stream still runs. Every kernel here that
+is launched so calls `pdl_start` before it touches anything an earlier kernel wrote, and before its first write:
+griddepcontrol.wait returns once the previous kernel has finished and its writes are visible. Before the wait a
+kernel may only read what no kernel writes: the weights, which is what `l2_prefetch_rows` streams into L2 there.
+Small kernels release their successor at once (early=True), so the next weight-streaming matmul is resident and
+prefetching while they run; matmuls release theirs after the wait, so at most one matmul prefetches ahead.
+Off sm_90, under the interpreter or with QWEN_TRTLLM_PDL=0, kernels launch as before and never prefetch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr, EARLY: tl.constexpr = False):
+    """Wait for the previous kernel (PDL); let the next kernel launch before (EARLY) or after the wait."""
+    if PDL:
+        if EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        if not EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def l2_prefetch_rows(row_ptrs, NBYTES: tl.constexpr):
+    """Bring NBYTES from each pointer into L2 (sm_90 bulk prefetch: fire and forget). NBYTES % 16 == 0 and the
+    pointers 16-byte aligned."""
+    nbytes = tl.full(row_ptrs.shape, NBYTES, tl.int32)
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;", "=r,l,r",
+                              [row_ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@functools.cache
+def _sm90_plus(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL and prefetch weights (compiled CUDA on sm_90+)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("QWEN_TRTLLM_PDL", "1") == "0":
+        return False
+    return _sm90_plus(device.index if device.index is not None else torch.cuda.current_device())
