@@ -123,9 +123,9 @@ def sweep_configs(M: int, precision: str) -> list:
 
 
 LAYER = ("qkv", "dense", "gate_up", "c_proj")
-VARIANTS = {"2 kernels": dict(last_reduces=False, pdl=False), "in-kernel reduce": dict(pdl=False),
-            "+ PDL": dict(), "+ PDL + prefetch 256 B/row": dict(prefetch=256),
-            "+ PDL + prefetch 1 KiB/row": dict(prefetch=1024), "+ PDL + prefetch slice": dict(prefetch=1 << 20)}
+VARIANTS = {"no PDL, no prefetch": dict(pdl=False, prefetch=0), "PDL, no prefetch": dict(prefetch=0),
+            "PDL + prefetch 256 B/row (default)": dict(), "PDL + prefetch 1 KiB/row": dict(prefetch=1024),
+            "PDL + prefetch whole slice": dict(prefetch=1 << 20)}
 
 
 def layer_chain(precision: str, layers: int, gen: torch.Generator) -> list[dict]:
@@ -175,7 +175,7 @@ def layer_chain(precision: str, layers: int, gen: torch.Generator) -> list[dict]
         us = triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") * 1e3 / layers
         rows.append(dict(precision=precision, variant=label, us_per_layer=us, gbps=nbytes / us / 1e3,
                          bit_identical=same))
-        print(f"{precision} {label:<28} {us:7.1f} us/layer {nbytes / us / 1e3:6.0f} GB/s identical={same}",
+        print(f"{precision} {label:<34} {us:7.1f} us/layer {nbytes / us / 1e3:6.0f} GB/s identical={same}",
               flush=True)
         del graph
     return rows
@@ -213,9 +213,9 @@ def main() -> None:
     if args.layers:
         gen = torch.Generator(device="cuda").manual_seed(0)
         chains = [r for p in args.impls if p != "fp16" for r in layer_chain(p, args.layers, gen)]
-        print(f"\n{'precision':<9} {'variant':<28} {'us/layer':>9} {'GB/s':>6}  identical")
+        print(f"\n{'precision':<9} {'variant':<34} {'us/layer':>9} {'GB/s':>6}  identical")
         for r in chains:
-            print(f"{r['precision']:<9} {r['variant']:<28} {r['us_per_layer']:9.1f} {r['gbps']:6.0f}  "
+            print(f"{r['precision']:<9} {r['variant']:<34} {r['us_per_layer']:9.1f} {r['gbps']:6.0f}  "
                   f"{r['bit_identical']}")
         if not all(r["bit_identical"] for r in chains):
             sys.exit("a launch variant changed the chained result: a race")

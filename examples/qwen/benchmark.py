@@ -39,6 +39,7 @@ def main() -> int:
     p.add_argument("--kernels", default="triton", choices=["triton", "torch"])
     p.add_argument("--quant", default="", help="also time weight-only quantised copies: int8, int4 or int8,int4")
     p.add_argument("--group_size", type=int, default=128)
+    p.add_argument("--quantize_lm_head", action="store_true", help="--quant rows also quantise the lm_head")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--compare_hf", action="store_true", help="also time Hugging Face eager on the same weights")
     p.add_argument("--hf_batch_size", default="1,8", help="batch sizes for --compare_hf (eager is slow)")
@@ -68,7 +69,7 @@ def main() -> int:
           f"weights {bm.decode_step_bytes(engine, 0, 0) / 1e9:.2f} GB moved per decode step")
     rows = []
     for quant in [None] + [q for q in args.quant.split(",") if q]:
-        eng = engine if quant is None else bm.quantized_engine(engine, quant, args.group_size)
+        eng = engine if quant is None else bm.quantized_engine(engine, quant, args.group_size, args.quantize_lm_head)
         for inp, out in pairs:
             for b in batches:
                 if not bm.fits(eng, b, inp + out):

@@ -55,16 +55,17 @@ def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max
                   dtype=DTYPES[dtype])
 
 
-def quantized_engine(engine: Engine, precision: str, group_size: int = 128) -> Engine:
+def quantized_engine(engine: Engine, precision: str, group_size: int = 128, quantize_lm_head: bool = False) -> Engine:
     """A weight-only quantised copy of an engine (the original is kept), as build.py --use_weight_only makes."""
     from qwen_trtllm.quantization import make_quantized_skeleton, quantize_state_dict
 
     with torch.device("meta"):
         model = QWen(engine.config, tp=engine.world_size)
-    make_quantized_skeleton(model, precision, group_size)
-    model.load_state_dict(quantize_state_dict(engine.model.state_dict(), precision, group_size), assign=True)
+    make_quantized_skeleton(model, precision, group_size, quantize_lm_head)
+    model.load_state_dict(quantize_state_dict(engine.model.state_dict(), precision, group_size, quantize_lm_head),
+                          assign=True)
     build = {**engine.build, "quantization": {"precision": precision, "group_size": group_size,
-                                              "quantize_lm_head": False}}
+                                              "quantize_lm_head": quantize_lm_head}}
     return Engine(engine.engine_dir, engine.config, build, model.eval(), engine.device, engine.dtype, engine.rank,
                   engine.world_size)
 
@@ -110,7 +111,8 @@ def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, ru
     per_tok = statistics.median(t["decode_ms"] / t["decode_steps"] for t in timings)
     total_s = (ttft + per_tok * (output_len - 1)) / 1e3
     bw = decode_step_bytes(engine, batch, input_len + output_len // 2) / (per_tok * 1e-3) / 1e9
-    quant = (engine.build.get("quantization") or {}).get("precision")
+    q = engine.build.get("quantization") or {}
+    quant = q.get("precision", "") + ("+lm_head" if q.get("quantize_lm_head") else "")
     row = BenchRow(f"engine-{quant}" if quant else "engine", batch, input_len, output_len, ttft, per_tok,
                    batch * output_len / total_s,
                    100 * bw / copy_gbs if copy_gbs else float("nan"), torch.cuda.max_memory_allocated(dev) / 2**30)
@@ -186,11 +188,12 @@ def bench_hf(model, batch: int, input_len: int, output_len: int, copy_gbs: float
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    head = f"{'backend':<10} {'batch':>5} {'in':>5} {'out':>4} {'TTFT ms':>8} {'ms/token':>9} {'tokens/s':>9} " \
+    w = max([10] + [len(r.backend) for r in rows])
+    head = f"{'backend':<{w}} {'batch':>5} {'in':>5} {'out':>4} {'TTFT ms':>8} {'ms/token':>9} {'tokens/s':>9} " \
            f"{'%copyBW':>8} {'peak GB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.backend:<10} {r.batch:>5} {r.input_len:>5} {r.output_len:>4} {r.ttft_ms:>8.2f} "
+        lines.append(f"{r.backend:<{w}} {r.batch:>5} {r.input_len:>5} {r.output_len:>4} {r.ttft_ms:>8.2f} "
                      f"{r.decode_ms_per_token:>9.3f} {r.tokens_per_s:>9.1f} {r.bandwidth_pct:>8.1f} "
                      f"{r.peak_mem_gb:>8.2f}")
     return "\n".join(lines)

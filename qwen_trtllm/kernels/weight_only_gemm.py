@@ -8,7 +8,10 @@ int8: one dot chain per tile, the per-channel scale applied at the end. int4: pe
 group) two dots, even k against the low nibbles and odd k against the high ones, scaled by the group's scale in
 fp32. `_wo_gemv_kernel` (CUDA-core products, ROWS rows of x per program) serves int4 groups under 32 columns.
 Both split K over a second grid axis when there are too few output tiles to fill the GPU: the fp32 partials go
-to a workspace that `_splitk_reduce_kernel` sums in a fixed order (deterministic), adding the bias.
+to a workspace, and the program that finishes a tile last (an atomic arrival counter per tile) sums them in a
+fixed order (deterministic) and adds the bias, so a split matmul is one launch. gated=True feeds SiLU(gate) * up
+of a [gate | up] input (the MLP's c_proj). On sm_90+ the kernels launch with PDL and prefetch the first bytes of
+their weight rows into L2 before waiting for the previous kernel (qwen_trtllm/kernels/pdl.py).
 Launch configs come from static shapes only (select_config): no host sync, no autotuning, CUDA-graph safe.
 
 Integer -> float conversion never uses the slow I2F unit: or-ing a small unsigned integer into the mantissa of
@@ -104,9 +107,9 @@ def _uint4x2_to_f16_asm(b):
 
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, tile, M, N, stride_ym, pid_k,
-              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, LAST_REDUCES: tl.constexpr):
-    """Store the tile; with SPLIT_K > 1 store the fp32 partial instead, and (LAST_REDUCES) let the program that
-    finishes a tile last sum all its partials in split order (deterministic) and reset the tile's counter."""
+              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store the tile; with SPLIT_K > 1 store the fp32 partial instead, and let the program that finishes a tile
+    last sum all its partials in split order (deterministic) and reset the tile's counter: no second kernel."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
@@ -116,17 +119,16 @@ def _epilogue(acc, offs_m, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, tile, M, 
     else:
         p_ptrs = p_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(p_ptrs + pid_k * M * N, acc, mask=mask)
-        if LAST_REDUCES:
-            tl.debug_barrier()  # every thread's partial is written before the release below
-            ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if ticket == SPLIT_K - 1:
-                total = tl.zeros(acc.shape, tl.float32)
-                for s in tl.static_range(SPLIT_K):
-                    total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + n_ld).to(tl.float32)[None, :]
-                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT_K - 1:
+            total = tl.zeros(acc.shape, tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + n_ld).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -142,7 +144,7 @@ def _load_x(ptrs, mask, K, GATED: tl.constexpr):
 def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                     n_groups, k_per_split, ROWS: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, LAST_REDUCES: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr):
+                    BLOCK_K: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pdl_start(PDL)
@@ -182,7 +184,7 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, 
         acc = tl.sum(acc3, axis=2) * tl.load(s_ptr + n_ld).to(tl.float32)[None, :]
     tile = tl.program_id(2) * tl.num_programs(0) + pid_n
     _epilogue(acc, offs_r, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, tile, M, N, stride_ym, pid_k, HAS_BIAS,
-              SPLIT_K, LAST_REDUCES)
+              SPLIT_K)
 
 
 @triton.jit
@@ -190,7 +192,7 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, s
                    n_groups, k_per_split, INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, XKIND: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   USE_ASM: tl.constexpr, LAST_REDUCES: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                   USE_ASM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
                    GATED: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -259,22 +261,7 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, s
     if not INT4:
         acc = acc * tl.load(s_ptr + n_ld).to(tl.float32)[None, :]
     _epilogue(acc, offs_m, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, pid, M, N, stride_ym, pid_k, HAS_BIAS,
-              SPLIT_K, LAST_REDUCES)
-
-
-@triton.jit
-def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl_start(PDL)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(p_ptr + s * M * N + offs, mask=mask, other=0.0)
-    n = offs % N
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+              SPLIT_K)
 
 
 @dataclass(frozen=True)
@@ -290,7 +277,6 @@ class WOConfig:
     num_stages: int = 3
     group_m: int = 8
     asm: bool = True  # mma kernel, fp16 x: the inline-PTX converters
-    last_reduces: bool = True  # split K: the last program of a tile sums the partials (else a second kernel)
     pdl: bool = True  # programmatic dependent launch where the GPU has it (sm_90+)
     prefetch: int = 0  # mma kernel on sm_90+: bytes of each weight row to prefetch into L2 before the PDL wait
     maxnreg: int | None = None  # register cap per thread (more programs per SM), None = the compiler's choice
@@ -414,12 +400,11 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
     partial = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     b = bias if bias is not None else y
     n_groups = K // group_size if int4 else 1
-    in_kernel = split > 1 and cfg.last_reduces
-    counters = _tile_counters(x.device) if in_kernel else y
+    counters = _tile_counters(x.device) if split > 1 else y
     hopper = pdl_enabled(x.device)
     pdl = cfg.pdl and hopper
     common = dict(INT4=int4, GROUP=group_size if int4 else 1, HAS_BIAS=bias is not None, SPLIT_K=split,
-                  EVEN_K=K % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk, LAST_REDUCES=in_kernel, PDL=pdl, GATED=gated,
+                  EVEN_K=K % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk, PDL=pdl, GATED=gated,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
                   **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x.is_cuda else {}))
     args = (x, qweight, scales, b, y, partial, counters, M, N, K, x.stride(0), qweight.stride(0), y.stride(0),
@@ -432,7 +417,7 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
             raise ValueError(f"the int4 mma kernel needs block_k >= 32 (group_size {group_size}): use gemv")
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
         tiles = grid[0]
-    if in_kernel and tiles > _MAX_TILES:
+    if split > 1 and tiles > _MAX_TILES:
         raise ValueError(f"weight_only_matmul: {tiles} output tiles exceed the {_MAX_TILES} split-K counters")
     if cfg.kernel == "gemv":
         _wo_gemv_kernel[grid](*args, ROWS=cfg.block_m, **common)
@@ -443,11 +428,6 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
         prefetch = min(cfg.prefetch, row_bytes) // 16 * 16 if hopper and aligned else 0
         _wo_mma_kernel[grid](*args, XKIND=_XKIND[x.dtype], BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
                              USE_ASM=use_asm, PREFETCH=prefetch, **common)
-    if split > 1 and not in_kernel:
-        block = 1024
-        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](partial, b, y, M, N, y.stride(0), SPLIT_K=split,
-                                                           HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl,
-                                                           num_warps=4, launch_pdl=pdl)
     return y
 
 
