@@ -186,23 +186,6 @@ def test_split_k_is_reduced_by_the_last_program_of_each_tile(precision):
         assert int(wog._COUNTERS[x.device].abs().sum()) == 0
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_gated_input_equals_silu_mul_then_matmul(precision):
-    """gated=True (the MLP's c_proj) computes SiLU(gate) * up in the kernel with silu_mul's roundings: the same
-    bits as silu_mul_reference followed by the plain kernel, for both kernels; the module's CPU fallback agrees."""
-    from qwen_trtllm.kernels import silu_mul_reference
-
-    x, qw, s, _, _ = _case(precision, 3, 128, 48, torch.float16, 64, seed=14)
-    gu = torch.randn(3, 256, generator=torch.Generator().manual_seed(15)).half().to(DEVICE)
-    for cfg in (WOConfig("mma", 16, 32, 32, split_k=2), WOConfig("gemv", 4, 16, 32)):
-        fused = weight_only_matmul(gu, qw, s, precision, 64, config=cfg, gated=True)
-        assert torch.equal(fused, weight_only_matmul(silu_mul_reference(gu), qw, s, precision, 64, config=cfg))
-    mod = WeightOnlyLinear(128, 48, precision=precision, group_size=64, dtype=torch.float16)
-    mod.load_state_dict({"qweight": qw.cpu(), "scales": s.cpu()}, strict=False)
-    want = mod(silu_mul_reference(gu.cpu().float()))
-    assert _rel(mod(gu.cpu().float(), gated=True), want) < 1e-6
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_kernels_replay_in_cuda_graphs(precision):

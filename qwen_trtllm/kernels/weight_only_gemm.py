@@ -9,9 +9,9 @@ group) two dots, even k against the low nibbles and odd k against the high ones,
 fp32. `_wo_gemv_kernel` (CUDA-core products, ROWS rows of x per program) serves int4 groups under 32 columns.
 Both split K over a second grid axis when there are too few output tiles to fill the GPU: the fp32 partials go
 to a workspace, and the program that finishes a tile last (an atomic arrival counter per tile) sums them in a
-fixed order (deterministic) and adds the bias, so a split matmul is one launch. gated=True feeds SiLU(gate) * up
-of a [gate | up] input (the MLP's c_proj). On sm_90+ the kernels launch with PDL and prefetch the first bytes of
-their weight rows into L2 before waiting for the previous kernel (qwen_trtllm/kernels/pdl.py).
+fixed order (deterministic) and adds the bias, so a split matmul is one launch. On sm_90+ the kernels launch
+with PDL and prefetch the first bytes of their weight rows into L2 before waiting for the previous kernel
+(qwen_trtllm/kernels/pdl.py).
 Launch configs come from static shapes only (select_config): no host sync, no autotuning, CUDA-graph safe.
 
 Integer -> float conversion never uses the slow I2F unit: or-ing a small unsigned integer into the mantissa of
@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qwen_trtllm.kernels.activation import silu_times
 from qwen_trtllm.kernels.pdl import l2_prefetch_rows, pdl_enabled, pdl_start
 
 _XKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -132,19 +131,10 @@ def _epilogue(acc, offs_m, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, tile, M, 
 
 
 @triton.jit
-def _load_x(ptrs, mask, K, GATED: tl.constexpr):
-    """A tile of x; GATED: x rows are [gate | up] (2K wide) and the tile is SiLU(gate) * up (the MLP's c_proj)."""
-    x = tl.load(ptrs, mask=mask, other=0.0)
-    if GATED:
-        x = silu_times(x, tl.load(ptrs + K, mask=mask, other=0.0))
-    return x
-
-
-@triton.jit
 def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                     n_groups, k_per_split, ROWS: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr):
+                    BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pdl_start(PDL)
@@ -163,8 +153,7 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, 
             lo = _nibble_to_float(b & 0xF, 0)
             hi = _nibble_to_float(b >> 4, 0)
             offs_k = k + tl.arange(0, BLOCK_K)
-            x = _load_x(x_ptr + r_ld[:, None] * stride_xm + offs_k[None, :], offs_k[None, :] < K, K, GATED)
-            x = x.to(tl.float32)
+            x = tl.load(x_ptr + r_ld[:, None] * stride_xm + offs_k[None, :]).to(tl.float32)
             xe, xo = tl.split(tl.reshape(x, (ROWS, KW, 2)))
             part = tl.sum(xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :], axis=2)
             s = tl.load(s_ptr + n_ld * n_groups + k // GROUP).to(tl.float32)
@@ -179,7 +168,7 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, 
                 q = tl.load(w_ptrs, eviction_policy="evict_first")
             else:
                 q = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0, eviction_policy="evict_first")
-            x = _load_x(x_ptrs, offs_k[None, :] < K, K, GATED)
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
             acc3 += x.to(tl.float32)[:, None, :] * _int8_to_float(q, 0)[None, :, :]
         acc = tl.sum(acc3, axis=2) * tl.load(s_ptr + n_ld).to(tl.float32)[None, :]
     tile = tl.program_id(2) * tl.num_programs(0) + pid_n
@@ -192,8 +181,7 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, s
                    n_groups, k_per_split, INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, XKIND: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   USE_ASM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                   GATED: tl.constexpr):
+                   USE_ASM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -226,7 +214,7 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, s
             s = s_next.to(tl.float32)
             s_next = tl.load(s_ptr + n_ld * n_groups + tl.minimum((k + BLOCK_K) // GROUP, n_groups - 1))
             KW: tl.constexpr = BLOCK_K // 2
-            x = _load_x(x_ptrs, m_ok[:, None], K, GATED)  # padding rows of a decode tile read nothing
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)  # padding rows of a decode tile read nothing
             offs_kw = tl.max_contiguous(tl.multiple_of(k // 2 + tl.arange(0, KW), KW), KW)
             b = tl.load(w_ptr + n_ld[:, None] * stride_wn + offs_kw[None, :], eviction_policy="evict_first")
             if USE_ASM:
@@ -245,10 +233,10 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, s
         else:
             w_ptrs = w_ptr + n_ld[:, None] * stride_wn + offs_k[None, :]
             if EVEN_K:
-                x = _load_x(x_ptrs, m_ok[:, None], K, GATED)
+                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
                 q = tl.load(w_ptrs, eviction_policy="evict_first")
             else:
-                x = _load_x(x_ptrs, m_ok[:, None] & (offs_k[None, :] < K), K, GATED)
+                x = tl.load(x_ptrs, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
                 q = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0, eviction_policy="evict_first")
             if USE_ASM:
                 w = _int8_to_f16_asm(q)
@@ -355,12 +343,10 @@ def select_config(M: int, N: int, K: int, precision: str, group_size: int = 128,
     return replace(cfg, split_k=_split_for(tiles, triton.cdiv(K, cfg.block_k), programs))
 
 
-def _check(x: Tensor, qweight: Tensor, scales: Tensor, precision: str, group_size: int,
-           gated: bool = False) -> tuple[int, int, int]:
-    if x.dim() != 2 or x.dtype not in _XKIND or (gated and x.shape[1] % 2):
-        raise ValueError(f"x must be 2-D float32/float16/bfloat16 (gated: an even width), got {tuple(x.shape)} "
-                         f"{x.dtype}")
-    M, K = x.shape[0], x.shape[1] // (2 if gated else 1)
+def _check(x: Tensor, qweight: Tensor, scales: Tensor, precision: str, group_size: int) -> tuple[int, int, int]:
+    if x.dim() != 2 or x.dtype not in _XKIND:
+        raise ValueError(f"x must be 2-D float32/float16/bfloat16, got {tuple(x.shape)} {x.dtype}")
+    M, K = x.shape
     N = qweight.shape[0]
     if precision == "int8":
         if qweight.dtype != torch.int8 or qweight.shape != (N, K) or scales.shape != (N,):
@@ -381,10 +367,9 @@ def _check(x: Tensor, qweight: Tensor, scales: Tensor, precision: str, group_siz
 
 
 def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: str, group_size: int = 128,
-                       bias: Tensor | None = None, config: WOConfig | None = None, gated: bool = False) -> Tensor:
-    """x [M, K] @ dequant(qweight)^T (+ bias) -> [M, N] in x.dtype; precision 'int8' or 'int4'.
-    gated: x is [M, 2K] = [gate | up] and the product uses SiLU(gate) * up (the MLP's c_proj)."""
-    M, N, K = _check(x, qweight, scales, precision, group_size, gated)
+                       bias: Tensor | None = None, config: WOConfig | None = None) -> Tensor:
+    """x [M, K] @ dequant(qweight)^T (+ bias) -> [M, N] in x.dtype; precision 'int8' or 'int4'."""
+    M, N, K = _check(x, qweight, scales, precision, group_size)
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -404,7 +389,7 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
     hopper = pdl_enabled(x.device)
     pdl = cfg.pdl and hopper
     common = dict(INT4=int4, GROUP=group_size if int4 else 1, HAS_BIAS=bias is not None, SPLIT_K=split,
-                  EVEN_K=K % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk, PDL=pdl, GATED=gated,
+                  EVEN_K=K % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk, PDL=pdl,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
                   **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x.is_cuda else {}))
     args = (x, qweight, scales, b, y, partial, counters, M, N, K, x.stride(0), qweight.stride(0), y.stride(0),

@@ -175,20 +175,16 @@ class WeightOnlyLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_weight(self.qweight, self.scales, self.precision, self.group_size, dtype)
 
-    def forward(self, x: Tensor, gated: bool = False) -> Tensor:
-        """y for x [..., in]; gated: x is [..., 2 * in] = [gate | up] and y uses SiLU(gate) * up (the MLP's
-        c_proj, fused into the kernel)."""
+    def forward(self, x: Tensor) -> Tensor:
         use = self.use_triton if self.use_triton is not None else x.is_cuda
-        from qwen_trtllm.kernels import silu_mul_reference, triton_available
+        from qwen_trtllm.kernels import triton_available
 
         if use and triton_available(x.device):
             from qwen_trtllm.kernels.weight_only_gemm import weight_only_matmul
 
-            x2 = x.reshape(-1, x.shape[-1])
-            y = weight_only_matmul(x2, self.qweight, self.scales, self.precision, self.group_size, self.bias,
-                                   gated=gated)
+            x2 = x.reshape(-1, self.in_features)
+            y = weight_only_matmul(x2, self.qweight, self.scales, self.precision, self.group_size, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
-        x = silu_mul_reference(x) if gated else x
         w = self.dequantized_weight(x.dtype)
         return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
 

@@ -159,12 +159,14 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, use_triton: bool = False) -> Tensor:
         gu = project(self.gate_up, x, use_triton)
-        if use_triton:  # SiLU*mul fused into c_proj: the GEMV (nn.Linear) or the weight-only kernel
-            if type(self.c_proj) is nn.Linear:
-                from qwen_trtllm.kernels.gemv import linear
+        if use_triton and type(self.c_proj) is nn.Linear:  # SiLU*mul fused into c_proj (GEMV) or before it
+            from qwen_trtllm.kernels.gemv import linear
 
-                return all_reduce(linear(gu, self.c_proj.weight, gated=True), self.tp)
-            return all_reduce(self.c_proj(gu, gated=True), self.tp)
+            return all_reduce(linear(gu, self.c_proj.weight, gated=True), self.tp)
+        if use_triton:  # weight-only c_proj: a fused SiLU there would be recomputed by every output tile
+            from qwen_trtllm.kernels import silu_mul
+
+            return all_reduce(self.c_proj(silu_mul(gu)), self.tp)
         gate, up = gu.chunk(2, dim=-1)
         return all_reduce(self.c_proj(up * F.silu(gate)), self.tp)
 
