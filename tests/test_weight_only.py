@@ -174,7 +174,7 @@ def test_kernel_rejects_bad_shapes():
 def test_split_k_is_reduced_by_the_last_program_of_each_tile(precision):
     """Split K sums the partials in split order inside the kernel: close to the unsplit result, the same bits
     on every call, and the arrival counters are back at zero after each call (as CUDA-graph replays need)."""
-    from qwen_trtllm.kernels import weight_only_gemm as wog
+    from qwen_trtllm.kernels import launch
 
     x, qw, s, b, ref = _case(precision, 3, 256, 96, torch.float16, 64, seed=13)
     for kernel, bm in (("mma", 16), ("gemv", 4)):
@@ -183,7 +183,7 @@ def test_split_k_is_reduced_by_the_last_program_of_each_tile(precision):
         whole = weight_only_matmul(x, qw, s, precision, 64, b, config=replace(cfg, split_k=1))
         assert _rel(outs[0].cpu(), ref) <= 2e-3 and _rel(outs[0].cpu(), whole.cpu()) <= 2e-3, kernel
         assert torch.equal(outs[0], outs[1]), kernel
-        assert int(wog._COUNTERS[x.device].abs().sum()) == 0
+        assert int(launch._COUNTERS[x.device].abs().sum()) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

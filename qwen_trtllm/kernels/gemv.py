@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qwen_trtllm.kernels.activation import silu_times
-from qwen_trtllm.kernels.pdl import l2_prefetch_rows, pdl_enabled, pdl_start
+from qwen_trtllm.kernels.launch import l2_prefetch_rows, pdl_enabled, pdl_start
 
 MAX_ROWS = 4
 PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+)

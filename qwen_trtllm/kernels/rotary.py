@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qwen_trtllm.kernels.pdl import pdl_enabled, pdl_start
+from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start
 
 
 @triton.jit

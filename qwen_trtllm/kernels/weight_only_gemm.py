@@ -11,7 +11,7 @@ Both split K over a second grid axis when there are too few output tiles to fill
 to a workspace, and the program that finishes a tile last (an atomic arrival counter per tile) sums them in a
 fixed order (deterministic) and adds the bias, so a split matmul is one launch. On sm_90+ the kernels launch
 with PDL and prefetch the first bytes of their weight rows into L2 before waiting for the previous kernel
-(qwen_trtllm/kernels/pdl.py).
+(qwen_trtllm/kernels/launch.py).
 Launch configs come from static shapes only (select_config): no host sync, no autotuning, CUDA-graph safe.
 
 Integer -> float conversion never uses the slow I2F unit: or-ing a small unsigned integer into the mantissa of
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qwen_trtllm.kernels.pdl import l2_prefetch_rows, pdl_enabled, pdl_start
+from qwen_trtllm.kernels.launch import arrival_counters, l2_prefetch_rows, pdl_enabled, pdl_start
 
 _XKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # as when the kernels below are defined
@@ -275,20 +275,6 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_COUNTERS: dict[torch.device, Tensor] = {}
-_MAX_TILES = 1 << 16
-
-
-def _tile_counters(device: torch.device) -> Tensor:
-    """Zeroed int32 arrival counters for split-K tiles, one buffer per device (each kernel leaves it zeroed;
-    kernels of one stream never overlap on it: with PDL every program waits for the previous kernel first)."""
-    if device not in _COUNTERS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("weight_only_matmul: run once outside CUDA-graph capture before capturing it")
-        _COUNTERS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
-    return _COUNTERS[device]
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
@@ -385,15 +371,6 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
     partial = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     b = bias if bias is not None else y
     n_groups = K // group_size if int4 else 1
-    counters = _tile_counters(x.device) if split > 1 else y
-    hopper = pdl_enabled(x.device)
-    pdl = cfg.pdl and hopper
-    common = dict(INT4=int4, GROUP=group_size if int4 else 1, HAS_BIAS=bias is not None, SPLIT_K=split,
-                  EVEN_K=K % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk, PDL=pdl,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
-                  **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x.is_cuda else {}))
-    args = (x, qweight, scales, b, y, partial, counters, M, N, K, x.stride(0), qweight.stride(0), y.stride(0),
-            n_groups, k_per_split)
     if cfg.kernel == "gemv":
         grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, cfg.block_m))
         tiles = grid[0] * grid[2]
@@ -402,8 +379,15 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
             raise ValueError(f"the int4 mma kernel needs block_k >= 32 (group_size {group_size}): use gemv")
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
         tiles = grid[0]
-    if split > 1 and tiles > _MAX_TILES:
-        raise ValueError(f"weight_only_matmul: {tiles} output tiles exceed the {_MAX_TILES} split-K counters")
+    counters = arrival_counters(x.device, tiles) if split > 1 else y
+    hopper = pdl_enabled(x.device)
+    pdl = cfg.pdl and hopper
+    common = dict(INT4=int4, GROUP=group_size if int4 else 1, HAS_BIAS=bias is not None, SPLIT_K=split,
+                  EVEN_K=K % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk, PDL=pdl,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+                  **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x.is_cuda else {}))
+    args = (x, qweight, scales, b, y, partial, counters, M, N, K, x.stride(0), qweight.stride(0), y.stride(0),
+            n_groups, k_per_split)
     if cfg.kernel == "gemv":
         _wo_gemv_kernel[grid](*args, ROWS=cfg.block_m, **common)
     else:

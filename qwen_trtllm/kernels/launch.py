@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL) and L2 prefetch, for the kernels of a decode step on Hopper and newer.
+"""Launch helpers for the decode-step kernels: programmatic dependent launch (PDL) and L2 prefetch on Hopper and
+newer, and the arrival counters that let the last program of a group reduce its partials (no second kernel).
 
 A kernel launched with PDL may start while the previous kernel of its stream still runs. Every kernel here that
 is launched so calls `pdl_start` before it touches anything an earlier kernel wrote, and before its first write:
@@ -51,3 +52,21 @@ def pdl_enabled(device: torch.device) -> bool:
     if os.environ.get("QWEN_TRTLLM_PDL", "1") == "0":
         return False
     return _sm90_plus(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_COUNTERS = 1 << 16
+
+
+def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """Zeroed int32 counters, one buffer per device, shared by every kernel: a kernel counts the programs that
+    finished each output group (atomic add), the last one reduces the group's partials and resets its counter to
+    zero. Kernels of one stream never use it at the same time: with PDL every program waits for the previous
+    kernel before touching it."""
+    if needed > MAX_COUNTERS:
+        raise ValueError(f"{needed} reduction groups exceed the {MAX_COUNTERS} arrival counters")
+    if device not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("run the kernel once outside CUDA-graph capture before capturing it")
+        _COUNTERS[device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
