@@ -206,11 +206,6 @@ def test_decode_attention(dtype, num_splits):
     assert torch.isfinite(out).all()
     for b in range(B):  # per sequence, so a short one cannot hide behind a long one
         assert rel_err(out[b], ref[b]) < TOL[dtype], f"sequence {b}"
-    if (num_splits or 0) > 1:  # the last split merged: its arrival counters are back at zero, a rerun is identical
-        from qwen_trtllm.kernels import launch
-
-        assert int(launch._COUNTERS[q.device].abs().sum()) == 0
-        assert torch.equal(decode_attention(q, kc, vc, lens, scale, num_splits=num_splits), out)
 
 
 @pytest.mark.parametrize("num_splits", [None, 2])

@@ -5,8 +5,7 @@ seq_lens[b], with chunk = ceil(seq_lens[b] / num_splits) rounded up to whole BLO
 over all splits whatever the context length while the grid stays static (CUDA-graph friendly). It keeps a running
 max, sum and accumulator in float32 (base-2 exponent) and writes the normalised partial output and its
 log-sum-exp to a float32 workspace; a split with no keys writes the neutral partial (lse = -inf, output 0).
-The split that finishes last (an arrival counter per sequence and head) merges the splits with the log-sum-exp
-rule, in split order, so attention is one launch. With one split each program writes its output directly.
+Stage 2 (grid B x heads) merges the splits with the log-sum-exp rule. With one split stage 1 writes the output.
 """
 
 from __future__ import annotations
@@ -18,18 +17,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qwen_trtllm.kernels.launch import arrival_counters, pdl_enabled, pdl_start
+from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start
 
 BLOCK_N = 64  # keys per tile; also the smallest chunk a split handles
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, out_ptr, cnt_ptr, qk_scale, max_seq,
+def _decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, max_seq,
                               stride_qb, stride_qh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
                               N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
                               BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, NUM_STAGES: tl.constexpr,
-                              BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+                              PDL: tl.constexpr = False):
     pdl_start(PDL, EARLY=True)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -65,31 +64,28 @@ def _decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, lens_ptr, o_ptr, lse_ptr, out
     denom = tl.where(has_keys, denom, 1.0)
     out = acc / denom
     if DIRECT:
-        tl.store(out_ptr + (b * N_HEADS + h) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+        tl.store(o_ptr + (b * N_HEADS + h) * HEAD_DIM + d, out.to(o_ptr.dtype.element_ty))
     else:
-        row = b * N_HEADS + h
-        slot = row * NUM_SPLITS + s
+        slot = (b * N_HEADS + h) * NUM_SPLITS + s
         tl.store(o_ptr + slot * HEAD_DIM + d, out)
         tl.store(lse_ptr + slot, tl.where(has_keys, run_max + tl.log2(denom), -float("inf")))
-        tl.debug_barrier()  # this program's partial is written before the release below
-        if tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-            _merge_splits(o_ptr, lse_ptr, out_ptr, row, NUM_SPLITS, HEAD_DIM, BLOCK_S)
-            tl.atomic_xchg(cnt_ptr + row, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _merge_splits(o_ws_ptr, lse_ptr, out_ptr, row, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
-    """out[row] = the log-sum-exp weighted mean of the row's split outputs (read from L2: other programs wrote them)."""
+def _decode_attn_merge_kernel(o_ws_ptr, lse_ptr, out_ptr, N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL, EARLY=True)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    row = b * N_HEADS + h
     s = tl.arange(0, BLOCK_S)
     s_ok = s < NUM_SPLITS
     d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(lse_ptr + row * NUM_SPLITS + s, mask=s_ok, other=-float("inf"), cache_modifier=".cg")
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + s, mask=s_ok, other=-float("inf"))
     top = tl.max(lse, axis=0)
     top = tl.where(top == -float("inf"), 0.0, top)  # no keys at all (seq_len 0): every weight is 0
     w = tl.exp2(lse - top)
-    o = tl.load(o_ws_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0,
-                cache_modifier=".cg")
+    o = tl.load(o_ws_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
     num = tl.sum(w[:, None] * o, axis=0)
     den = tl.sum(w, axis=0)
     out = num / tl.where(den > 0.0, den, 1.0)
@@ -130,17 +126,20 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
     if B == 0:
         return out
     if splits == 1:
-        o_ws, lse_ws, counters = out, out, out
+        o_ws, lse_ws = out, out
     else:
         o_ws = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         lse_ws = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
-        counters = arrival_counters(q.device, B * H)
     pdl = pdl_enabled(q.device)
     _decode_attn_split_kernel[(B, H, splits)](
-        q, k_cache, v_cache, seq_lens, o_ws, lse_ws, out, counters, scale * _LOG2E, max_seq, q.stride(0), q.stride(1),
+        q, k_cache, v_cache, seq_lens, o_ws, lse_ws, scale * _LOG2E, max_seq, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D, BLOCK_N=BLOCK_N, DIRECT=splits == 1,
-        NUM_STAGES=2, BLOCK_S=triton.next_power_of_2(splits), PDL=pdl, num_warps=4, launch_pdl=pdl)
+        NUM_STAGES=2, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    if splits > 1:
+        _decode_attn_merge_kernel[(B, H)](o_ws, lse_ws, out, N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D,
+                                          BLOCK_S=triton.next_power_of_2(splits), PDL=pdl, num_warps=1,
+                                          launch_pdl=pdl)
     return out
 
 
