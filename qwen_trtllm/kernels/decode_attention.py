@@ -10,14 +10,12 @@ Stage 2 (grid B x heads) merges the splits with the log-sum-exp rule. With one s
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start
+from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start, sm_count
 
 BLOCK_N = 64  # keys per tile; also the smallest chunk a split handles
 _LOG2E = 1.4426950408889634
@@ -92,16 +90,10 @@ def _decode_attn_merge_kernel(o_ws_ptr, lse_ptr, out_ptr, N_HEADS: tl.constexpr,
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(batch: int, n_heads: int, max_seq: int, device: torch.device | str) -> int:
     """Splits for >= 2 programs per SM (4 'SMs' off CUDA), each split at least BLOCK_N keys of max_seq."""
     device = torch.device(device)
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+    sms = sm_count(device, 4)
     splits = triton.cdiv(2 * sms, max(batch * n_heads, 1))
     return max(1, min(splits, max_seq // BLOCK_N))
 

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qwen_trtllm.kernels.activation import silu_times
-from qwen_trtllm.kernels.launch import l2_prefetch_rows, pdl_enabled, pdl_start
+from qwen_trtllm.kernels.launch import l2_prefetch_bytes, l2_prefetch_rows, pdl_enabled, pdl_start
 
 MAX_ROWS = 4
 PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+)
@@ -68,7 +68,7 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = Fa
     bn, bk, warps, stages = _config(N, K)
     pdl = pdl_enabled(x.device)
     row_bytes = K * weight.element_size()
-    prefetch = min(PREFETCH_BYTES, row_bytes) // 16 * 16 if pdl and row_bytes % 16 == 0 else 0
+    prefetch = l2_prefetch_bytes(x.device, PREFETCH_BYTES, row_bytes, row_bytes)
     _gemv_kernel[(triton.cdiv(N, bn),)](x2, weight, bias if bias is not None else weight, y, N, K, x2.stride(0),
                                        y.stride(0), M=M, HAS_BIAS=bias is not None, EVEN_K=K % bk == 0,
                                        BLOCK_N=bn, BLOCK_K=bk, GATED=gated, PDL=pdl, PREFETCH=prefetch,

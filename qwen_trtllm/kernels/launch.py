@@ -41,8 +41,17 @@ def l2_prefetch_rows(row_ptrs, NBYTES: tl.constexpr):
 
 
 @functools.cache
-def _sm90_plus(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+def _properties(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
+
+
+def _cuda_properties(device: torch.device):
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def sm_count(device: torch.device, default: int) -> int:
+    """Streaming multiprocessors of a CUDA device; `default` (the count a config plans for) elsewhere."""
+    return _cuda_properties(device).multi_processor_count if device.type == "cuda" else default
 
 
 def pdl_enabled(device: torch.device) -> bool:
@@ -51,7 +60,15 @@ def pdl_enabled(device: torch.device) -> bool:
         return False
     if os.environ.get("QWEN_TRTLLM_PDL", "1") == "0":
         return False
-    return _sm90_plus(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_properties(device).major >= 9
+
+
+def l2_prefetch_bytes(device: torch.device, wanted: int, row_bytes: int, row_stride_bytes: int) -> int:
+    """The NBYTES for l2_prefetch_rows: `wanted`, at most a row, in 16-byte units; 0 without PDL (nothing to
+    overlap, or no sm_90 bulk prefetch) or when rows are not 16-byte aligned."""
+    if not pdl_enabled(device) or row_stride_bytes % 16:
+        return 0
+    return min(wanted, row_bytes) // 16 * 16
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

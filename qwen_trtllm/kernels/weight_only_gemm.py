@@ -21,7 +21,6 @@ four weights per 32-bit register (the interpreter and bf16 / fp32 x take the pla
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -30,7 +29,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qwen_trtllm.kernels.launch import arrival_counters, l2_prefetch_rows, pdl_enabled, pdl_start
+from qwen_trtllm.kernels.launch import (
+    arrival_counters,
+    l2_prefetch_bytes,
+    l2_prefetch_rows,
+    pdl_enabled,
+    pdl_start,
+    sm_count,
+)
 
 _XKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # as when the kernels below are defined
@@ -270,17 +276,6 @@ class WOConfig:
     maxnreg: int | None = None  # register cap per thread (more programs per SM), None = the compiler's choice
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _low_pow2(n: int) -> int:
     return n & -n
 
@@ -302,7 +297,7 @@ def select_config(M: int, N: int, K: int, precision: str, group_size: int = 128,
     programs per SM are in flight, each prefetching the first 256 bytes of its weight rows into L2 before its
     PDL wait; M <= 64 uses 32/64-row tiles and about 1.5 programs per SM; prefill uses large tiles and no split.
     """
-    sms = _sm_count(device) if device is not None else 132
+    sms = sm_count(device, 132) if device is not None else 132
     int4 = precision == "int4"
     gk = _low_pow2(group_size) if int4 else 1 << 30  # int4: block_k must divide the group
     if int4 and gk < 32:  # groups too small for the mma kernel's split-x dots: the gemv kernel, in row tiles
@@ -380,8 +375,7 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
         tiles = grid[0]
     counters = arrival_counters(x.device, tiles) if split > 1 else y
-    hopper = pdl_enabled(x.device)
-    pdl = cfg.pdl and hopper
+    pdl = cfg.pdl and pdl_enabled(x.device)
     common = dict(INT4=int4, GROUP=group_size if int4 else 1, HAS_BIAS=bias is not None, SPLIT_K=split,
                   EVEN_K=K % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk, PDL=pdl,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
@@ -393,8 +387,7 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
     else:
         use_asm = cfg.asm and x.dtype == torch.float16 and x.is_cuda and not _INTERPRETED
         row_bytes = (K - (split - 1) * k_per_split) // (2 if int4 else 1)  # the shortest (last) split's slice
-        aligned = qweight.stride(0) * qweight.element_size() % 16 == 0
-        prefetch = min(cfg.prefetch, row_bytes) // 16 * 16 if hopper and aligned else 0
+        prefetch = l2_prefetch_bytes(x.device, cfg.prefetch, row_bytes, qweight.stride(0) * qweight.element_size())
         _wo_mma_kernel[grid](*args, XKIND=_XKIND[x.dtype], BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
                              USE_ASM=use_asm, PREFETCH=prefetch, **common)
     return y
