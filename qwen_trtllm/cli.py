@@ -9,7 +9,10 @@ from qwen_trtllm import QWenError
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run main(); a QWenError becomes `error: <message>` on stderr (from rank 0 only) and exit status 2."""
+    """Run main(); a QWenError becomes `error: <message>` on stderr (from rank 0 only) and exit status 2.
+
+    Under torchrun/mpirun every rank then leaves the process group together before exiting.
+    """
     try:
         code = main()
     except QWenError as e:
@@ -17,7 +20,10 @@ def run_cli(main: Callable[[], int | None]) -> None:
 
         if world_from_env()[0] == 0:
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         sys.exit(130)
+    distributed = sys.modules.get("qwen_trtllm.runtime.distributed")  # imported only by multi-rank scripts
+    if distributed is not None:
+        distributed.leave_distributed()
     sys.exit(code or 0)

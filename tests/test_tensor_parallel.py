@@ -149,3 +149,26 @@ def test_eval_accuracy_under_torchrun(tp_engines):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     assert r.stdout.count("top-1 agreement 100.00%") == 1
+
+
+def _cli_worker(rank: int, init_file: str, out_file: str) -> None:
+    from qwen_trtllm.cli import run_cli
+    from qwen_trtllm.runtime import distributed  # noqa: F401  (what multi-rank scripts import)
+
+    def main() -> int:
+        if rank == 0:  # still busy when rank 1 is done
+            for _ in range(50):
+                torch.randn(200, 200).sum()
+        return 0
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        run_cli(main)
+    except SystemExit as e:
+        Path(f"{out_file}.{rank}").write_text(f"{e.code} {dist.is_initialized()}")
+
+
+def test_run_cli_leaves_the_process_group_on_every_rank(tmp_path):
+    # rank 1 finishes first; both must exit 0 with the group torn down (a rank leaving a live gloo group could abort)
+    mp.spawn(_cli_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    assert [(tmp_path / f"out.{r}").read_text() for r in (0, 1)] == ["0 False", "0 False"]

@@ -2,7 +2,9 @@
 
 Each rank loads only its own rank{r}.safetensors. Errors are agreed on before the first collective of the model,
 so a rank that fails to load makes every rank exit (rank 0 prints the reason) instead of leaving the others
-waiting in an all-reduce; the process group also has a timeout.
+waiting in an all-reduce; the process group also has a timeout. Every rank leaves together (a barrier, then
+destroy_process_group): a gloo rank that exits while its peer still holds the connection can abort the process
+("terminate called without an active exception") and fail a run whose results were all correct.
 """
 
 from __future__ import annotations
@@ -57,3 +59,14 @@ def load_engine_on_all_ranks(engine_dir: str | Path, rank: int, world: int) -> E
         error = f"rank {rank}: {e}" if world > 1 else str(e)
     all_ranks_agree(error)
     return engine
+
+
+def leave_distributed() -> None:
+    """Wait for every rank, then tear the process group down (a no-op without one); called by run_cli at exit."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except RuntimeError:  # a peer is already gone: nothing left to wait for
+        pass
+    dist.destroy_process_group()
