@@ -11,10 +11,12 @@ from qwen_trtllm import QWenError
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run main(); a QWenError becomes `error: <message>` on stderr (from rank 0 only) and exit status 2.
 
-    Under torchrun/mpirun every rank then leaves the process group together before exiting.
+    Under torchrun/mpirun every rank then leaves the process group (together when main returned).
     """
+    returned = False
     try:
         code = main()
+        returned = True
     except QWenError as e:
         from qwen_trtllm.runtime.engine import world_from_env
 
@@ -25,5 +27,5 @@ def run_cli(main: Callable[[], int | None]) -> None:
         sys.exit(130)
     distributed = sys.modules.get("qwen_trtllm.runtime.distributed")  # imported only by multi-rank scripts
     if distributed is not None:
-        distributed.leave_distributed()
+        distributed.leave_distributed(wait=returned)
     sys.exit(code or 0)

@@ -61,12 +61,17 @@ def load_engine_on_all_ranks(engine_dir: str | Path, rank: int, world: int) -> E
     return engine
 
 
-def leave_distributed() -> None:
-    """Wait for every rank, then tear the process group down (a no-op without one); called by run_cli at exit."""
+def leave_distributed(wait: bool = True) -> None:
+    """Tear the process group down (a no-op without one); called by run_cli at exit.
+
+    wait: first wait for every rank (main returned, whatever its exit code). After an error, do not: the other
+    ranks may be elsewhere (a rank-local error) and a barrier would hold the failing rank until the timeout.
+    """
     if not dist.is_initialized():
         return
-    try:
-        dist.barrier()
-    except RuntimeError:  # a peer is already gone: nothing left to wait for
-        pass
+    if wait:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer is already gone: nothing left to wait for
+            pass
     dist.destroy_process_group()
