@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.evaluation.teacher_forced import engine_logits
 from qwen_trtllm.runtime import Engine, GenerationSession, SamplingConfig
+from qwen_trtllm.runtime.distributed import leave_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def _worker(rank: int, world: int, engine_dir: str, init_file: str, out_file: st
     ids = session.generate(prompts, 10, SamplingConfig(temperature=0.8, top_k=0, top_p=0.9, seed=rank),
                            stop_ids=[-1], end_id=0).output_ids
     torch.save({"logits": logits, "ids": ids}, f"{out_file}.{rank}")
-    dist.destroy_process_group()
+    leave_distributed()  # barrier, then destroy: a rank tearing down while its peer still sends can abort
 
 
 def run_tp(engine_dir: Path, world: int, tmp: Path) -> list[dict]:
@@ -153,7 +154,6 @@ def test_eval_accuracy_under_torchrun(tp_engines):
 
 def _cli_worker(rank: int, init_file: str, out_file: str) -> None:
     from qwen_trtllm.cli import run_cli
-    from qwen_trtllm.runtime import distributed  # noqa: F401  (what multi-rank scripts import)
 
     def main() -> int:
         if rank == 0:  # still busy when rank 1 is done
