@@ -18,7 +18,7 @@ from qwen_trtllm.builder.engine_format import DTYPES
 from qwen_trtllm.checkpoint.random_checkpoint import PRESETS, random_tensor
 from qwen_trtllm.config import QWenConfig
 from qwen_trtllm.models.qwen.model import QWen
-from qwen_trtllm.runtime.engine import Engine
+from qwen_trtllm.runtime.engine import Engine, model_skeleton
 from qwen_trtllm.runtime.generation import GenerationSession
 from qwen_trtllm.runtime.sampling import SamplingConfig
 
@@ -57,15 +57,13 @@ def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max
 
 def quantized_engine(engine: Engine, precision: str, group_size: int = 128, quantize_lm_head: bool = False) -> Engine:
     """A weight-only quantised copy of an engine (the original is kept), as build.py --use_weight_only makes."""
-    from qwen_trtllm.quantization import make_quantized_skeleton, quantize_state_dict
+    from qwen_trtllm.quantization import quantize_state_dict
 
-    with torch.device("meta"):
-        model = QWen(engine.config, tp=engine.world_size)
-    make_quantized_skeleton(model, precision, group_size, quantize_lm_head)
-    model.load_state_dict(quantize_state_dict(engine.model.state_dict(), precision, group_size, quantize_lm_head),
-                          assign=True)
     build = {**engine.build, "quantization": {"precision": precision, "group_size": group_size,
                                               "quantize_lm_head": quantize_lm_head}}
+    model = model_skeleton(engine.config, engine.world_size, build["quantization"])
+    model.load_state_dict(quantize_state_dict(engine.model.state_dict(), precision, group_size, quantize_lm_head),
+                          assign=True)
     return Engine(engine.engine_dir, engine.config, build, model.eval(), engine.device, engine.dtype, engine.rank,
                   engine.world_size)
 
@@ -88,10 +86,8 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
 
 def decode_step_bytes(engine: Engine, batch: int, context: int) -> int:
     """Fewest bytes one decode step must move: every weight but the embedding table, plus the KV cache read."""
-    cfg, esize = engine.config, torch.finfo(engine.dtype).bits // 8
     weights = sum(t.numel() * t.element_size() for n, t in engine.model.state_dict().items() if n != "embed.weight")
-    kv = batch * context * cfg.num_hidden_layers * 2 * cfg.hidden_size * esize // engine.world_size
-    return weights + kv
+    return weights + kv_cache_bytes(engine, batch, context)
 
 
 def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, runs: int = 3,
@@ -129,9 +125,9 @@ def release(session: GenerationSession) -> None:
 
 
 def kv_cache_bytes(engine: Engine, batch: int, seq_len: int) -> int:
-    cfg = engine.config
-    return 2 * cfg.num_hidden_layers * batch * seq_len * cfg.hidden_size * engine.model.embed.weight.element_size() \
-        // engine.world_size
+    """Bytes of this rank's K and V caches (engine dtype) for batch x seq_len tokens."""
+    cfg, esize = engine.config, torch.finfo(engine.dtype).bits // 8
+    return 2 * cfg.num_hidden_layers * batch * seq_len * cfg.hidden_size * esize // engine.world_size
 
 
 def fits(engine: Engine, batch: int, seq_len: int, workspace: int = 4 << 30) -> bool:

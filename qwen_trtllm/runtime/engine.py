@@ -60,13 +60,7 @@ class Engine:
             state = load_file(str(path), device=str(device))
         except (SafetensorError, OSError) as e:
             raise QWenError(f"{path} is corrupt ({e}): rebuild the engine with examples/qwen/build.py") from None
-        with torch.device("meta"):
-            model = QWen(config, tp=world_size)
-        quant = build.get("quantization")
-        if quant:
-            from qwen_trtllm.quantization import make_quantized_skeleton
-
-            make_quantized_skeleton(model, quant["precision"], quant["group_size"], quant["quantize_lm_head"])
+        model = model_skeleton(config, world_size, build.get("quantization"))
         expected = {k: v.shape for k, v in model.state_dict().items()}
         got = {k: v.shape for k, v in state.items()}
         if expected != got:
@@ -75,6 +69,19 @@ class Engine:
         model.load_state_dict(state, assign=True)
         model.eval().requires_grad_(False)
         return cls(engine_dir, config, build, model, device, dtype, rank, world_size)
+
+
+def model_skeleton(config: QWenConfig, world_size: int, quantization: dict | None) -> QWen:
+    """One rank's model on the meta device, its linears weight-only where the build's `quantization` record says;
+    load_state_dict(state, assign=True) fills it."""
+    with torch.device("meta"):
+        model = QWen(config, tp=world_size)
+    if quantization:
+        from qwen_trtllm.quantization import make_quantized_skeleton
+
+        make_quantized_skeleton(model, quantization["precision"], quantization["group_size"],
+                                quantization["quantize_lm_head"])
+    return model
 
 
 def world_from_env() -> tuple[int, int]:

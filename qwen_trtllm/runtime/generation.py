@@ -180,10 +180,10 @@ class GenerationSession:
         seqs = torch.full((len(prompts), max(lens) + max_new_tokens), end_id, dtype=torch.int32)
         output_ids = []
         for b, row in enumerate(out.tolist()):
-            output_ids.append(cut_after_stop(row, stops))
-            cut = len(output_ids[-1])
+            kept = cut_after_stop(row, stops)
+            output_ids.append(kept)
             seqs[b, : lens[b]] = torch.tensor(prompts[b], dtype=torch.int32)
-            seqs[b, lens[b]: lens[b] + cut] = torch.tensor(row[:cut], dtype=torch.int32)
+            seqs[b, lens[b]: lens[b] + len(kept)] = torch.tensor(kept, dtype=torch.int32)
         return GenerationOutput(output_ids, seqs, lens)
 
 
