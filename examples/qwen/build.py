@@ -22,10 +22,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_batch_size", type=int, default=8)
     p.add_argument("--max_input_len", type=int, default=2048)
     p.add_argument("--max_output_len", type=int, default=2048)
+    p.add_argument("--max_num_tokens", type=int, default=8192,
+                   help="tokens per in-flight batching step (decode tokens + prefill chunks)")
+    p.add_argument("--tokens_per_block", type=int, default=64, choices=[16, 32, 64, 128],
+                   help="tokens per paged KV cache block")
     p.add_argument("--world_size", type=int, default=1, help="tensor-parallel ranks")
     p.add_argument("--output_dir", default="qwen_outputs")
     p.add_argument("--kernels", default="triton", choices=["triton", "torch"],
-                   help="decode kernels on CUDA: fused Triton kernels (default) or plain PyTorch ops")
+                   help="kernels on CUDA: fused Triton kernels (default) or plain PyTorch ops everywhere")
     # TensorRT-LLM's plugin flags: accepted, recorded in the engine config, mapped as the README describes.
     for flag in ("use_gpt_attention_plugin", "use_gemm_plugin", "use_layernorm_plugin", "use_rmsnorm_plugin"):
         p.add_argument(f"--{flag}", nargs="?", const="float16", default=None,
@@ -50,7 +54,8 @@ def main() -> int:
                        max_output_len=args.max_output_len, world_size=args.world_size, plugins=plugins,
                        kernels=args.kernels,
                        weight_only_precision=args.weight_only_precision if args.use_weight_only else None,
-                       group_size=args.group_size, quantize_lm_head=args.quantize_lm_head)
+                       group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
+                       tokens_per_block=args.tokens_per_block, max_num_tokens=args.max_num_tokens)
     print(f"engine written to {out}")
     return 0
 

@@ -12,11 +12,14 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from qwen_trtllm import QWenError  # noqa: E402
 from qwen_trtllm.cli import run_cli  # noqa: E402
-from qwen_trtllm.runtime import GenerationSession  # noqa: E402
-from qwen_trtllm.runtime.distributed import init_distributed, load_engine_on_all_ranks  # noqa: E402
+from qwen_trtllm.runtime import LLM  # noqa: E402
+from qwen_trtllm.runtime.engine import read_engine_config  # noqa: E402
+from qwen_trtllm.runtime.llm import output_sequences  # noqa: E402
 from qwen_trtllm.runtime.runner import (  # noqa: E402
     QWEN_EOD_ID,
     StreamPrinter,
+    add_runtime_args,
+    executor_config_from_args,
     generation_defaults,
     read_input_tokens,
     sampling_from_args,
@@ -30,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--engine_dir", default="qwen_outputs")
     p.add_argument("--tokenizer_dir", default=None, help="directory with qwen.tiktoken (default: the engine dir)")
-    p.add_argument("--input_text", nargs="+", default=[DEFAULT_QUESTION], help="one or more prompts (a batch)")
+    p.add_argument("--input_text", nargs="+", default=[DEFAULT_QUESTION],
+                   help="one or more prompts (more than --max_batch_size wait in the queue)")
     p.add_argument("--input_tokens", default=None, help="prompt token ids (.csv rows or .npy [B, T]), raw")
     p.add_argument("--max_output_len", type=int, default=None, help="default: min(512, the engine's limit)")
     p.add_argument("--chat_format", default="chatml", choices=["chatml", "raw"])
@@ -46,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_npy", default=None)
     p.add_argument("--profile", default=None, metavar="TRACE_JSON",
                    help="write a torch profiler trace (open in Perfetto) and print a per-phase summary")
+    add_runtime_args(p)
     return p.parse_args(argv)
 
 
@@ -53,25 +58,26 @@ def main() -> int:
     args = parse_args()
     if args.num_beams > 1:
         raise QWenError("beam search (--num_beams > 1) is not supported by this engine: use sampling or greedy")
-    rank, world = init_distributed()
-    engine = load_engine_on_all_ranks(args.engine_dir, rank, world)
-    session = GenerationSession(engine)
+    _, build = read_engine_config(args.engine_dir)
+    max_new = args.max_output_len or min(512, build["max_output_len"])
     defaults = generation_defaults(args.engine_dir)
-    sampling = sampling_from_args(args, defaults)
-    max_new = args.max_output_len or min(512, session.max_output_len)
+    sampling = sampling_from_args(args, defaults, max_new)
 
     from qwen_trtllm.tokenizer import QWenTokenizer, decode_response, make_context, stop_token_ids
 
     tokenizer = None
     if args.input_tokens is None or (Path(args.tokenizer_dir or args.engine_dir) / "qwen.tiktoken").is_file():
         tokenizer = QWenTokenizer.from_dir(args.tokenizer_dir or args.engine_dir)
+    llm = LLM(args.engine_dir, args.tokenizer_dir, executor_config_from_args(args, build))
+    engine, rank = llm.engine, llm.engine.rank
     if args.input_tokens is not None:
         prompts, texts = read_input_tokens(args.input_tokens), None
-        stops = stop_token_ids(tokenizer, "raw") if tokenizer else {QWEN_EOD_ID}
+        stops = stop_token_ids(tokenizer, args.chat_format) if tokenizer else {QWEN_EOD_ID}
     else:
         texts = args.input_text
         prompts = [make_context(tokenizer, t, system=args.system, chat_format=args.chat_format)[1] for t in texts]
         stops = stop_token_ids(tokenizer, args.chat_format)
+    sampling.stop_token_ids, sampling.end_id = sorted(stops), QWEN_EOD_ID
     show = rank == 0
     streamer = StreamPrinter(tokenizer, stops) if args.streaming and tokenizer and show else None
     if streamer:
@@ -81,22 +87,23 @@ def main() -> int:
 
     with maybe_profile(args.profile if show else None):
         t0 = time.perf_counter()
-        result = session.generate(prompts, max_new, sampling, stop_ids=sorted(stops), end_id=QWEN_EOD_ID,
-                                  streamer=streamer)
+        outputs = llm.generate(prompts, sampling, on_output=streamer)
         elapsed = time.perf_counter() - t0
     if not show:
         return 0
     if streamer:
         print('"')
-    for b, ids in enumerate(result.output_ids):
+    output_ids = [o.token_ids for o in outputs]
+    for b, ids in enumerate(output_ids):
         if streamer and b == 0:
             continue
         shown_in = texts[b] if texts else prompts[b]
         out = decode_response(ids, tokenizer, args.chat_format) if tokenizer else ids
         print(f'Input: "{shown_in}"\nOutput: "{out}"')
-    n = sum(len(ids) for ids in result.output_ids)
+    n = sum(len(ids) for ids in output_ids)
     print(f"generated {n} tokens in {elapsed:.3f} s ({n / elapsed:.1f} tokens/s) on {engine.device}")
-    write_outputs(result.output_ids, result.sequences.numpy(), args.output_csv, args.output_npy)
+    write_outputs(output_ids, output_sequences(prompts, outputs, QWEN_EOD_ID, max_new), args.output_csv,
+                  args.output_npy)
     return 0
 
 

@@ -76,21 +76,26 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
                  dtype: str = "float16", max_batch_size: int = 8, max_input_len: int = 2048,
                  max_output_len: int = 2048, world_size: int = 1, plugins: dict | None = None,
                  kernels: str = "triton", weight_only_precision: str | None = None, group_size: int = 128,
-                 quantize_lm_head: bool = False) -> Path:
+                 quantize_lm_head: bool = False, tokens_per_block: int = 64, max_num_tokens: int = 8192) -> Path:
     """Build the engine directory and return its path. Exactly one of ft_dir / hf_dir. weight_only_precision
-    'int8' or 'int4' stores the linear layers quantised (TensorRT-LLM's --use_weight_only)."""
+    'int8' or 'int4' stores the linear layers quantised (TensorRT-LLM's --use_weight_only). tokens_per_block
+    (tokens per KV cache block) and max_num_tokens (tokens per in-flight batching step, chunked prefill) are
+    the runtime's defaults, recorded as TensorRT-LLM records them."""
     if (ft_dir is None) == (hf_dir is None):
         raise QWenError("give exactly one of --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")
     if dtype not in DTYPES:
         raise QWenError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     for name, v in (("max_batch_size", max_batch_size), ("max_input_len", max_input_len),
-                    ("max_output_len", max_output_len), ("world_size", world_size)):
+                    ("max_output_len", max_output_len), ("world_size", world_size),
+                    ("max_num_tokens", max_num_tokens)):
         if v < 1:
             raise QWenError(f"--{name} must be >= 1, got {v}")
     if weight_only_precision not in (None, "int8", "int4"):
         raise QWenError(f"--weight_only_precision {weight_only_precision} is not one of int8, int4")
     if group_size < 1:
         raise QWenError(f"--group_size must be >= 1, got {group_size}")
+    if tokens_per_block not in (16, 32, 64, 128):
+        raise QWenError(f"--tokens_per_block {tokens_per_block} must be 16, 32, 64 or 128")
     if kernels not in ("triton", "torch"):
         raise QWenError(f"--kernels {kernels} is not one of triton, torch")
     if ft_dir is not None:
@@ -142,8 +147,9 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
                 shutil.copyfile(src / name, tmp / name)
         build = {"dtype": dtype, "world_size": world_size, "max_batch_size": max_batch_size,
                  "max_input_len": max_input_len, "max_output_len": max_output_len,
+                 "max_num_tokens": max_num_tokens, "tokens_per_block": tokens_per_block,
                  "plugins": {k: v for k, v in (plugins or {}).items() if k in PLUGIN_FLAGS},
-                 "kernels": {"decode": kernels, "prefill_attention": "sdpa", "gemm": "cublas"},
+                 "kernels": {"decode": kernels, "prefill_attention": "paged_flash", "gemm": "cublas"},
                  "quantization": None if not weight_only_precision else {
                      "mode": "weight_only", "precision": weight_only_precision, "group_size": group_size,
                      "quantize_lm_head": quantize_lm_head},

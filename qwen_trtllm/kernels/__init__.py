@@ -1,9 +1,10 @@
 """Triton kernels for the decode step, each next to its plain PyTorch reference (`<name>_reference`).
 
-rms_norm (fused residual add + RMSNorm), rotary_kv_write (rotary + logn + KV-cache write), decode_attention
-(flash-decoding over the static KV cache) and silu_mul (SwiGLU). The wrappers launch with grids computed from
-static shapes only and never synchronise, so they can be captured in CUDA graphs. triton_available(device) says
-whether they can run there.
+rms_norm (fused residual add + RMSNorm), rotary_kv_write (rotary + logn + paged KV-cache write),
+paged_decode_attention (flash decoding over the paged KV cache), paged_prefill_attention (causal flash attention of
+packed prefill chunks over the paged KV cache) and silu_mul (SwiGLU). The wrappers launch with grids computed from
+static shapes (and, for prefill, the host int max_query_len) and never synchronise, so they can be captured in
+CUDA graphs. triton_available(device) says whether they can run there.
 
 Off CUDA the kernels run only in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1) before this
 package is first imported: triton.jit picks the interpreter when a kernel is defined, not when it runs.
@@ -15,7 +16,13 @@ import torch
 
 try:
     from qwen_trtllm.kernels.activation import silu_mul, silu_mul_reference
-    from qwen_trtllm.kernels.decode_attention import decode_attention, decode_attention_reference, default_num_splits
+    from qwen_trtllm.kernels.paged_attention import (
+        default_num_splits,
+        paged_decode_attention,
+        paged_decode_attention_reference,
+        paged_prefill_attention,
+        paged_prefill_attention_reference,
+    )
     from qwen_trtllm.kernels.rmsnorm import rms_norm, rms_norm_reference
     from qwen_trtllm.kernels.rotary import (
         apply_rotary_reference,
@@ -28,8 +35,9 @@ except ImportError as exc:  # Triton missing or broken: triton_available() is Fa
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["apply_rotary_reference", "decode_attention", "decode_attention_reference", "default_num_splits",
-           "interpreted", "logn_scale_reference", "rms_norm", "rms_norm_reference", "rotary_kv_write",
+__all__ = ["apply_rotary_reference", "default_num_splits", "interpreted", "logn_scale_reference",
+           "paged_decode_attention", "paged_decode_attention_reference", "paged_prefill_attention",
+           "paged_prefill_attention_reference", "rms_norm", "rms_norm_reference", "rotary_kv_write",
            "rotary_kv_write_reference", "silu_mul", "silu_mul_reference", "triton_available"]
 
 

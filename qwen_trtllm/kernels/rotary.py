@@ -1,8 +1,9 @@
-"""Decode-step rotary embedding fused with the KV-cache write.
+"""Rotary embedding fused with the paged KV-cache write, for decode tokens and prefill chunks alike.
 
-One program per (sequence, head) reads that head's q, k and v from the fused QKV projection of the new token,
-rotates q and k (NeoX rotate-half over the first rotary_dim dims, float32, per-sequence inv_freq for dynamic NTK),
-applies Qwen's logn factor to q, writes k and v into the cache slot positions[b] and returns q.
+One program per (token, head) reads that head's q, k and v from the fused QKV projection of the token, rotates q
+and k (NeoX rotate-half over the first rotary_dim dims, float32, per-sequence inv_freq for dynamic NTK), applies
+Qwen's logn factor to q, writes k and v into the paged caches at the token's slot (block * block_size + offset)
+and returns q.
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start
 
 
 @triton.jit
-def _rotary_kv_kernel(qkv_ptr, freq_ptr, pos_ptr, idx_ptr, kc_ptr, vc_ptr, q_ptr, stride_qkv, stride_freq, stride_pos,
-                      kc_sb, kc_sh, kc_ss, vc_sb, vc_sh, vc_ss, logn_len, log_logn_len,
-                      N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, USE_LOGN: tl.constexpr,
-                      HAS_INDEX: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+def _rotary_kv_kernel(qkv_ptr, freq_ptr, pos_ptr, slot_ptr, idx_ptr, kc_ptr, vc_ptr, q_ptr, stride_qkv, stride_freq,
+                      stride_pos, stride_slot, stride_idx, kc_sb, kc_sh, kc_ss, vc_sb, vc_sh, vc_ss, logn_len,
+                      log_logn_len, N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, USE_LOGN: tl.constexpr, HAS_INDEX: tl.constexpr,
+                      BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     pdl_start(PDL, EARLY=True)
     b = tl.program_id(0).to(tl.int64)  # the token's row in qkv
     h = tl.program_id(1).to(tl.int64)
-    s = tl.load(idx_ptr + b).to(tl.int64) if HAS_INDEX else b  # its sequence: cache row and inv_freq row
+    s = tl.load(idx_ptr + b * stride_idx).to(tl.int64) if HAS_INDEX else b  # its sequence: inv_freq row
+    slot = tl.load(slot_ptr + b * stride_slot).to(tl.int64)  # where its k and v go
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
     HALF: tl.constexpr = ROT_DIM // 2
     d = tl.arange(0, BLOCK_D)
     in_head = d < HEAD_DIM
@@ -53,46 +58,53 @@ def _rotary_kv_kernel(qkv_ptr, freq_ptr, pos_ptr, idx_ptr, kc_ptr, vc_ptr, q_ptr
     k = tl.load(k_in + d, mask=in_head, other=0.0).to(tl.float32)
     k_p = tl.load(k_in + partner, mask=rotated, other=0.0).to(tl.float32)
     k = tl.where(rotated, k * cos + k_p * sin, k)
-    tl.store(kc_ptr + s * kc_sb + h * kc_sh + pos * kc_ss + d, k.to(kc_ptr.dtype.element_ty), mask=in_head)
+    tl.store(kc_ptr + block * kc_sb + h * kc_sh + offset * kc_ss + d, k.to(kc_ptr.dtype.element_ty), mask=in_head)
 
     v = tl.load(row + (2 * N_HEADS + h) * HEAD_DIM + d, mask=in_head, other=0.0)
-    tl.store(vc_ptr + s * vc_sb + h * vc_sh + pos * vc_ss + d, v.to(vc_ptr.dtype.element_ty), mask=in_head)
+    tl.store(vc_ptr + block * vc_sb + h * vc_sh + offset * vc_ss + d, v.to(vc_ptr.dtype.element_ty), mask=in_head)
 
 
-def rotary_kv_write(qkv: Tensor, inv_freq: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor,
-                    n_heads: int, head_dim: int, rotary_dim: int, logn_seq_length: int = 0,
-                    batch_index: Tensor | None = None) -> Tensor:
-    """Rotate the new tokens' q and k, write k and v into the caches at positions[b]; return q.
+def rotary_kv_write(qkv: Tensor, inv_freq: Tensor, positions: Tensor, slot_mapping: Tensor, k_cache: Tensor,
+                    v_cache: Tensor, n_heads: int, head_dim: int, rotary_dim: int, logn_seq_length: int = 0,
+                    seq_index: Tensor | None = None) -> Tensor:
+    """Rotate the tokens' q and k, write k and v into the paged caches at slot_mapping; return q.
 
-    qkv [B, 3 * n_heads * head_dim] ([q heads | k heads | v heads]), inv_freq [B, rotary_dim // 2] float32,
-    positions [B] integer (the slot written), k_cache / v_cache [max_batch, n_heads, max_seq, head_dim] (rows
-    0..B-1 used). q is logn-scaled when logn_seq_length > 0. Returns q [B, n_heads, head_dim] in qkv.dtype.
-    For a prefill, the B rows are all tokens of several sequences and batch_index [B] names each token's
-    sequence (its cache row and inv_freq row).
+    qkv [N, 3 * n_heads * head_dim] ([q heads | k heads | v heads]; the row stride may exceed the width, the
+    last dim is contiguous), fp32 / fp16 / bf16. inv_freq [S, rotary_dim // 2] float32, one row per sequence
+    (dynamic NTK differs per sequence). positions [N] integer: each token's position in its sequence (the
+    rotary angle and the logn factor). slot_mapping [N] int64: where its k and v go, slot = block * block_size +
+    offset, written to cache[block, :, offset]. k_cache / v_cache [num_blocks, n_heads, block_size, head_dim]
+    (last dim contiguous; stored in their own dtype). seq_index [N] int32 / int64 names each token's inv_freq
+    row; None: token i uses row i (decode, one token per sequence; S >= N). q is rotated and then, when
+    logn_seq_length > 0, scaled by ln(p+1)/ln(logn_seq_length) where p+1 > logn_seq_length (rounded to the
+    dtype after each step). Returns q [N, n_heads, head_dim], contiguous, in qkv.dtype. Tokens that share a slot
+    (padding rows on the dummy block 0) race: one of them wins. No host synchronisation (CUDA-graph safe).
     """
-    B = qkv.shape[0]
-    assert qkv.shape == (B, 3 * n_heads * head_dim) and qkv.stride(1) == 1
+    N = qkv.shape[0]
+    assert qkv.dim() == 2 and qkv.shape[1] == 3 * n_heads * head_dim and qkv.stride(1) == 1
     assert rotary_dim % 2 == 0 and 0 < rotary_dim <= head_dim
-    rows = B if batch_index is None else inv_freq.shape[0]
-    assert inv_freq.shape == (rows, rotary_dim // 2) and inv_freq.stride(1) == 1 and inv_freq.dtype == torch.float32
-    assert batch_index is None or (batch_index.shape == (B,) and batch_index.is_contiguous())
-    assert positions.shape == (B,) and not positions.is_floating_point()
+    assert inv_freq.dim() == 2 and inv_freq.shape[1] == rotary_dim // 2 and inv_freq.stride(1) == 1
+    assert inv_freq.dtype == torch.float32 and (seq_index is not None or inv_freq.shape[0] >= N)
+    assert seq_index is None or (seq_index.shape == (N,) and not seq_index.is_floating_point())
+    assert positions.shape == (N,) and not positions.is_floating_point()
+    assert slot_mapping.shape == (N,) and not slot_mapping.is_floating_point()
     assert logn_seq_length == 0 or logn_seq_length > 1
-    for c in (k_cache, v_cache):
-        assert c.dim() == 4 and c.shape[0] >= rows and c.shape[1] == n_heads and c.shape[3] == head_dim
-        assert c.stride(3) == 1
-    q = torch.empty(B, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    if B == 0:
+    assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, "caches: [num_blocks, n_heads, block_size, head_dim]"
+    assert k_cache.shape[1] == n_heads and k_cache.shape[3] == head_dim
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    q = torch.empty(N, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if N == 0:
         return q
     logn = int(logn_seq_length)
+    index = positions if seq_index is None else seq_index
     pdl = pdl_enabled(qkv.device)
-    _rotary_kv_kernel[(B, n_heads)](
-        qkv, inv_freq, positions, positions if batch_index is None else batch_index, k_cache, v_cache, q,
-        qkv.stride(0), inv_freq.stride(0), positions.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), max(logn, 1), math.log(max(logn, 2)),
-        N_HEADS=n_heads, HEAD_DIM=head_dim, ROT_DIM=rotary_dim, USE_LOGN=logn > 0, HAS_INDEX=batch_index is not None,
-        BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, num_warps=1 if head_dim <= 128 else 2, launch_pdl=pdl)
+    _rotary_kv_kernel[(N, n_heads)](
+        qkv, inv_freq, positions, slot_mapping, index, k_cache, v_cache, q, qkv.stride(0), inv_freq.stride(0),
+        positions.stride(0), slot_mapping.stride(0), index.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), max(logn, 1),
+        math.log(max(logn, 2)), N_HEADS=n_heads, HEAD_DIM=head_dim, ROT_DIM=rotary_dim, BLOCK_SIZE=k_cache.shape[2],
+        USE_LOGN=logn > 0, HAS_INDEX=seq_index is not None, BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl,
+        num_warps=1 if head_dim <= 128 else 2, launch_pdl=pdl)
     return q
 
 
@@ -115,19 +127,19 @@ def logn_scale_reference(positions: Tensor, logn_seq_length: int) -> Tensor:
     return torch.where(p1 > logn_seq_length, torch.log(p1) / math.log(logn_seq_length), torch.ones_like(p1))
 
 
-def rotary_kv_write_reference(qkv: Tensor, inv_freq: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor,
-                              n_heads: int, head_dim: int, rotary_dim: int, logn_seq_length: int = 0,
-                              batch_index: Tensor | None = None) -> Tensor:
-    """Plain PyTorch rotary_kv_write (same in-place cache writes, same returned q)."""
-    B = qkv.shape[0]
-    rows = torch.arange(B, device=qkv.device) if batch_index is None else batch_index.long()
-    q, k, v = qkv.view(B, 3, n_heads, head_dim).unbind(1)  # each [B, n_heads, head_dim]
-    angles = positions.float()[:, None] * inv_freq.float()[rows]  # [B, rotary_dim // 2]
+def rotary_kv_write_reference(qkv: Tensor, inv_freq: Tensor, positions: Tensor, slot_mapping: Tensor,
+                              k_cache: Tensor, v_cache: Tensor, n_heads: int, head_dim: int, rotary_dim: int,
+                              logn_seq_length: int = 0, seq_index: Tensor | None = None) -> Tensor:
+    """Plain PyTorch rotary_kv_write (same in-place cache writes, same returned q; no host synchronisation)."""
+    N = qkv.shape[0]
+    rows = torch.arange(N, device=qkv.device) if seq_index is None else seq_index.long()
+    q, k, v = qkv.unflatten(1, (3, n_heads, head_dim)).unbind(1)  # each [N, n_heads, head_dim]
+    angles = positions.float()[:, None] * inv_freq.float()[rows]  # [N, rotary_dim // 2]
     cos, sin = angles.cos()[:, None], angles.sin()[:, None]
     q, k = apply_rotary_reference(q, cos, sin, rotary_dim), apply_rotary_reference(k, cos, sin, rotary_dim)
     if logn_seq_length > 0:
         q = (q.float() * logn_scale_reference(positions, logn_seq_length)[:, None, None]).to(q.dtype)
-    pos = positions.long()
-    k_cache[rows, :, pos] = k.to(k_cache.dtype)
-    v_cache[rows, :, pos] = v.to(v_cache.dtype)
+    slot, bs = slot_mapping.long(), k_cache.shape[2]
+    k_cache[slot // bs, :, slot % bs] = k.to(k_cache.dtype)  # [N, n_heads, head_dim] at cache[block, :, offset]
+    v_cache[slot // bs, :, slot % bs] = v.to(v_cache.dtype)
     return q.contiguous()

@@ -67,8 +67,18 @@ class Engine:
             bad = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
             raise QWenError(f"{path} does not match its config.json (first mismatch: {bad[0]}): rebuild the engine")
         model.load_state_dict(state, assign=True)
-        model.eval().requires_grad_(False)
+        model.eval().requires_grad_(False).set_kernels(use_triton_kernels(build, device))
         return cls(engine_dir, config, build, model, device, dtype, rank, world_size)
+
+
+def use_triton_kernels(build: dict, device: torch.device) -> bool:
+    """The build's kernel choice (`--kernels triton|torch`, Triton by default) where Triton can run on `device`
+    (CUDA; the CPU only under Triton's interpreter); otherwise the plain PyTorch references."""
+    if build.get("kernels", {}).get("decode", "triton") != "triton" or device.type != "cuda":
+        return False
+    from qwen_trtllm.kernels import triton_available
+
+    return triton_available(device)
 
 
 def model_skeleton(config: QWenConfig, world_size: int, quantization: dict | None) -> QWen:

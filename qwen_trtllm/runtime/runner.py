@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from qwen_trtllm import QWenError
-from qwen_trtllm.runtime.sampling import SamplingConfig
+from qwen_trtllm.runtime.executor import ExecutorConfig
+from qwen_trtllm.runtime.kv_cache import KvCacheConfig
+from qwen_trtllm.runtime.request import QWEN_EOD_ID, RequestOutput, SamplingParams
 
-QWEN_EOD_ID = 151643
+__all__ = ["QWEN_EOD_ID", "StreamPrinter", "add_runtime_args", "executor_config_from_args", "generation_defaults",
+           "read_input_tokens", "sampling_from_args", "write_outputs"]
 
 
 def generation_defaults(engine_dir: str | Path) -> dict:
@@ -27,14 +30,34 @@ def generation_defaults(engine_dir: str | Path) -> dict:
         raise QWenError(f"{path} is not valid JSON ({e})") from None
 
 
-def sampling_from_args(args, defaults: dict) -> SamplingConfig:
+def add_runtime_args(p) -> None:
+    """The in-flight batching runtime's flags (TensorRT-LLM's names), shared by the example scripts."""
+    p.add_argument("--kv_cache_free_gpu_mem_fraction", "--kv_cache_free_gpu_memory_fraction", type=float,
+                   default=0.9, help="share of the GPU memory free after loading the weights for the KV cache")
+    p.add_argument("--max_tokens_in_paged_kv_cache", type=int, default=None, help="cap on the KV cache, in tokens")
+    p.add_argument("--max_num_tokens", type=int, default=None,
+                   help="tokens per step: decode tokens + prefill chunks (default: the engine's)")
+    p.add_argument("--max_batch_size", type=int, default=None,
+                   help="requests in flight at once (default: the engine's); more prompts wait in a queue")
+
+
+def executor_config_from_args(args, engine_build: dict | None = None) -> ExecutorConfig:
+    """ExecutorConfig from add_runtime_args' flags (tokens_per_block from the engine's build)."""
+    kv = KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_mem_fraction,
+                       max_tokens=args.max_tokens_in_paged_kv_cache,
+                       tokens_per_block=(engine_build or {}).get("tokens_per_block", 64))
+    return ExecutorConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens, kv_cache=kv)
+
+
+def sampling_from_args(args, defaults: dict, max_tokens: int = 16) -> SamplingParams:
     """Command-line values win; otherwise generation_config.json (Qwen-7B-Chat: top_p 0.8, top_k 0, rep. 1.1)."""
     pick = lambda name, fallback: getattr(args, name) if getattr(args, name) is not None else \
         defaults.get(name, fallback)
     greedy_default = not defaults.get("do_sample", False)
     top_k = args.top_k if args.top_k is not None else (1 if greedy_default else defaults.get("top_k", 0))
-    cfg = SamplingConfig(temperature=pick("temperature", 1.0), top_k=top_k, top_p=pick("top_p", 1.0),
-                         repetition_penalty=pick("repetition_penalty", 1.0), seed=args.seed)
+    cfg = SamplingParams(max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_k=top_k,
+                         top_p=pick("top_p", 1.0), repetition_penalty=pick("repetition_penalty", 1.0),
+                         seed=args.seed)
     cfg.validate()
     return cfg
 
@@ -75,24 +98,18 @@ def write_outputs(output_ids: list[list[int]], sequences: np.ndarray, output_csv
 
 
 class StreamPrinter:
-    """Prints the first sequence's text as its tokens arrive (whole characters only)."""
+    """Prints one request's text as its tokens arrive (whole characters only); an on_output callback."""
 
-    def __init__(self, tokenizer, stop_ids: set[int]):
-        self.tokenizer, self.stop_ids = tokenizer, stop_ids
-        self.ids: list[int] = []
+    def __init__(self, tokenizer, stop_ids: set[int], index: int = 0):
+        self.tokenizer, self.stop_ids, self.index = tokenizer, stop_ids, index
         self.shown = ""
-        self.done = False
 
-    def __call__(self, new_tokens: list[int]) -> None:
-        if self.done:
+    def __call__(self, index: int, out: RequestOutput) -> None:
+        if index != self.index:
             return
-        tok = new_tokens[0]
-        if tok in self.stop_ids:
-            self.done = True
-            return
-        self.ids.append(tok)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):
+        ids = [t for t in out.token_ids if t not in self.stop_ids]
+        text = self.tokenizer.decode(ids)
+        if out.finished or not text.endswith("\ufffd"):  # a partial UTF-8 tail waits, unless nothing follows
             sys.stdout.write(text[len(self.shown):])
             sys.stdout.flush()
             self.shown = text

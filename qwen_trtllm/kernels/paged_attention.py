@@ -1,0 +1,353 @@
+"""Attention over the paged KV cache: flash decoding (one query token per sequence) and chunked-prefill flash
+attention (packed variable-length query chunks after cached tokens), each next to its PyTorch reference.
+
+Cache layout (one layer): k_cache and v_cache [num_blocks, n_heads, block_size, head_dim]. The token at position
+p of sequence b lives in block block_tables[b, p // block_size] at offset p % block_size; block_size (TensorRT-LLM's
+tokens_per_block) is a power of two in 16..128 and is the key tile of both kernels, so each tile is one block,
+found through one block-table load. Entries of a block table past a sequence's last block are never read; block 0
+is the runtime's dummy block (padding rows of CUDA-graph batches point there), which the kernels read like any.
+
+Decode, stage 1 (grid B x heads x num_splits): split s of sequence b covers keys [s * chunk, (s + 1) * chunk)
+clipped to seq_lens[b], with chunk = ceil(seq_lens[b] / num_splits) rounded up to whole blocks, so the work spreads
+over all splits whatever the context length while the grid stays static (CUDA-graph friendly). It keeps a running
+max, sum and accumulator in float32 (base-2 exponent) and writes the normalised partial output and its
+log-sum-exp to a float32 workspace; a split with no keys writes the neutral partial (lse = -inf, output 0).
+Stage 2 (grid B x heads) merges the splits with the log-sum-exp rule. With one split stage 1 writes the output.
+
+Prefill (grid P * ceil(max_query_len / BLOCK_M) x heads): a program takes BLOCK_M query rows of one sequence and
+runs the flash-attention loop (tl.dot, online softmax in float32, exp2) over the blocks of that sequence: first
+the blocks wholly before its first query row's position (no mask), then the blocks up to its last row's position
+(causal mask). Programs past their sequence's query length return at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start, sm_count
+
+_LOG2E = 1.4426950408889634
+_STAGE_BYTES = 128 * 1024  # shared memory the K/V pipeline may take: 2 stages where 2 tiles of K and V fit
+
+
+def _num_stages(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Loop pipelining depth: 2 (one K and V tile in flight while the other is used) where it fits, else 1."""
+    tile_pair = 2 * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 if 2 * tile_pair <= _STAGE_BYTES else 1
+
+
+def _check_cache(k_cache: Tensor, v_cache: Tensor, n_heads: int, head_dim: int) -> int:
+    assert head_dim & (head_dim - 1) == 0 and 16 <= head_dim <= 128, "head_dim must be a power of two in [16, 128]"
+    assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, "caches: [num_blocks, n_heads, block_size, head_dim]"
+    assert k_cache.shape[1] == n_heads and k_cache.shape[3] == head_dim
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    block_size = k_cache.shape[2]
+    assert block_size & (block_size - 1) == 0 and 16 <= block_size <= 128, "block_size: a power of two in [16, 128]"
+    return block_size
+
+
+# --- decode ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _paged_decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, max_seq,
+                               stride_qb, stride_qh, stride_bt, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
+                               N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, NUM_STAGES: tl.constexpr,
+                               PDL: tl.constexpr = False):
+    pdl_start(PDL, EARLY=True)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2)
+    seq_len = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), max_seq)
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole blocks
+    start = s * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    d = tl.arange(0, HEAD_DIM)
+    offs = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * qk_scale  # log2 units
+    table = bt_ptr + b * stride_bt
+    k_head = k_ptr + h * k_sh + offs[:, None] * k_ss + d[None, :]
+    v_head = v_ptr + h * v_sh + offs[:, None] * v_ss + d[None, :]
+    run_max = -float("inf")
+    denom = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+        block = tl.load(table + n0 // BLOCK_N).to(tl.int64)
+        valid = n0 + offs < end
+        # both tiles are requested before any arithmetic, so their memory latencies overlap
+        k = tl.load(k_head + block * k_sb, mask=valid[:, None], other=0.0)
+        v = tl.load(v_head + block * v_sb, mask=valid[:, None], other=0.0)
+        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        scores = tl.where(valid, scores, -float("inf"))
+        new_max = tl.maximum(run_max, tl.max(scores, axis=0))  # finite: every tile holds a valid key
+        alpha = tl.exp2(run_max - new_max)
+        p = tl.exp2(scores - new_max)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        denom = denom * alpha + tl.sum(p, axis=0)
+        run_max = new_max
+
+    has_keys = denom > 0.0
+    denom = tl.where(has_keys, denom, 1.0)
+    out = acc / denom
+    if DIRECT:
+        tl.store(o_ptr + (b * N_HEADS + h) * HEAD_DIM + d, out.to(o_ptr.dtype.element_ty))
+    else:
+        slot = (b * N_HEADS + h) * NUM_SPLITS + s
+        tl.store(o_ptr + slot * HEAD_DIM + d, out)
+        tl.store(lse_ptr + slot, tl.where(has_keys, run_max + tl.log2(denom), -float("inf")))
+
+
+@triton.jit
+def _paged_decode_merge_kernel(o_ws_ptr, lse_ptr, out_ptr, N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                               HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL, EARLY=True)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    row = b * N_HEADS + h
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < NUM_SPLITS
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + s, mask=s_ok, other=-float("inf"))
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == -float("inf"), 0.0, top)  # no keys at all (seq_len 0): every weight is 0
+    w = tl.exp2(lse - top)
+    o = tl.load(o_ws_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
+    num = tl.sum(w[:, None] * o, axis=0)
+    den = tl.sum(w, axis=0)
+    out = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
+def default_num_splits(batch: int, n_heads: int, max_seq: int, device: torch.device | str, block_size: int) -> int:
+    """Splits of paged_decode_attention for >= 2 programs per SM (4 'SMs' off CUDA), each split at least one
+    block of max_seq (the block table's capacity in tokens). 1 once batch x n_heads fills the GPU twice."""
+    device = torch.device(device)
+    sms = sm_count(device, 4)
+    splits = triton.cdiv(2 * sms, max(batch * n_heads, 1))
+    return max(1, min(splits, max_seq // block_size))
+
+
+def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                           scale: float, num_splits: int | None = None) -> Tensor:
+    """softmax(q k^T * scale) v over keys 0..seq_lens[b]-1 of each sequence, read through its block table.
+
+    q [B, n_heads, head_dim] (fp32 / fp16 / bf16, last dim contiguous); k_cache / v_cache [num_blocks, n_heads,
+    block_size, head_dim] (any of those dtypes, last dim contiguous); block_tables [B, max_blocks] int32 (or
+    int64), last dim contiguous: entries 0..ceil(seq_lens[b] / block_size)-1 are read, later ones never;
+    seq_lens [B] int32 (or int64), the valid keys, this step's included (clipped to max_blocks * block_size).
+    scale multiplies q.k (1/sqrt(head_dim) for Qwen). num_splits defaults to default_num_splits, from static
+    shapes only: no host synchronisation, grid fixed by the shapes (CUDA-graph safe). Returns [B, n_heads,
+    head_dim] in q.dtype; float32 accumulation; a sequence with seq_lens 0 gets zeros. head_dim and block_size
+    must be powers of two in [16, 128] (AssertionError otherwise).
+    """
+    B, H, D = q.shape
+    block_size = _check_cache(k_cache, v_cache, H, D)
+    assert q.stride(2) == 1 and seq_lens.shape == (B,)
+    assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
+    assert not block_tables.is_floating_point() and not seq_lens.is_floating_point()
+    max_seq = block_tables.shape[1] * block_size
+    splits = num_splits or default_num_splits(B, H, max_seq, q.device, block_size)
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    if splits == 1:
+        o_ws, lse_ws = out, out
+    else:
+        o_ws = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+        lse_ws = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    pdl = pdl_enabled(q.device)
+    _paged_decode_split_kernel[(B, H, splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, o_ws, lse_ws, scale * _LOG2E, max_seq, q.stride(0),
+        q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D,
+        BLOCK_N=block_size, DIRECT=splits == 1, NUM_STAGES=_num_stages(block_size, D, k_cache.dtype), PDL=pdl,
+        num_warps=4, launch_pdl=pdl)
+    if splits > 1:
+        _paged_decode_merge_kernel[(B, H)](o_ws, lse_ws, out, N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D,
+                                           BLOCK_S=triton.next_power_of_2(splits), PDL=pdl, num_warps=1,
+                                           launch_pdl=pdl)
+    return out
+
+
+def _gather_blocks(cache: Tensor, blocks: Tensor, dtype: torch.dtype) -> Tensor:
+    """cache [num_blocks, H, bs, D] gathered by blocks [..., n] -> [..., H, n * bs, D] in dtype."""
+    g = cache[blocks.long()]  # [..., n, H, bs, D]
+    g = g.movedim(-3, -4)  # [..., H, n, bs, D]
+    return g.reshape(*g.shape[:-3], g.shape[-3] * g.shape[-2], g.shape[-1]).to(dtype)
+
+
+def paged_decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                                     seq_lens: Tensor, scale: float, num_splits: int | None = None) -> Tensor:
+    """Plain PyTorch paged_decode_attention: gather each sequence's blocks, float32 softmax over its valid keys
+    (float64 for float64 inputs; num_splits unused). No host synchronisation (CUDA-graph safe); slots past
+    seq_lens[b] and table entries past its last block are never used, whatever they hold (NaN, any index).
+    Memory: B x n_heads x max_blocks x block_size x head_dim float32 for each of K and V.
+    """
+    B, max_blocks = block_tables.shape
+    bs = k_cache.shape[2]
+    n = max_blocks * bs
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    lens = seq_lens.to(q.device).long().clamp(max=n)
+    used = torch.arange(max_blocks, device=q.device)[None, :] * bs < lens[:, None]  # [B, max_blocks]
+    tables = torch.where(used, block_tables.to(q.device).long(), 0)  # unused entries: any value, read block 0
+    valid = torch.arange(n, device=q.device)[None, :] < lens[:, None]  # [B, n]
+    k = _gather_blocks(k_cache, tables, cdt).masked_fill(~valid[:, None, :, None], 0.0)  # [B, H, n, D]
+    v = _gather_blocks(v_cache, tables, cdt).masked_fill(~valid[:, None, :, None], 0.0)
+    scores = torch.einsum("bhd,bhnd->bhn", q.to(cdt), k) * scale
+    probs = torch.softmax(scores.masked_fill(~valid[:, None, :], -float("inf")), dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhn,bhnd->bhd", probs, v).to(q.dtype)
+
+
+# --- prefill ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot in float32 accumulation; UPCAST: operands widened to float32 first (Triton 3.6's interpreter
+    multiplies bf16 operands as their raw uint16 bits)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, ctx_ptr, qk_scale, max_seq, m_tiles,
+                          stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    pdl_start(PDL, EARLY=True)
+    pid = tl.program_id(0)
+    seq = (pid // m_tiles).to(tl.int64)
+    m_start = (pid % m_tiles) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    q_start = tl.load(qsl_ptr + seq).to(tl.int32)
+    q_len = tl.load(qsl_ptr + seq + 1).to(tl.int32) - q_start
+    if m_start >= q_len:
+        return
+    ctx = tl.load(ctx_ptr + seq).to(tl.int32)
+
+    d = tl.arange(0, HEAD_DIM)
+    offs = tl.arange(0, BLOCK_N)
+    i = m_start + tl.arange(0, BLOCK_M)  # query rows of this tile, within the sequence's chunk
+    row_ok = i < q_len
+    pos = ctx + i  # their positions: row i attends to keys 0..pos[i]
+    rows = (q_start + i).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    kv_end = tl.minimum(ctx + tl.minimum(m_start + BLOCK_M, q_len), max_seq)  # past the last row's position
+    full_end = tl.minimum((ctx + m_start) // BLOCK_N * BLOCK_N, kv_end)  # keys every row sees: no mask needed
+    table = bt_ptr + seq * stride_bt
+    k_head = k_ptr + h * k_sh + offs[:, None] * k_ss + d[None, :]
+    v_head = v_ptr + h * v_sh + offs[:, None] * v_ss + d[None, :]
+
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for n0 in tl.range(0, full_end, BLOCK_N, num_stages=NUM_STAGES):
+        block = tl.load(table + n0 // BLOCK_N).to(tl.int64)
+        k = tl.load(k_head + block * k_sb)
+        v = tl.load(v_head + block * v_sb)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST)
+        m_i = m_new
+    # the diagonal: key full_end <= every row's position, so each row has a finite max from the first tile on
+    for n0 in tl.range(full_end, kv_end, BLOCK_N, num_stages=NUM_STAGES):
+        block = tl.load(table + n0 // BLOCK_N).to(tl.int64)
+        n = n0 + offs
+        key_ok = n < kv_end  # never read a slot past the last row's position (not written yet)
+        k = tl.load(k_head + block * k_sb, mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_head + block * v_sb, mask=key_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
+        s = tl.where(n[None, :] <= pos[:, None], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o = o_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :]
+    tl.store(o, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def default_block_m(device: torch.device | str) -> int:
+    """Query rows per prefill program: 64 on CUDA, 16 under the interpreter (fewer wasted rows for short chunks)."""
+    return 64 if torch.device(device).type == "cuda" else 16
+
+
+def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                            query_start_loc: Tensor, context_lens: Tensor, scale: float, max_query_len: int,
+                            block_m: int | None = None) -> Tensor:
+    """Causal attention of packed prefill chunks over the paged cache (chunked context / chunked prefill).
+
+    q [T, n_heads, head_dim] (fp32 / fp16 / bf16, last dim contiguous): the query tokens of P sequences back to
+    back. query_start_loc [P+1] int32: cumulative offsets into q (query_start_loc[0] = 0), so sequence p's chunk
+    is q[query_start_loc[p]:query_start_loc[p+1]] (qlen_p rows, possibly 0). context_lens [P] int32: tokens of
+    sequence p already cached before this chunk. Query row i of sequence p sits at position context_lens[p] + i
+    and attends to keys 0..context_lens[p]+i, all of which must already be in the cache (rotary_kv_write wrote
+    the chunk's own keys first), so context_lens[p] + qlen_p <= max_blocks * block_size. block_tables [P,
+    max_blocks] int32 (or int64), last dim contiguous; k_cache / v_cache [num_blocks, n_heads, block_size,
+    head_dim] in q.dtype (tl.dot takes one dtype). max_query_len: a host int >= every qlen_p; it and P fix the
+    grid (no host synchronisation). block_m: query rows per program (power of two >= 16; default_block_m).
+    Returns [T, n_heads, head_dim] in q.dtype (float32 softmax and accumulation; fp16 / bf16 probabilities
+    enter the P.V product in q.dtype, as in flash attention; fp32 in full IEEE precision).
+    """
+    T, H, D = q.shape
+    block_size = _check_cache(k_cache, v_cache, H, D)
+    assert k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, "prefill: caches in q.dtype"
+    assert q.stride(2) == 1
+    P = context_lens.shape[0]
+    assert query_start_loc.shape == (P + 1,) and block_tables.dim() == 2 and block_tables.shape[0] == P
+    assert block_tables.stride(1) == 1 and not block_tables.is_floating_point()
+    block_m = block_m or default_block_m(q.device)
+    assert block_m & (block_m - 1) == 0 and block_m >= 16, "block_m: a power of two >= 16"
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    if T == 0 or P == 0 or max_query_len <= 0:
+        return out
+    m_tiles = triton.cdiv(max_query_len, block_m)
+    pdl = pdl_enabled(q.device)
+    _paged_prefill_kernel[(P * m_tiles, H)](
+        q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens, scale * _LOG2E,
+        block_tables.shape[1] * block_size, m_tiles, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+        v_cache.stride(1), v_cache.stride(2), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_size,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.dtype == torch.bfloat16 and q.device.type != "cuda",
+        NUM_STAGES=_num_stages(block_size, D, q.dtype), PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return out
+
+
+def paged_prefill_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                                      query_start_loc: Tensor, context_lens: Tensor, scale: float,
+                                      max_query_len: int | None = None, block_m: int | None = None) -> Tensor:
+    """Plain PyTorch paged_prefill_attention: per sequence, gather its keys and values into contiguous
+    [n_heads, L, head_dim] tensors (float32, float64 for float64 q), mask causally at the context offset,
+    softmax, cast back to q.dtype. Reads query_start_loc and context_lens on the host (a synchronisation: not
+    for CUDA-graph capture); max_query_len and block_m unused. Rows of q outside every chunk are left 0.
+    """
+    T, H, D = q.shape
+    bs = k_cache.shape[2]
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    out = torch.zeros(T, H, D, dtype=q.dtype, device=q.device)
+    starts, ctxs = query_start_loc.tolist(), context_lens.tolist()
+    for p, ctx in enumerate(ctxs):
+        t0, t1 = starts[p], starts[p + 1]
+        if t1 <= t0:
+            continue
+        n_keys = ctx + t1 - t0
+        blocks = block_tables[p, :triton.cdiv(n_keys, bs)]
+        k = _gather_blocks(k_cache, blocks, cdt)[:, :n_keys]  # [H, L, D]
+        v = _gather_blocks(v_cache, blocks, cdt)[:, :n_keys]
+        qp = q[t0:t1].transpose(0, 1).to(cdt)  # [H, qlen, D]
+        scores = torch.matmul(qp, k.transpose(1, 2)) * scale  # [H, qlen, L]
+        pos = ctx + torch.arange(t1 - t0, device=q.device)
+        allowed = torch.arange(n_keys, device=q.device)[None, :] <= pos[:, None]
+        probs = torch.softmax(scores.masked_fill(~allowed, -float("inf")), dim=-1)
+        out[t0:t1] = torch.matmul(probs, v).transpose(0, 1).to(q.dtype)
+    return out

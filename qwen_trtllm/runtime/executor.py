@@ -1,0 +1,242 @@
+"""The executor: the in-flight batching loop around the scheduler, KV cache manager, model runner and sampler.
+
+Each `step()` cancels what clients cancelled, asks the scheduler for a batch (decode tokens of running requests
+plus prefill chunks from the token budget), runs it, and hands every request its new tokens; finished,
+cancelled and failed requests give their KV cache blocks back at once. Rank 0 decides; under tensor
+parallelism every other rank runs `worker_loop()`, which executes the plans rank 0 broadcasts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from qwen_trtllm import QWenError
+from qwen_trtllm.models.qwen.model import ntk_alpha
+from qwen_trtllm.runtime.engine import Engine
+from qwen_trtllm.runtime.kv_cache import KvCacheConfig, KVCacheManager, pool_size_in_blocks
+from qwen_trtllm.runtime.model_runner import ModelRunner, StepPlan
+from qwen_trtllm.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
+from qwen_trtllm.runtime.scheduler import Scheduler, SchedulerOutput
+
+_IDLE = "idle"  # what rank 0 broadcasts when a generate call ends (workers return from worker_loop)
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Runtime limits (TensorRT-LLM's names). None: the engine's build values (max_batch_size, max_num_tokens,
+    max_input_len + max_output_len). num_scheduler_steps: decode steps run back to back when nothing waits."""
+
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+    max_seq_len: int | None = None
+    kv_cache: KvCacheConfig = field(default_factory=KvCacheConfig)
+    num_scheduler_steps: int = 8
+    cuda_graphs: bool | None = None
+
+
+class Executor:
+    def __init__(self, engine: Engine, config: ExecutorConfig | None = None, tokenizer=None):
+        config = config or ExecutorConfig()
+        self.engine, self.tokenizer = engine, tokenizer
+        build, cfg = engine.build, engine.config
+        self.max_batch_size = config.max_batch_size or build["max_batch_size"]
+        self.max_input_len, self.max_output_len = build["max_input_len"], build["max_output_len"]
+        self.max_seq_len = config.max_seq_len or self.max_input_len + self.max_output_len
+        self.max_num_tokens = config.max_num_tokens or build.get("max_num_tokens") or 8192
+        kv = config.kv_cache
+        if build.get("tokens_per_block") and kv == KvCacheConfig():
+            kv = KvCacheConfig(tokens_per_block=build["tokens_per_block"])
+        heads = cfg.num_attention_heads // engine.world_size
+        per_block = KVCacheManager.bytes_per_block(cfg.num_hidden_layers, heads, cfg.kv_channels,
+                                                   kv.tokens_per_block, engine.dtype)
+        blocks = pool_size_in_blocks(kv, per_block, engine.device, self.max_batch_size * self.max_seq_len)
+        if engine.world_size > 1:  # every rank must hold the same pool: the smallest
+            import torch
+
+            t = torch.tensor([blocks], device=engine.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            blocks = int(t.item())
+        self.kv_cache = KVCacheManager(cfg.num_hidden_layers, heads, cfg.kv_channels, blocks, kv.tokens_per_block,
+                                       engine.dtype, engine.device)
+        self.scheduler = Scheduler(self.kv_cache, self.max_batch_size, self.max_num_tokens,
+                                   config.num_scheduler_steps)
+        self.runner = ModelRunner(engine, self.kv_cache, self.max_batch_size, self.max_seq_len, config.cuda_graphs)
+        self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
+        self._slot: dict[int, int] = {}
+        self.stats = {"steps": 0, "preemptions": 0, "max_blocks_used": 0}
+
+    def kv_cache_report(self) -> str:
+        kv = self.kv_cache
+        gib = 2 * kv.k_cache.numel() * kv.k_cache.element_size() / 2**30
+        return (f"KV cache: {kv.num_blocks - 1} blocks x {kv.tokens_per_block} tokens = {kv.max_tokens} tokens "
+                f"({gib:.2f} GiB) on {self.engine.device}")
+
+    # --- requests in -------------------------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise QWenError when a request can never run on this engine (one line naming the fix)."""
+        params.validate()
+        ids, vocab = prompt_token_ids, self.engine.config.vocab_size
+        if not ids:
+            raise QWenError("an input prompt is empty: give at least one token")
+        if len(ids) > self.max_input_len:
+            raise QWenError(f"a prompt of {len(ids)} tokens exceeds the engine's max_input_len "
+                            f"{self.max_input_len}: shorten it or rebuild with a larger --max_input_len")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise QWenError(f"token ids must lie in [0, {vocab}): got {min(ids)}..{max(ids)}; "
+                            "is the tokenizer the engine's?")
+        if params.max_tokens > self.max_output_len:
+            raise QWenError(f"max_output_len {params.max_tokens} must be in 1..{self.max_output_len} (the "
+                            "engine's limit): lower it or rebuild with a larger --max_output_len")
+        total = len(ids) + params.max_tokens
+        if total > self.max_seq_len:
+            raise QWenError(f"prompt + output ({total} tokens) exceed max_seq_len {self.max_seq_len}")
+        if self.kv_cache.blocks_for(total) > self.kv_cache.num_blocks - 1:
+            raise QWenError(f"prompt + output ({total} tokens) exceed the KV cache ({self.kv_cache.max_tokens} "
+                            "tokens): raise --kv_cache_free_gpu_mem_fraction or lower the lengths")
+
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
+                    on_output: Callable[[RequestOutput], None] | None = None) -> Request:
+        """Queue a request (validated first); on_output is called on this thread after each of its steps."""
+        ids = [int(t) for t in prompt_token_ids]
+        self.check_request(ids, params)
+        cfg = self.engine.config
+        r = Request(ids, params, on_output)
+        r.ntk_alpha = ntk_alpha(len(ids), cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+        self.scheduler.add(r)
+        return r
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # --- one step ----------------------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one scheduled step (or window of decode steps); returns the requests that finished in it."""
+        finished = [r for r in self.scheduler.running + list(self.scheduler.waiting) if r.cancel_requested]
+        for r in finished:
+            self._finish(r, "cancelled")
+        sched = self.scheduler.schedule()
+        self.stats["preemptions"] += len(sched.preempted)
+        for r in sched.preempted:
+            self._release_slot(r)
+        if not sched:
+            return finished
+        plan, new_rows, slots = self._plan(sched)
+        self.stats["steps"] += plan.num_steps
+        self.stats["max_blocks_used"] = max(self.stats["max_blocks_used"], self.kv_cache.pool.num_used)
+        try:
+            if self.engine.world_size > 1:
+                dist.broadcast_object_list([plan], src=0)
+            tokens = self.runner.execute(plan, [r.params for r in sched.requests], new_rows, slots)
+        except Exception as e:
+            for r in sched.requests:
+                self._finish(r, "error", error=str(e))
+            raise
+        return finished + self._update(sched, tokens)
+
+    def _plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list, list[int]]:
+        ids, pos, qlens, ctx, tables, alphas, counters, new_rows, slots = [], [], [], [], [], [], [], [], []
+        for r in sched.decode:
+            ids.append(r.output_token_ids[-1])
+            pos.append(r.num_tokens - 1)
+            qlens.append(1)
+        for r, n in sched.prefill:
+            start = r.num_computed_tokens
+            ids += r.all_token_ids[start: start + n]
+            pos += range(start, start + n)
+            qlens.append(n)
+            if r.request_id not in self._slot:
+                self._slot[r.request_id] = self._free_slots.pop()
+            if start + n == r.num_tokens and r.params.repetition_penalty != 1.0:
+                new_rows.append((self._slot[r.request_id], r.all_token_ids))
+        for r in sched.requests:
+            ctx.append(r.num_computed_tokens)
+            tables.append(r.block_ids)
+            alphas.append(r.ntk_alpha)
+            counters.append(len(r.output_token_ids))
+            slots.append(self._slot[r.request_id])
+        plan = StepPlan(ids, pos, qlens, ctx, [list(t) for t in tables], alphas, counters, len(sched.decode),
+                        sched.num_steps)
+        return plan, new_rows, slots
+
+    def _update(self, sched: SchedulerOutput, tokens: list[list[int]]) -> list[Request]:
+        now, done = time.perf_counter(), []
+        for i, r in enumerate(sched.requests):
+            if i < len(sched.decode):
+                new = [tokens[k][i] for k in range(len(tokens))]
+            else:
+                n = sched.prefill[i - len(sched.decode)][1]
+                r.num_computed_tokens += n
+                if r.num_computed_tokens < r.num_tokens:  # a chunk inside the prompt: nothing sampled
+                    continue
+                r.num_computed_tokens -= 1  # the newest token's K and V come with the next step
+                new = [tokens[0][i]]
+            reason = None
+            for t in new:
+                r.num_computed_tokens += 1
+                r.output_token_ids.append(t)
+                r.token_times.append(now)
+                reason = self._stop_reason(r, t)
+                if reason:
+                    break
+            if r.first_token_time is None:
+                r.first_token_time = now
+            if reason:
+                self._finish(r, reason)
+                done.append(r)
+            elif r.on_output is not None:
+                r.on_output(r.snapshot())
+        return done
+
+    def _stop_reason(self, r: Request, token: int) -> str | None:
+        if token in r.params.stop_ids():
+            return "stop"
+        if r.params.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(r.output_token_ids)
+            hits = [i for i in (text.find(s) for s in r.params.stop) if i >= 0]
+            if hits:
+                r.text = text[: min(hits)]
+                return "stop"
+        if len(r.output_token_ids) >= r.params.max_tokens:
+            return "length"
+        return None
+
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+        if r.finished:
+            return
+        self.scheduler.finish(r)
+        self._release_slot(r)
+        r.status, r.finish_reason, r.error = RequestStatus.FINISHED, reason, error
+        if r.on_output is not None:
+            r.on_output(r.snapshot())
+
+    def _release_slot(self, r: Request) -> None:
+        slot = self._slot.pop(r.request_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+
+    # --- whole runs --------------------------------------------------------------------------------------
+    def run_until_done(self) -> None:
+        """Step until no request waits or runs; then release the other ranks' worker loops."""
+        try:
+            while self.has_work:
+                self.step()
+        finally:
+            self.end_of_work()
+
+    def end_of_work(self) -> None:
+        if self.engine.world_size > 1 and self.engine.rank == 0:
+            dist.broadcast_object_list([_IDLE], src=0)
+
+    def worker_loop(self) -> None:
+        """Ranks other than 0: run every plan rank 0 broadcasts, until it says the work is done."""
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] == _IDLE:
+                return
+            self.runner.execute(box[0])

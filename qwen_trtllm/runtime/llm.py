@@ -1,0 +1,189 @@
+"""The Python API, in the shape of TensorRT-LLM's and vLLM's `LLM`:
+
+    llm = LLM("qwen_outputs")
+    outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))         # offline: everything at once
+    async for out in llm.generate_async("Hello", SamplingParams(...)):        # online: one stream per request
+        print(out.new_text, end="")
+
+Offline calls run the executor on the caller's thread. The async form starts one background engine thread that
+owns the executor (requests arrive through a thread-safe inbox); each stream is an asyncio queue fed from it;
+leaving the `async for` early cancels the request and frees its KV cache blocks.
+Under tensor parallelism every rank constructs the LLM and calls the same offline methods; rank 0 schedules and
+returns the outputs, the other ranks follow its steps and return [].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from qwen_trtllm import QWenError
+from qwen_trtllm.runtime.engine import Engine
+from qwen_trtllm.runtime.executor import Executor, ExecutorConfig
+from qwen_trtllm.runtime.request import Request, RequestOutput, SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """An engine, its tokenizer (when the engine directory has qwen.tiktoken) and one in-flight batching executor."""
+
+    def __init__(self, engine_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                 config: ExecutorConfig | None = None):
+        from qwen_trtllm.runtime.distributed import init_distributed, load_engine_on_all_ranks
+
+        rank, world = init_distributed()
+        engine = load_engine_on_all_ranks(engine_dir, rank, world)
+        tok_dir = Path(tokenizer_dir or engine_dir)
+        tokenizer = None
+        if (tok_dir / "qwen.tiktoken").is_file():
+            from qwen_trtllm.tokenizer import QWenTokenizer
+
+            tokenizer = QWenTokenizer.from_dir(tok_dir)
+        self._setup(engine, tokenizer, config or ExecutorConfig())
+
+    @classmethod
+    def from_engine(cls, engine: Engine, tokenizer=None, config: ExecutorConfig | None = None) -> LLM:
+        """An LLM over an already loaded engine (tests, benchmarks)."""
+        llm = cls.__new__(cls)
+        llm._setup(engine, tokenizer, config or ExecutorConfig())
+        return llm
+
+    def _setup(self, engine: Engine, tokenizer, config: ExecutorConfig) -> None:
+        self.engine, self.tokenizer = engine, tokenizer
+        self.executor = Executor(engine, config, tokenizer)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopping = False
+
+    @property
+    def is_leader(self) -> bool:
+        return self.engine.rank == 0
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise QWenError("this engine directory has no qwen.tiktoken: pass token ids or --tokenizer_dir")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids)) if self.tokenizer is not None else ""
+
+    # --- offline -----------------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
+                 | None = None, on_output: Callable[[int, RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion (all queued at once; the scheduler batches them in flight).
+
+        prompts: a string, token ids, or a list of either. sampling_params: one for all, or one per prompt.
+        on_output(i, output) is called for prompt i after each step that gives it tokens (streaming).
+        Returns one finished RequestOutput per prompt, in order (rank 0; [] elsewhere). Raises QWenError for a
+        request that cannot run (nothing is queued then)."""
+        if not self.is_leader:
+            self.executor.worker_loop()
+            return []
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        if not prompts:
+            raise QWenError("no input prompts given")
+        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params or SamplingParams()]
+        params = list(params) * len(prompts) if len(params) == 1 else list(params)
+        if len(params) != len(prompts):
+            raise QWenError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        ids = [self.encode(p) for p in prompts]
+        try:
+            for i, p in zip(ids, params, strict=True):
+                self.executor.check_request(i, p)
+        except QWenError:
+            self.executor.end_of_work()
+            raise
+        callback = (lambda i: (lambda out: on_output(i, self._with_text(out)))) if on_output else (lambda i: None)
+        requests = [self.executor.add_request(i, p, callback(n))
+                    for n, (i, p) in enumerate(zip(ids, params, strict=True))]
+        self.executor.run_until_done()
+        errors = [r.error for r in requests if r.finish_reason == "error"]
+        if errors:
+            raise QWenError(errors[0])
+        return [self._with_text(r.snapshot(), r) for r in requests]
+
+    def _with_text(self, out: RequestOutput, request: Request | None = None) -> RequestOutput:
+        if self.tokenizer is not None and not out.text:
+            out.text = request.text if request is not None and request.text else self.decode(out.token_ids)
+        return out
+
+    # --- online ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background engine thread (generate_async does it on first use)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._engine_loop, name="qwen-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the engine thread after the requests it holds (cancel them first for a fast stop)."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _engine_loop(self) -> None:
+        ex = self.executor
+        while True:
+            while not self._inbox.empty():
+                req, fut = self._inbox.get()
+                try:
+                    fut.set_result(ex.add_request(*req))
+                except Exception as e:  # a request that cannot run: its caller gets the error
+                    fut.set_exception(e)
+            if ex.has_work:
+                try:
+                    ex.step()
+                except Exception:  # the step's requests already failed with the error; the loop goes on
+                    pass
+                continue
+            if self._stopping:
+                ex.end_of_work()
+                return
+            self._wake.wait(0.05)
+            self._wake.clear()
+
+    async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None
+                             ) -> AsyncIterator[RequestOutput]:
+        """Stream one request: a RequestOutput after each step that gave it tokens, the last with finished=True.
+        Raises QWenError (before the first output) when the request cannot run."""
+        import concurrent.futures
+
+        self.start()
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        push = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, self._with_text(out))
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(((self.encode(prompt), sampling_params or SamplingParams(), push), fut))
+        self._wake.set()
+        request: Request = await asyncio.wrap_future(fut)
+        try:
+            while True:
+                out = await outputs.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not request.finished:
+                request.cancel()
+                self._wake.set()
+
+
+def output_sequences(prompts: Sequence[Sequence[int]], outputs: Sequence[RequestOutput], end_id: int,
+                     max_new_tokens: int) -> np.ndarray:
+    """TensorRT-LLM's output array: int32 [B, max_input + max_new_tokens], prompt then output, padded with end_id."""
+    width = max(len(p) for p in prompts) + max_new_tokens
+    seqs = np.full((len(prompts), width), end_id, dtype=np.int32)
+    for b, (p, out) in enumerate(zip(prompts, outputs, strict=True)):
+        seqs[b, : len(p)] = p
+        seqs[b, len(p): len(p) + len(out.token_ids)] = out.token_ids
+    return seqs

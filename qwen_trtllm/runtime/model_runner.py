@@ -1,0 +1,267 @@
+"""The model runner: turns a scheduled step into the model's flat inputs and attention metadata, runs it (decode
+steps as CUDA graphs per batch-size bucket), samples, and returns the new tokens.
+
+A `StepPlan` is everything a step needs, in host lists: the scheduler fills it on rank 0, and under tensor
+parallelism it is broadcast so every rank runs the same step (rank 0 samples; its tokens are broadcast).
+A plan of decode tokens only may cover `num_steps` steps: the sampled tokens feed the next step on the device
+and the host reads all of them once at the end (blocks for every step were reserved by the scheduler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from qwen_trtllm.models.qwen.model import AttentionMetadata, rotary_inv_freq
+from qwen_trtllm.profiling import nvtx_range
+from qwen_trtllm.runtime.engine import Engine
+from qwen_trtllm.runtime.kv_cache import NULL_BLOCK, KVCacheManager
+from qwen_trtllm.runtime.request import SamplingParams
+from qwen_trtllm.runtime.sampler import SamplingTensors, sample
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+
+
+@dataclass
+class StepPlan:
+    """One step's batch: num_decode sequences with one token each, then prefill chunks (host lists).
+
+    input_ids / positions: [N] per token; query_lens [S] (1 for decode rows); context_lens [S]: tokens cached
+    before the step; block_tables [S] lists of block ids; ntk_alphas [S]; counters [S]: each sequence's output
+    index (its random stream's position); num_steps: decode steps to run back to back (decode-only plans)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    ntk_alphas: list[float]
+    counters: list[int]
+    num_decode: int
+    num_steps: int = 1
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+
+class ModelRunner:
+    """Runs StepPlans on one rank's model and KV cache."""
+
+    def __init__(self, engine: Engine, kv_cache: KVCacheManager, max_batch_size: int, max_seq_len: int,
+                 cuda_graphs: bool | None = None):
+        self.engine, self.kv = engine, kv_cache
+        self.device, self.config = engine.device, engine.config
+        self.max_batch_size = max_batch_size
+        self.max_blocks = kv_cache.blocks_for(max_seq_len)
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[int, DecodeGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.seen: Tensor | None = None  # [max_batch_size, vocab] bool: repetition-penalty token sets (rank 0)
+
+    # --- tensors from a plan -----------------------------------------------------------------------------
+    def _tensor(self, values, dtype: torch.dtype) -> Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def _block_table_tensor(self, tables: Sequence[Sequence[int]], rows: int) -> Tensor:
+        bt = torch.full((rows, self.max_blocks), NULL_BLOCK, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        return bt.to(self.device, non_blocking=True)
+
+    def _inv_freq(self, alphas: Sequence[float], rows: int) -> Tensor:
+        a = list(alphas) + [1.0] * (rows - len(alphas))
+        return rotary_inv_freq(self.config, torch.tensor(a, dtype=torch.float64, device=self.device))
+
+    def metadata(self, positions: Tensor, block_tables: Tensor, inv_freq: Tensor, num_decode: int,
+                 seq_index: Tensor | None = None, query_lens: Sequence[int] = (),
+                 context_lens: Sequence[int] = (), capture: dict | None = None,
+                 all_logits: bool = False) -> AttentionMetadata:
+        """Attention metadata for a step (decode rows first). Decode-only steps need only device tensors, so
+        that a CUDA graph can compute theirs inside."""
+        bs = self.kv.tokens_per_block
+        rows = seq_index.long() if seq_index is not None else torch.arange(positions.shape[0], device=self.device)
+        slots = block_tables[rows, positions // bs].long() * bs + positions % bs
+        if seq_index is None:  # decode only
+            seq_lens = (positions + 1).to(torch.int32)
+            ctx = qsl = None
+            logits_idx, max_q = torch.arange(positions.shape[0], device=self.device), 0
+        else:
+            D, pre = num_decode, list(query_lens[num_decode:])
+            seq_lens = self._tensor([c + q for c, q in zip(context_lens, query_lens, strict=True)], torch.int32)
+            ctx = self._tensor(list(context_lens), torch.int32)
+            starts = [0]
+            for n in pre:
+                starts.append(starts[-1] + n)
+            qsl = self._tensor(starts, torch.int32)
+            last = list(range(D)) + [D + s - 1 for s in starts[1:]]
+            logits_idx = self._tensor(list(range(positions.shape[0])) if all_logits else last, torch.int64)
+            max_q = max(pre, default=0)
+        return AttentionMetadata(positions, seq_index, inv_freq, slots, block_tables, seq_lens, ctx, qsl,
+                                 num_decode, max_q, logits_idx, self.kv.k_cache, self.kv.v_cache, capture)
+
+    # --- forward passes ----------------------------------------------------------------------------------
+    def forward_plan(self, plan: StepPlan, capture: dict | None = None, all_logits: bool = False) -> Tensor:
+        """The logits [S, vocab] (float32) of one eager step of `plan` (its first step only)."""
+        seq_index = [i for i, n in enumerate(plan.query_lens) for _ in range(n)]
+        meta = self.metadata(self._tensor(plan.positions, torch.int64),
+                             self._block_table_tensor(plan.block_tables, plan.num_seqs),
+                             self._inv_freq(plan.ntk_alphas, plan.num_seqs), plan.num_decode,
+                             self._tensor(seq_index, torch.int32), plan.query_lens, plan.context_lens, capture,
+                             all_logits)
+        return self.engine.model(self._tensor(plan.input_ids, torch.int64), meta)
+
+    def _decode(self, ids: Tensor, positions: Tensor, block_tables: Tensor, inv_freq: Tensor) -> Tensor:
+        return self.engine.model(ids, self.metadata(positions, block_tables, inv_freq, ids.shape[0]))
+
+    def _decode_graph(self, batch: int) -> DecodeGraph | None:
+        if not self.cuda_graphs:
+            return None
+        bb = next((b for b in GRAPH_BUCKETS if b >= batch), None)
+        if bb is None:
+            bb = -(-batch // 128) * 128
+        bb = min(bb, max(self.max_batch_size, batch))
+        if bb not in self._graphs:
+            self._graphs[bb] = DecodeGraph(self._decode, bb, self.max_blocks, self.config.rotary_dim // 2,
+                                           self.device, self._pool)
+        return self._graphs[bb]
+
+    # --- a whole plan: forward, sample, feed back ------------------------------------------------------------
+    def start(self, plan: StepPlan) -> DecodeSteps | None:
+        """The decode steps of a decode-only plan, inputs loaded (a CUDA graph's or eager); None otherwise."""
+        S = plan.num_seqs
+        if plan.num_decode != S:
+            return None
+        ids, pos = self._tensor(plan.input_ids, torch.int64), self._tensor(plan.positions, torch.int64)
+        graph = self._decode_graph(S)
+        rows = graph.batch if graph is not None else S
+        steps = DecodeSteps(self._decode, graph, S)
+        steps.load(ids, pos, self._block_table_tensor(plan.block_tables, rows), self._inv_freq(plan.ntk_alphas, rows))
+        return steps
+
+    @torch.inference_mode()
+    def logits(self, plan: StepPlan) -> Tensor:
+        """Logits [S, vocab] (float32) of the plan's first step, through the path generation uses."""
+        steps = self.start(plan)
+        return self.forward_plan(plan) if steps is None else steps.run()
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, params: Sequence[SamplingParams] | None = None,
+                new_rows: Sequence[tuple[int, list[int]]] = (), slots: Sequence[int] = ()) -> list[list[int]]:
+        """Run the plan's steps; returns the sampled tokens [num_steps][S] on rank 0 ([] on other ranks).
+
+        params [S] and slots [S] (each sequence's row in the repetition-penalty table) are rank 0's;
+        new_rows: (slot, token ids) of sequences whose repetition-penalty row starts afresh this step."""
+        rank0 = self.engine.rank == 0
+        st = SamplingTensors.build(params, self.device) if rank0 else None
+        seen_rows = self._seen_rows(st, new_rows, slots) if rank0 else None
+        counters = self._tensor(plan.counters, torch.int64) if rank0 else None
+        steps = self.start(plan)
+        out = []
+        for step in range(plan.num_steps):
+            with nvtx_range(f"step {step}"):
+                logits = self.forward_plan(plan) if steps is None else steps.run()
+                tokens = sample(logits, st, counters + step, seen_rows) if rank0 else \
+                    torch.empty(plan.num_seqs, dtype=torch.int64, device=self.device)
+                if self.engine.world_size > 1:  # every rank continues with rank 0's tokens
+                    dist.broadcast(tokens, src=0)
+                out.append(tokens)
+                if rank0 and seen_rows is not None:
+                    seen_rows.scatter_(1, tokens[:, None], True)
+                if step + 1 < plan.num_steps:
+                    steps.advance(tokens)
+        if rank0 and seen_rows is not None:
+            self.seen[self._tensor(list(slots), torch.int64)] = seen_rows
+        return torch.stack(out).tolist() if rank0 else []
+
+    def _seen_rows(self, st: SamplingTensors, new_rows: Sequence[tuple[int, list[int]]],
+                   slots: Sequence[int]) -> Tensor | None:
+        """Each sequence's set of prompt and output tokens [S, vocab] bool, when any row has a penalty."""
+        if not st.any_penalty and not new_rows:
+            return None
+        if self.seen is None:
+            self.seen = torch.zeros(self.max_batch_size, self.config.vocab_size, dtype=torch.bool,
+                                    device=self.device)
+        for slot, ids in new_rows:
+            self.seen[slot] = False
+            self.seen[slot, self._tensor(ids, torch.int64)] = True
+        if not st.any_penalty:
+            return None
+        return self.seen[self._tensor(list(slots), torch.int64)]
+
+    def release(self) -> None:
+        """Drop the CUDA graphs (they hold references through their captured steps)."""
+        self._graphs.clear()
+
+
+class DecodeSteps:
+    """Consecutive decode steps of the same rows: through a DecodeGraph when there is one, else eagerly."""
+
+    def __init__(self, fn: Callable[..., Tensor], graph: DecodeGraph | None, rows: int):
+        self.fn, self.graph, self.rows = fn, graph, rows
+
+    def load(self, ids: Tensor, pos: Tensor, block_tables: Tensor, inv_freq: Tensor) -> None:
+        if self.graph is not None:
+            self.graph.load(ids, pos, block_tables, inv_freq)
+        else:
+            self.ids, self.pos, self.block_tables, self.inv_freq = ids, pos, block_tables, inv_freq
+
+    def run(self) -> Tensor:
+        if self.graph is not None:
+            return self.graph.replay()[: self.rows]
+        return self.fn(self.ids, self.pos, self.block_tables, self.inv_freq)
+
+    def advance(self, tokens: Tensor) -> None:
+        """The next step: the sampled tokens in, one position further."""
+        if self.graph is not None:
+            self.graph.advance(tokens)
+        else:
+            self.ids, self.pos = tokens, self.pos + 1
+
+
+class DecodeGraph:
+    """A decode step for `batch` rows captured in a CUDA graph over static inputs. Rows past the real batch
+    have position 0 and an all-null block table: they write and read the null block, and their logits are
+    ignored."""
+
+    def __init__(self, fn: Callable[..., Tensor], batch: int, max_blocks: int, half_rotary: int,
+                 device: torch.device, pool):
+        self.batch = batch
+        self.ids = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device=device)
+        self.inv_freq = torch.zeros(batch, half_rotary, dtype=torch.float32, device=device)
+        inputs = (self.ids, self.pos, self.block_tables, self.inv_freq)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: Triton compilation, cuBLAS workspaces
+                fn(*inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = fn(*inputs)
+        self.rows = 0
+
+    def load(self, ids: Tensor, pos: Tensor, block_tables: Tensor, inv_freq: Tensor) -> None:
+        """Set the real rows (the rest: padding) before the first replay of a plan."""
+        n = self.rows = ids.shape[0]
+        self.ids.zero_()
+        self.pos.zero_()
+        self.ids[:n], self.pos[:n] = ids, pos
+        self.block_tables.copy_(block_tables)
+        self.inv_freq.copy_(inv_freq)
+
+    def advance(self, tokens: Tensor) -> None:
+        """The next step of the same rows: the sampled tokens in, one position further."""
+        self.ids[: self.rows] = tokens
+        self.pos[: self.rows] += 1
+
+    def replay(self) -> Tensor:
+        self.graph.replay()
+        return self.output

@@ -1,0 +1,140 @@
+"""Requests: what a client asks for (prompt ids + SamplingParams) and the runtime's state of it.
+
+Names follow TensorRT-LLM's executor and LLM API (and vLLM's): a `Request` moves from the waiting queue to the
+running batch (prefill in chunks, then one decode token per step) to finished; `RequestOutput` is what the
+caller sees, as often as new tokens arrive.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from qwen_trtllm import QWenError
+
+QWEN_EOD_ID = 151643  # <|endoftext|>
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings (TensorRT-LLM's SamplingConfig / LLM-API SamplingParams names).
+
+    max_tokens: new tokens at most (>= 1). temperature >= 0 (0 = greedy); top_k >= 0 (1 = greedy, 0 = off);
+    0 < top_p <= 1 (1 = off); repetition_penalty > 0 (1 = off; Hugging Face semantics: positive logits of tokens
+    already in the prompt or output are divided by it, negative ones multiplied); seed: the request's own random
+    stream (counter-based: the same tokens whatever else runs in the batch). stop_token_ids end the request and are
+    kept in the output; end_id (None: none) ends it too unless ignore_eos, and pads TensorRT-LLM's output arrays;
+    stop: strings that end the request (checked on the detokenised text, not returned).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 1
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop_token_ids: Sequence[int] = ()
+    end_id: int | None = QWEN_EOD_ID
+    ignore_eos: bool = False
+    stop: Sequence[str] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature == 0.0
+
+    def stop_ids(self) -> frozenset[int]:
+        ids = set(self.stop_token_ids)
+        if self.end_id is not None and not self.ignore_eos:
+            ids.add(self.end_id)
+        return frozenset(ids)
+
+    def validate(self) -> None:
+        """Raise QWenError naming the bad value and the valid range."""
+        ok = (self.temperature >= 0 and math.isfinite(self.temperature) and self.top_k >= 0
+              and 0 < self.top_p <= 1 and self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty))
+        if not ok:
+            raise QWenError(f"invalid sampling settings (temperature={self.temperature}, top_k={self.top_k}, "
+                            f"top_p={self.top_p}, repetition_penalty={self.repetition_penalty}): need temperature "
+                            ">= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise QWenError(f"max_tokens {self.max_tokens} must be a positive integer")
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """A snapshot of one request: every token id generated so far, the newest since the last snapshot, and why
+    it finished (None while it runs; "stop", "length", "cancelled" or "error")."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    error: str | None = None
+    text: str = ""  # the detokenised output, when the engine has a tokenizer
+    new_text: str = ""
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's state in the runtime (created by Executor.add_request)."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    on_output: Callable[[RequestOutput], None] | None = None  # called on the engine loop after each step's tokens
+    request_id: int = field(default_factory=lambda: next(_ids))
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    block_ids: list[int] = field(default_factory=list)  # the block table
+    num_computed_tokens: int = 0  # tokens whose K and V are in the cache
+    ntk_alpha: float = 1.0  # from the prompt length, fixed for the request's life (preemption included)
+    num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # host time each output token was seen
+    cancel_requested: bool = False
+    text: str = ""  # detokenised output (engines with a tokenizer)
+    _sent: int = 0  # output tokens already reported through on_output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def in_prefill(self) -> bool:
+        """Tokens other than the newest still lack their K and V (a new request, or one preempted)."""
+        return self.num_computed_tokens < self.num_tokens - 1 or not self.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; its blocks return to the pool at the next step."""
+        self.cancel_requested = True
+
+    def snapshot(self) -> RequestOutput:
+        new = self.output_token_ids[self._sent:]
+        self._sent = len(self.output_token_ids)
+        return RequestOutput(self.request_id, self.prompt_token_ids, list(self.output_token_ids), new,
+                             self.finished, self.finish_reason, self.error, self.text)
