@@ -1,9 +1,13 @@
-"""GPU microbenchmark of the decode-step Triton kernels against their PyTorch references, on Qwen-7B shapes.
+"""GPU microbenchmark of the Triton kernels against PyTorch, on Qwen-7B shapes over a paged KV cache.
 
-hidden 4096 = 32 heads x 128, ffn 11008, batch 1/8/64, context 128/2048 in a 4096-slot KV cache. Each kernel is
-checked against its reference at the shape, then both are timed with triton.testing.do_bench (median, L2 flushed
-between calls). GB/s counts the bytes the operation must move (for attention: q, the valid keys and values, out),
-the same for both columns. Run on the GPU machine: python3 scripts/gpu_kernel_bench.py [--dtype bf16]
+hidden 4096 = 32 heads x 128, ffn 11008. Decode: batch 1..512, context 128/2048, blocks of --block_size tokens
+scattered over the pool in random order (a pool after churn). Prefill: packed chunks after cached context. Each
+kernel is checked against its reference at the shape (attention: on the first sequences), then timed with
+triton.testing.do_bench (median, L2 flushed between calls) against the PyTorch path (rms_norm, silu_mul,
+rotary) or SDPA over contiguous copies of the same keys (attention: what a static cache would cost). GB/s counts
+the bytes the operation must move (for decode attention: q, the valid keys and values, out), the same for both
+columns; for prefill the last column is the triton kernel's TFLOP/s (causal: only the unmasked products).
+Run on the GPU machine: python3 scripts/gpu_kernel_bench.py [--dtype bf16] [--block_size 64] [--quick]
 """
 
 import argparse
@@ -14,9 +18,11 @@ import torch.nn.functional as F
 import triton
 
 from qwen_trtllm.kernels import (
-    decode_attention,
-    decode_attention_reference,
     default_num_splits,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    paged_prefill_attention,
+    paged_prefill_attention_reference,
     rms_norm,
     rms_norm_reference,
     rotary_kv_write,
@@ -25,8 +31,10 @@ from qwen_trtllm.kernels import (
     silu_mul_reference,
 )
 
-H, HEADS, D, FFN, MAX_SEQ = 4096, 32, 128, 11008, 4096
-BATCHES, CONTEXTS, DEVICE = (1, 8, 64), (128, 2048), "cuda"
+H, HEADS, D, FFN = 4096, 32, 128, 11008
+BATCHES, CONTEXTS, DEVICE = (1, 8, 64, 256, 512), (128, 2048), "cuda"
+PREFILLS = ((1, 2048, 0), (4, 512, 1024), (16, 128, 512))  # (sequences, chunk tokens each, cached before)
+CHECK_SEQS = 8  # attention is checked against its reference on this many sequences (the reference gathers all)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,10 +45,11 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # microseconds
 
 
-def row(name: str, shape: str, nbytes: int, t_tri: float, t_ref: float, err: float, tol: float) -> None:
+def row(name: str, shape: str, nbytes: int, t_tri: float, t_ref: float, err: float, tol: float,
+        extra: str = "") -> None:
     flag = "" if err < tol else "  <-- MISMATCH"
-    print(f"{name:<16} {shape:<22} {t_tri:9.1f} {t_ref:9.1f} {t_ref / t_tri:7.2f}x {nbytes / t_tri / 1e3:8.0f} "
-          f"{nbytes / t_ref / 1e3:8.0f} {err:9.1e}{flag}", flush=True)
+    print(f"{name:<16} {shape:<28} {t_tri:9.1f} {t_ref:9.1f} {t_ref / t_tri:7.2f}x {nbytes / t_tri / 1e3:8.0f} "
+          f"{nbytes / t_ref / 1e3:8.0f} {err:9.1e}{extra}{flag}", flush=True)
 
 
 def bench_batch(B: int, dt: torch.dtype, tol: float) -> None:
@@ -57,50 +66,100 @@ def bench_batch(B: int, dt: torch.dtype, tol: float) -> None:
         err, tol)
 
 
-def bench_context(B: int, ctx: int, kc: torch.Tensor, vc: torch.Tensor, tol: float) -> None:
-    """rotary_kv_write at position ctx - 1 (logn on), then decode_attention over ctx keys per sequence."""
-    dev, dt, es = DEVICE, kc.dtype, 2
+def gather(cache: torch.Tensor, tables: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n keys of each sequence, contiguous: [B, HEADS, n, D]."""
+    bs = cache.shape[2]
+    g = cache[tables[:, :triton.cdiv(n, bs)].long()]  # [B, blocks, HEADS, bs, D]
+    return g.transpose(1, 2).flatten(2, 3)[:, :, :n]
+
+
+def bench_context(B: int, ctx: int, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor, tol: float) -> None:
+    """rotary_kv_write at position ctx - 1 (logn on), then paged_decode_attention over ctx keys per sequence."""
+    dev, dt, es, bs = DEVICE, kc.dtype, 2, kc.shape[2]
+    tables = tables[:B]
     qkv = torch.randn(B, 3 * H, device=dev, dtype=dt)
     inv_freq = (1.0 / 10000.0 ** (torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D)).repeat(B, 1)
     pos = torch.full((B,), ctx - 1, device=dev, dtype=torch.long)
-    q = rotary_kv_write(qkv, inv_freq, pos, kc, vc, HEADS, D, D, 2048)
-    k_ref, v_ref = kc[:B, :, :ctx].float(), vc[:B, :, :ctx].float()
-    q_ref = rotary_kv_write_reference(qkv.float(), inv_freq, pos, k_ref, v_ref, HEADS, D, D, 2048)
-    rows = torch.arange(B, device=dev)
-    err = max(rel_err(q, q_ref), rel_err(kc[rows, :, pos], k_ref[rows, :, pos]))
-    del k_ref, v_ref
+    slots = tables[:, (ctx - 1) // bs].long() * bs + (ctx - 1) % bs
+    q = rotary_kv_write(qkv, inv_freq, pos, slots, kc, vc, HEADS, D, D, 2048)
+    rows, off = torch.arange(B, device=dev), slots % bs
+    k_ref = torch.zeros(B, HEADS, bs, D, device=dev)  # the reference writes sequence b's token into block b
+    q_ref = rotary_kv_write_reference(qkv.float(), inv_freq, pos, rows * bs + off, k_ref, torch.zeros_like(k_ref),
+                                      HEADS, D, D, 2048)
+    err = max(rel_err(q, q_ref), rel_err(kc[slots // bs, :, off], k_ref[rows, :, off]))
     row("rotary_kv_write", f"B={B} pos={ctx - 1}", 6 * B * H * es,
-        bench(lambda: rotary_kv_write(qkv, inv_freq, pos, kc, vc, HEADS, D, D, 2048)),
-        bench(lambda: rotary_kv_write_reference(qkv, inv_freq, pos, kc, vc, HEADS, D, D, 2048)), err, tol)
+        bench(lambda: rotary_kv_write(qkv, inv_freq, pos, slots, kc, vc, HEADS, D, D, 2048)),
+        bench(lambda: rotary_kv_write_reference(qkv, inv_freq, pos, slots, kc, vc, HEADS, D, D, 2048)), err, tol)
 
     lens = torch.full((B,), ctx, device=dev, dtype=torch.int32)
     scale = 1 / math.sqrt(D)
-    splits = default_num_splits(B, HEADS, MAX_SEQ, dev)
-    err = rel_err(decode_attention(q, kc, vc, lens, scale),
-                  decode_attention_reference(q, kc[:B, :, :ctx], vc[:B, :, :ctx], lens, scale))
-    k_valid, v_valid, q4 = kc[:B, :, :ctx], vc[:B, :, :ctx], q[:, :, None]
-    mask = (torch.arange(ctx, device=dev)[None, :] < lens[:, None])[:, None, None, :]
-    row("decode_attention", f"B={B} ctx={ctx} s={splits}", (2 * B * HEADS * ctx * D + 2 * B * H) * es,
-        bench(lambda: decode_attention(q, kc, vc, lens, scale)),  # vs the PyTorch decode path: SDPA over ctx slots
-        bench(lambda: F.scaled_dot_product_attention(q4, k_valid, v_valid, attn_mask=mask)), err, tol)
+    splits = default_num_splits(B, HEADS, tables.shape[1] * bs, dev, bs)
+    c = min(B, CHECK_SEQS)
+    err = rel_err(paged_decode_attention(q, kc, vc, tables, lens, scale)[:c],
+                  paged_decode_attention_reference(q[:c], kc, vc, tables[:c, :triton.cdiv(ctx, bs)], lens[:c], scale))
+    k_valid, v_valid, q4 = gather(kc, tables, ctx), gather(vc, tables, ctx), q[:, :, None]
+    row("paged_decode", f"B={B} ctx={ctx} bs={bs} s={splits}", (2 * B * HEADS * ctx * D + 2 * B * H) * es,
+        bench(lambda: paged_decode_attention(q, kc, vc, tables, lens, scale)),  # vs SDPA over contiguous copies
+        bench(lambda: F.scaled_dot_product_attention(q4, k_valid, v_valid)), err, tol)
+
+
+def bench_prefill(P: int, qlen: int, ctx: int, kc: torch.Tensor, vc: torch.Tensor, tables: torch.Tensor,
+                  tol: float) -> None:
+    """paged_prefill_attention of P chunks of qlen tokens after ctx cached ones (keys already written)."""
+    dev, dt, bs = DEVICE, kc.dtype, kc.shape[2]
+    tables = tables[:P]
+    q = torch.randn(P * qlen, HEADS, D, device=dev, dtype=dt)
+    qsl = torch.arange(0, P * qlen + 1, qlen, device=dev, dtype=torch.int32)
+    ctx_lens = torch.full((P,), ctx, device=dev, dtype=torch.int32)
+    scale = 1 / math.sqrt(D)
+    c = min(P, 2)
+    out = paged_prefill_attention(q, kc, vc, tables, qsl, ctx_lens, scale, qlen)
+    err = rel_err(out[:c * qlen], paged_prefill_attention_reference(q[:c * qlen], kc, vc, tables[:c], qsl[:c + 1],
+                                                                    ctx_lens[:c], scale))
+    n = ctx + qlen
+    k, v = gather(kc, tables, n), gather(vc, tables, n)  # [P, HEADS, n, D]
+    q4 = q.view(P, qlen, HEADS, D).transpose(1, 2)
+    if ctx == 0:
+        ref = lambda: F.scaled_dot_product_attention(q4, k, v, is_causal=True)
+    else:
+        mask = torch.arange(n, device=dev)[None, :] <= ctx + torch.arange(qlen, device=dev)[:, None]
+        ref = lambda: F.scaled_dot_product_attention(q4, k, v, attn_mask=mask)
+    flops = 4 * P * HEADS * D * sum(ctx + i + 1 for i in range(qlen))
+    nbytes = (2 * P * qlen * H + 2 * P * HEADS * n * D) * 2
+    t_tri = bench(lambda: paged_prefill_attention(q, kc, vc, tables, qsl, ctx_lens, scale, qlen))
+    row("paged_prefill", f"P={P} q={qlen} ctx={ctx} bs={bs}", nbytes, t_tri, bench(ref), err, tol,
+        f" {flops / t_tri / 1e6:6.0f} TFLOP/s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
-    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[ap.parse_args().dtype]
+    ap.add_argument("--block_size", type=int, default=64, choices=[16, 32, 64, 128])
+    ap.add_argument("--quick", action="store_true", help="attention only, fewer shapes")
+    args = ap.parse_args()
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    bs = args.block_size
     tol = 2e-3 if dt == torch.float16 else 1e-2
     torch.manual_seed(0)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
-    print(f"{name}  {dt}  (times in us; GB/s of required traffic)")
-    print(f"{'kernel':<16} {'shape':<22} {'triton':>9} {'torch':>9} {'speedup':>8} {'GB/s tri':>8} {'GB/s ref':>8} "
+    print(f"{name}  {dt}  block_size {bs}  (times in us; GB/s of required traffic)")
+    print(f"{'kernel':<16} {'shape':<28} {'triton':>9} {'torch':>9} {'speedup':>8} {'GB/s tri':>8} {'GB/s ref':>8} "
           f"{'rel err':>9}")
-    kc = torch.randn(max(BATCHES), HEADS, MAX_SEQ, D, device=DEVICE, dtype=dt)
+    max_ctx = max(max(CONTEXTS), max(q + c for _, q, c in PREFILLS))
+    max_blocks = triton.cdiv(max_ctx, bs)
+    max_seqs = max(max(BATCHES), max(p for p, _, _ in PREFILLS))
+    num_blocks = max_seqs * max_blocks + 1
+    tables = (torch.randperm(num_blocks - 1, device=DEVICE)[:max_seqs * max_blocks] + 1).view(max_seqs, max_blocks)
+    tables = tables.to(torch.int32)
+    kc = torch.randn(num_blocks, HEADS, bs, D, device=DEVICE, dtype=dt)
     vc = torch.randn_like(kc)
     for B in BATCHES:
-        bench_batch(B, dt, tol)
+        if not args.quick:
+            bench_batch(B, dt, tol)
         for ctx in CONTEXTS:
-            bench_context(B, ctx, kc, vc, tol)
+            bench_context(B, ctx, kc, vc, tables, tol)
+    for P, qlen, ctx in PREFILLS:
+        bench_prefill(P, qlen, ctx, kc, vc, tables, tol)
 
 
 if __name__ == "__main__":

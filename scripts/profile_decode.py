@@ -1,14 +1,18 @@
 """Profile the engine on the GPU: per-kernel time of prefill and decode (torch profiler, CUDA graphs included).
 
 python3 scripts/profile_decode.py [--batch 1] [--input_len 128] [--steps 16] [--trace trace.json]
+
+The batch goes through the in-flight batching runtime as one static batch: all prompts in one prefill step, then
+decode steps (num_scheduler_steps at a time, as CUDA graphs).
 """
 
 import argparse
+import time
 
 import torch
 
 from qwen_trtllm.evaluation.benchmark import random_engine
-from qwen_trtllm.runtime import GenerationSession, SamplingConfig
+from qwen_trtllm.runtime import LLM, ExecutorConfig, KvCacheConfig, SamplingParams
 
 
 def main() -> None:
@@ -26,15 +30,34 @@ def main() -> None:
         from qwen_trtllm.evaluation.benchmark import quantized_engine
 
         engine = quantized_engine(engine, args.quant)
-    session = GenerationSession(engine)
+    seq, bs = args.input_len + args.steps, 64
+    kv = KvCacheConfig(max_tokens=args.batch * -(-seq // bs) * bs, tokens_per_block=bs)  # this batch's blocks
+    llm = LLM.from_engine(engine, config=ExecutorConfig(max_batch_size=args.batch, max_seq_len=seq, kv_cache=kv,
+                                                        max_num_tokens=args.batch * args.input_len))
+    ex = llm.executor
     prompts = torch.randint(0, engine.config.vocab_size, (args.batch, args.input_len)).tolist()
-    session.generate(prompts, args.steps, SamplingConfig(top_k=1), stop_ids=[-1])  # warm-up and capture
+    params = SamplingParams(max_tokens=args.steps, top_k=1, ignore_eos=True)
+
+    def run() -> dict:
+        for p in prompts:
+            ex.add_request(p, params)
+        t0 = time.perf_counter()
+        ex.step()  # the prefill step (and the first token)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        steps = ex.stats["steps"]
+        while ex.has_work:
+            ex.step()
+        torch.cuda.synchronize()
+        return {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (time.perf_counter() - t1) * 1e3,
+                "decode_steps": ex.stats["steps"] - steps}
+
+    run()  # warm-up and capture
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        session.generate(prompts, args.steps, SamplingConfig(top_k=1), stop_ids=[-1])
-        torch.cuda.synchronize()
-    print(session.last_timing)
+        timing = run()
+    print(timing)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
     if args.trace:
         prof.export_chrome_trace(args.trace)

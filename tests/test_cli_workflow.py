@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen_trtllm.runtime import Engine, GenerationSession, SamplingConfig
+from qwen_trtllm.runtime import LLM, Engine, SamplingParams
 from qwen_trtllm.tokenizer import QWenTokenizer, make_context, stop_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +55,11 @@ def test_run_outputs_match_the_library_and_trtllm_layout(workdir):
     assert r.stdout.count("Output:") == 2
     tok = QWenTokenizer.from_dir(workdir / "qwen_outputs")
     prompts = [make_context(tok, q)[1] for q in ("你好", "Hello")]
-    session = GenerationSession(Engine.load(workdir / "qwen_outputs"))
+    llm = LLM.from_engine(Engine.load(workdir / "qwen_outputs"))
     # run.py takes repetition_penalty 1.1 from the checkpoint's generation_config.json; --top_k 1 makes it greedy
-    want = session.generate(prompts, 6, SamplingConfig(top_k=1, repetition_penalty=1.1),
-                            stop_ids=sorted(stop_token_ids(tok)), end_id=EOD).output_ids
+    params = SamplingParams(max_tokens=6, top_k=1, repetition_penalty=1.1, stop_token_ids=sorted(stop_token_ids(tok)),
+                            end_id=EOD)
+    want = [o.token_ids for o in llm.generate(prompts, params)]
     seqs = np.load(npy)
     assert seqs.dtype == np.int32 and seqs.shape == (2, max(map(len, prompts)) + 6)
     for b, (p, ids) in enumerate(zip(prompts, want, strict=True)):
@@ -75,10 +76,24 @@ def test_streaming_prints_the_answer_once(workdir):
     assert r.stdout.count("Output:") == 1 and "tokens/s" in r.stdout
 
 
+def test_more_prompts_than_max_batch_size_queue(workdir):
+    out_csv = workdir / "queued.csv"
+    r = sh(workdir, f"python3 examples/qwen/run.py --max_output_len 4 --top_k 1 --input_text a b c "
+                    f"--output_csv {out_csv}")  # the engine's max_batch_size is 2: the third prompt waits
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Output:") == 3
+    tok = QWenTokenizer.from_dir(workdir / "qwen_outputs")
+    llm = LLM.from_engine(Engine.load(workdir / "qwen_outputs"))
+    params = SamplingParams(max_tokens=4, top_k=1, repetition_penalty=1.1, stop_token_ids=sorted(stop_token_ids(tok)),
+                            end_id=EOD)
+    with out_csv.open() as f:
+        got = [[int(t) for t in row] for row in csv.reader(f)]
+    assert got == [llm.generate([make_context(tok, q)[1]], params)[0].token_ids for q in "abc"]
+
+
 @pytest.mark.parametrize("args,message", [
     ("--engine_dir missing", "does not exist"),
     ("--num_beams 2", "beam search"),
-    ("--input_text a b c", "max_batch_size"),
 ])
 def test_run_bad_input(workdir, args, message):
     r = sh(workdir, f"python3 examples/qwen/run.py --max_output_len 4 {args}")

@@ -13,7 +13,7 @@ import torch
 from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.checkpoint.random_checkpoint import swap_mlp_weights
 from qwen_trtllm.evaluation.compare_layers import compare_layers, first_flagged, tensor_names
-from qwen_trtllm.models.qwen import model as model_mod
+from qwen_trtllm.kernels import rotary as rotary_mod
 from qwen_trtllm.models.qwen.reference import load_reference
 from qwen_trtllm.runtime import Engine
 
@@ -22,13 +22,12 @@ TOKENS = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 1516
           151645, 198, 151644, 77091, 198]
 
 
-def gptj_interleaved_rotary(x, cos, sin):
-    """The wrong rotary convention: rotate (even, odd) pairs instead of Qwen's two halves."""
-    rd = cos.shape[-1] * 2
-    xf, x_pass = x.float()[..., :rd], x[..., rd:]
+def gptj_interleaved_rotary(x, cos, sin, rotary_dim):
+    """The wrong rotary convention: rotate (even, odd) pairs instead of Qwen's two halves (apply_rotary_reference's
+    signature: x [..., D], cos and sin [..., rotary_dim // 2] broadcasting against it)."""
+    xf, x_pass = x.float()[..., :rotary_dim], x[..., rotary_dim:]
     x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    c, s = cos[:, None], sin[:, None]
-    rot = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2).to(x.dtype)
+    rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).to(x.dtype)
     return torch.cat((rot, x_pass), dim=-1) if x_pass.numel() else rot
 
 
@@ -68,7 +67,7 @@ def test_swapped_mlp_weights_flag_that_mlp_first(checkpoint, reference, tmp_path
 
 
 def test_interleaved_rotary_flags_first_attention(engine_dir, reference, monkeypatch):
-    monkeypatch.setattr(model_mod, "apply_rotary", gptj_interleaved_rotary)
+    monkeypatch.setattr(rotary_mod, "apply_rotary_reference", gptj_interleaved_rotary)  # the PyTorch path's rotary
     first = first_flagged(compare_layers(Engine.load(engine_dir, device="cpu"), reference, TOKENS))
     assert first is not None and first.name == "layers.0.attention", first
 

@@ -13,10 +13,16 @@ from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.checkpoint.hf_checkpoint import HFCheckpoint
 from qwen_trtllm.evaluation.teacher_forced import compare_logits, engine_logits, reference_logits
 from qwen_trtllm.models.qwen.reference import load_reference
-from qwen_trtllm.runtime import Engine, GenerationSession, SamplingConfig
+from qwen_trtllm.runtime import LLM, Engine, ExecutorConfig, KvCacheConfig, SamplingParams
 
 PROMPT_LENS = (11, 5, 17)
 STEPS = 9  # logits at the prefill and after 8 decode steps
+
+
+def make_llm(engine_dir, kv_cache_blocks: int | None = None) -> LLM:
+    """An LLM over the engine; kv_cache_blocks: a pool of that many 64-token blocks instead of the default."""
+    kv = KvCacheConfig(max_tokens=64 * kv_cache_blocks) if kv_cache_blocks else KvCacheConfig()
+    return LLM.from_engine(Engine.load(engine_dir), config=ExecutorConfig(kv_cache=kv))
 
 
 def random_prompts(vocab: int, lens=PROMPT_LENS, seed: int = 0) -> list[list[int]]:
@@ -40,10 +46,10 @@ def reference(tiny_checkpoint):
 
 
 def test_fp32_logits_match_reference_prefill_and_decode(engines, reference):
-    session = GenerationSession(Engine.load(engines["float32"]))
-    prompts = random_prompts(session.engine.config.vocab_size)
-    forced = torch.randint(0, session.engine.config.vocab_size, (len(prompts), STEPS))
-    got = engine_logits(session, prompts, forced).cpu()  # the reference runs on the CPU
+    llm = make_llm(engines["float32"])
+    prompts = random_prompts(llm.engine.config.vocab_size)
+    forced = torch.randint(0, llm.engine.config.vocab_size, (len(prompts), STEPS))
+    got = engine_logits(llm.executor, prompts, forced).cpu()  # the reference runs on the CPU
     want = reference_logits(reference, prompts, forced)
     for s in range(STEPS):  # every step, every sequence, within 1e-4 relative
         per_seq = (got[:, s] - want[:, s]).norm(dim=-1) / want[:, s].norm(dim=-1)
@@ -52,10 +58,10 @@ def test_fp32_logits_match_reference_prefill_and_decode(engines, reference):
 
 
 def test_greedy_ids_identical_to_reference(engines, reference):
-    session = GenerationSession(Engine.load(engines["float32"]))
-    prompts = random_prompts(session.engine.config.vocab_size, seed=1)
-    res = session.generate(prompts, 12, SamplingConfig(top_k=1), stop_ids=[], end_id=0)
-    for p, ids in zip(prompts, res.output_ids, strict=True):
+    llm = make_llm(engines["float32"])
+    prompts = random_prompts(llm.engine.config.vocab_size, seed=1)
+    res = llm.generate(prompts, SamplingParams(max_tokens=12, top_k=1, end_id=0))
+    for p, ids in zip(prompts, [o.token_ids for o in res], strict=True):
         ref = reference.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
                                  pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
         assert ids == ref
@@ -63,11 +69,12 @@ def test_greedy_ids_identical_to_reference(engines, reference):
 
 @pytest.mark.parametrize("dtype,tol", [("float16", 1e-2), ("bfloat16", 4e-2)])
 def test_half_precision_engines_run_on_cpu(engines, reference, dtype, tol):
-    session = GenerationSession(Engine.load(engines[dtype]))
-    assert session.engine.model.embed.weight.dtype == getattr(torch, dtype)
-    prompts = random_prompts(session.engine.config.vocab_size, seed=2)
-    forced = torch.randint(0, session.engine.config.vocab_size, (len(prompts), 4))
-    stats = compare_logits(engine_logits(session, prompts, forced).cpu(), reference_logits(reference, prompts, forced))
+    llm = make_llm(engines[dtype])
+    assert llm.engine.model.embed.weight.dtype == getattr(torch, dtype)
+    prompts = random_prompts(llm.engine.config.vocab_size, seed=2)
+    forced = torch.randint(0, llm.engine.config.vocab_size, (len(prompts), 4))
+    stats = compare_logits(engine_logits(llm.executor, prompts, forced).cpu(),
+                           reference_logits(reference, prompts, forced))
     assert stats["rel_err"] < tol, stats
 
 
@@ -84,20 +91,22 @@ def test_ft_and_hf_sources_build_identical_engines(tiny_checkpoint, engines, tmp
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_batch_equals_single_sequences(engines, penalty):
-    session = GenerationSession(Engine.load(engines["float32"]))
-    prompts = random_prompts(session.engine.config.vocab_size, seed=3)
-    cfg = SamplingConfig(top_k=1, repetition_penalty=penalty)
-    batch = session.generate(prompts, 10, cfg, end_id=151643, stop_ids=[7]).output_ids  # end id beyond the vocab
+    llm = make_llm(engines["float32"])
+    prompts = random_prompts(llm.engine.config.vocab_size, seed=3)
+    cfg = SamplingParams(max_tokens=10, top_k=1, repetition_penalty=penalty, end_id=151643,  # beyond the vocab
+                         stop_token_ids=[7])
+    batch = [o.token_ids for o in llm.generate(prompts, cfg)]
     for p, ids in zip(prompts, batch, strict=True):
-        assert session.generate([p], 10, cfg, end_id=151643, stop_ids=[7]).output_ids[0] == ids
+        assert llm.generate([p], cfg)[0].token_ids == ids
 
 
 def test_sampling_is_seeded_and_respects_stops(engines):
-    session = GenerationSession(Engine.load(engines["float32"]))
-    prompts = random_prompts(session.engine.config.vocab_size, seed=4)
-    cfg = SamplingConfig(temperature=0.9, top_k=0, top_p=0.8, repetition_penalty=1.1, seed=5)
-    a = session.generate(prompts, 12, cfg, end_id=0, stop_ids=[3]).output_ids
-    assert a == session.generate(prompts, 12, cfg, end_id=0, stop_ids=[3]).output_ids
+    llm = make_llm(engines["float32"])
+    prompts = random_prompts(llm.engine.config.vocab_size, seed=4)
+    cfg = SamplingParams(max_tokens=12, temperature=0.9, top_k=0, top_p=0.8, repetition_penalty=1.1, seed=5,
+                         stop_token_ids=[3], end_id=None)  # stop on 3 only
+    a = [o.token_ids for o in llm.generate(prompts, cfg)]
+    assert a == [o.token_ids for o in llm.generate(prompts, cfg)]
     for ids in a:
         assert 3 not in ids[:-1]
 
@@ -136,11 +145,12 @@ def test_long_context_ntk_and_logn(make_checkpoint, tmp_path):
     ckpt_dir = make_checkpoint(seq_length=8, seed=7)  # prompts of 11..30 tokens: alpha 3 and 7, logn active
     engine = build_engine(tmp_path / "e", hf_dir=ckpt_dir, dtype="float32", max_batch_size=3, max_input_len=32,
                           max_output_len=8)
-    session = GenerationSession(Engine.load(engine))
+    # a block per sequence: the CPU default pool, max_batch_size x max_seq_len = 120 tokens, is only 2 blocks
+    llm = make_llm(engine, kv_cache_blocks=3)
     ckpt = HFCheckpoint(ckpt_dir)
     prompts = random_prompts(ckpt.config.vocab_size, lens=(30, 11, 6), seed=8)
     forced = torch.randint(0, ckpt.config.vocab_size, (3, 6))
-    got = engine_logits(session, prompts, forced).cpu()
+    got = engine_logits(llm.executor, prompts, forced).cpu()
     for b, p in enumerate(prompts):
         want = qwen_v1_direct(ckpt, p + forced[b, :5].tolist(), len(p))[len(p) - 1:]
         assert ((got[b].double() - want).norm() / want.norm()) < 1e-5, b
@@ -150,13 +160,11 @@ def test_long_context_ntk_and_logn(make_checkpoint, tmp_path):
 
 # --- bad input ---
 def test_bad_inputs(engines, tmp_path):
-    session = GenerationSession(Engine.load(engines["float32"]))
+    llm = make_llm(engines["float32"])
     with pytest.raises(QWenError, match="max_input_len"):
-        session.generate([[1] * 33], 4)
-    with pytest.raises(QWenError, match="max_batch_size"):
-        session.generate([[1]] * 5, 4)
+        llm.generate([[1] * 33], SamplingParams(max_tokens=4))
     with pytest.raises(QWenError, match="max_output_len"):
-        session.generate([[1]], 17)
+        llm.generate([[1]], SamplingParams(max_tokens=17))
     with pytest.raises(QWenError, match="does not exist"):
         Engine.load(tmp_path / "nope")
     with pytest.raises(QWenError, match="world size"):
@@ -166,6 +174,16 @@ def test_bad_inputs(engines, tmp_path):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(QWenError, match="corrupt"):
         Engine.load(broken)
+
+
+def test_more_prompts_than_max_batch_size_queue(engines):
+    llm = make_llm(engines["float32"])  # max_batch_size 4
+    prompts = random_prompts(llm.engine.config.vocab_size, lens=(11, 5, 17, 3, 9, 14), seed=9)
+    cfg = SamplingParams(max_tokens=8, top_k=1, ignore_eos=True)
+    outs = llm.generate(prompts, cfg)
+    assert [len(o.token_ids) for o in outs] == [8] * 6 and all(o.finish_reason == "length" for o in outs)
+    for p, out in zip(prompts, outs, strict=True):
+        assert llm.generate([p], cfg)[0].token_ids == out.token_ids
 
 
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):

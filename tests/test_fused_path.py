@@ -9,7 +9,7 @@ import torch
 from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.evaluation.teacher_forced import compare_logits, engine_logits
 from qwen_trtllm.kernels import triton_available
-from qwen_trtllm.runtime import Engine, GenerationSession, SamplingConfig
+from qwen_trtllm.runtime import LLM, Engine, ExecutorConfig, KvCacheConfig, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +23,22 @@ def engine(make_checkpoint, tmp_path_factory):
 def test_fused_matches_plain(engine):
     if not triton_available(engine.device):
         pytest.skip("Triton kernels unavailable on this device")
-    plain = GenerationSession(engine, use_triton=False, cuda_graphs=False)
-    fused = GenerationSession(engine, use_triton=True, cuda_graphs=False)
+    # a block per sequence: the CPU default pool, max_batch_size x max_seq_len = 96 tokens, is only 2 blocks
+    llm = LLM.from_engine(engine, config=ExecutorConfig(kv_cache=KvCacheConfig(max_tokens=3 * 64),
+                                                        cuda_graphs=False))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=g).tolist() for n in (17, 4, 9)]
     forced = torch.randint(0, engine.config.vocab_size, (3, 5), generator=g)
-    stats = compare_logits(engine_logits(fused, prompts, forced), engine_logits(plain, prompts, forced))
+    cfg = SamplingParams(max_tokens=6, top_k=1, ignore_eos=True)
+    results, built = {}, engine.model.ops.triton
+    try:
+        for triton in (True, False):  # the kernels are the model's: switched on the one engine
+            engine.model.set_kernels(triton)
+            results[triton] = (engine_logits(llm.executor, prompts, forced),
+                               [o.token_ids for o in llm.generate(prompts, cfg)])
+    finally:
+        engine.model.set_kernels(built)
+    (fused, fused_ids), (plain, plain_ids) = results[True], results[False]
+    stats = compare_logits(fused, plain)
     assert stats["max_rel_err"] < 1e-5 and stats["top1_agreement"] == 1.0, stats
-    cfg = SamplingConfig(top_k=1)
-    assert fused.generate(prompts, 6, cfg, stop_ids=[-1]).output_ids == \
-        plain.generate(prompts, 6, cfg, stop_ids=[-1]).output_ids
+    assert fused_ids == plain_ids

@@ -12,7 +12,7 @@ from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.checkpoint.gptq import unpack_gptq, write_gptq_checkpoint
 from qwen_trtllm.checkpoint.hf_checkpoint import HFCheckpoint
 from qwen_trtllm.evaluation.teacher_forced import compare_logits, engine_logits, random_prompts
-from qwen_trtllm.runtime import Engine, GenerationSession
+from qwen_trtllm.runtime import Engine, Executor, ExecutorConfig, KvCacheConfig
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,10 @@ def test_gptq_engine_equals_our_own_int4_engine(tiny_checkpoint, gptq_dir, tmp_p
         if k.endswith((".qweight", ".scales")):
             assert torch.equal(sa[k], sb[k]), k
     prompts, forced = random_prompts(a.config.vocab_size, 4, 12, 5)
-    la = engine_logits(GenerationSession(a), prompts, forced)
-    lb = engine_logits(GenerationSession(b), prompts, forced)
+    # a block per sequence: the CPU default pool, max_batch_size x max_seq_len = 160 tokens, is only 3 blocks
+    cfg = ExecutorConfig(kv_cache=KvCacheConfig(max_tokens=4 * 64))
+    la = engine_logits(Executor(a, cfg), prompts, forced)
+    lb = engine_logits(Executor(b, cfg), prompts, forced)
     assert compare_logits(lb, la)["rel_err"] < 1e-3  # only the fp16 copies of embedding/norms/bias differ
 
 

@@ -1,4 +1,4 @@
-"""The decode-step Triton kernels against their PyTorch references (Triton's interpreter on CPU, real kernels on CUDA).
+"""The Triton kernels against their PyTorch references (Triton's interpreter on CPU, real kernels on CUDA).
 
 Off CUDA the interpreter must be on before qwen_trtllm.kernels is first imported (triton.jit picks it when a kernel
 is defined); this module sets TRITON_INTERPRET itself, and skips with a reason when another module imported the
@@ -12,15 +12,20 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import itertools  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 
 from qwen_trtllm.kernels import (  # noqa: E402
-    decode_attention,
-    decode_attention_reference,
     default_num_splits,
     interpreted,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    paged_prefill_attention,
+    paged_prefill_attention_reference,
     rms_norm,
     rms_norm_reference,
     rotary_kv_write,
@@ -100,26 +105,40 @@ def test_rms_norm_strided_rows():
     assert rel_err(out, ref) < 1e-5 and rel_err(h, ref_h) < 1e-6
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_kv_write_prefill_rows(dtype):
-    """Prefill: every token of 2 sequences in one call; batch_index picks each token's cache and inv_freq row."""
-    g = torch.Generator().manual_seed(3)
-    B, T, heads, D, rd = 2, 5, 2, 32, 32
-    qkv = randn(B * T, 3 * heads * D, gen=g, dtype=dtype)
-    inv_freq = (1.0 / (10000 ** (torch.arange(0, rd, 2) / rd)))[None].repeat(B, 1)
-    inv_freq[1] /= 3.0  # the second sequence has its own (NTK) base
-    inv_freq = inv_freq.to(DEVICE)
-    positions = torch.arange(T, device=DEVICE).repeat(B)
-    index = torch.arange(B, device=DEVICE).repeat_interleave(T)
-    kc = torch.full((B + 1, heads, 8, D), SENTINEL, dtype=dtype, device=DEVICE)
-    vc = kc.clone()
-    kc_ref, vc_ref = kc.float(), vc.float()
-    q = rotary_kv_write(qkv, inv_freq, positions, kc, vc, heads, D, rd, 3, batch_index=index)
-    q_ref = rotary_kv_write_reference(qkv.float(), inv_freq, positions, kc_ref, vc_ref, heads, D, rd, 3,
-                                      batch_index=index)
-    assert rel_err(q, q_ref) < TOL[dtype]
-    assert rel_err(kc, kc_ref) < TOL[dtype] and rel_err(vc, vc_ref) < TOL[dtype]
-    assert (kc[B] == SENTINEL).all() and (kc[:, :, T:] == SENTINEL).all()
+# --- paged KV cache helpers ------------------------------------------------------------------------------------
+def _block_tables(n_seqs, max_blocks, num_blocks, gen):
+    """[n_seqs, max_blocks] int32 of distinct blocks 1..num_blocks-1 in random order (block 0: the dummy block)."""
+    assert n_seqs * max_blocks < num_blocks
+    perm = torch.randperm(num_blocks - 1, generator=gen)[: n_seqs * max_blocks] + 1
+    return perm.view(n_seqs, max_blocks).to(DEVICE, torch.int32)
+
+
+def _slots(tables, seq, positions, block_size):
+    """int64 slot of each token: block tables[seq, p // block_size], offset p % block_size."""
+    seq, positions = seq.long(), positions.long()
+    return tables[seq, positions // block_size].long() * block_size + positions % block_size
+
+
+def _paged_kv(dtype, n_keys, H, D, block_size, gen, spare_blocks=2):
+    """Caches holding n_keys[b] random keys / values of each sequence through shuffled block tables, NaN in every
+    other slot (the rest of each last block, the blocks of no sequence, the dummy block 0). Table entries past a
+    sequence's last block are 0. Returns k_cache, v_cache, block_tables, and each sequence's contiguous
+    [H, n_keys[b], D] keys and values."""
+    max_blocks = max(triton.cdiv(n, block_size) for n in n_keys) + 1  # one entry past the longest
+    num_blocks = len(n_keys) * max_blocks + 1 + spare_blocks
+    tables = _block_tables(len(n_keys), max_blocks, num_blocks, gen)
+    kc = torch.full((num_blocks, H, block_size, D), float("nan"), dtype=dtype, device=DEVICE)
+    vc = torch.full_like(kc, float("nan"))
+    ks, vs = [], []
+    for b, n in enumerate(n_keys):
+        tables[b, triton.cdiv(n, block_size):] = 0
+        k, v = randn(H, n, D, gen=gen, dtype=dtype, scale=2.0), randn(H, n, D, gen=gen, dtype=dtype)
+        slot = _slots(tables, torch.full((n,), b, device=DEVICE), torch.arange(n, device=DEVICE), block_size)
+        kc[slot // block_size, :, slot % block_size] = k.transpose(0, 1)
+        vc[slot // block_size, :, slot % block_size] = v.transpose(0, 1)
+        ks.append(k)
+        vs.append(v)
+    return kc, vc, tables, ks, vs
 
 
 # --- rotary_kv_write -------------------------------------------------------------------------------------------
@@ -130,30 +149,39 @@ def _inv_freq(alphas, rotary_dim, base=10000.0):
     return (1.0 / (b.float()[:, None] ** exponent[None, :])).to(DEVICE)
 
 
-def _check_rotary(dtype, positions, heads, head_dim, rotary_dim, logn, max_seq, alphas, seed):
+def _check_rotary(dtype, positions, heads, head_dim, rotary_dim, logn, alphas, seed, block_size=16,
+                  seq_index=None, row_pad=0):
+    """rotary_kv_write against its reference on one paged cache; each inv_freq row (alphas) is one sequence
+    with its own shuffled block table; row_pad widens qkv's row stride."""
     g = torch.Generator().manual_seed(seed)
-    B = positions.shape[0]
-    max_batch = B + 1
-    qkv = randn(B, 3 * heads * head_dim, gen=g, dtype=dtype)
+    N, S = positions.shape[0], len(alphas)
+    seq = torch.arange(N, device=DEVICE) if seq_index is None else seq_index
+    width = 3 * heads * head_dim
+    qkv = randn(N, width + row_pad, gen=g, dtype=dtype)[:, :width]
     inv_freq = _inv_freq(alphas, rotary_dim)
-    kc = torch.full((max_batch, heads, max_seq, head_dim), SENTINEL, dtype=dtype, device=DEVICE)
+    max_blocks = int(positions.max()) // block_size + 1
+    tables = _block_tables(S, max_blocks, S * max_blocks + 3, g)
+    slots = _slots(tables, seq, positions, block_size)
+    kc = torch.full((S * max_blocks + 3, heads, block_size, head_dim), SENTINEL, dtype=dtype, device=DEVICE)
     vc = torch.full_like(kc, SENTINEL)
-    q = rotary_kv_write(qkv, inv_freq, positions, kc, vc, heads, head_dim, rotary_dim, logn)
+    q = rotary_kv_write(qkv, inv_freq, positions, slots, kc, vc, heads, head_dim, rotary_dim, logn,
+                        seq_index=seq_index)
 
     kc_ref = torch.full(kc.shape, SENTINEL, dtype=torch.float32, device=DEVICE)
     vc_ref = kc_ref.clone()
-    q_ref = rotary_kv_write_reference(qkv.float(), inv_freq, positions, kc_ref, vc_ref, heads, head_dim, rotary_dim,
-                                      logn)
-    assert q.shape == (B, heads, head_dim) and q.dtype == dtype
+    q_ref = rotary_kv_write_reference(qkv.float(), inv_freq, positions, slots, kc_ref, vc_ref, heads, head_dim,
+                                      rotary_dim, logn, seq_index=seq_index)
+    assert q.shape == (N, heads, head_dim) and q.dtype == dtype and q.is_contiguous()
     assert rel_err(q, q_ref) < TOL[dtype]
 
     written = torch.zeros(kc.shape, dtype=torch.bool, device=DEVICE)
-    written[torch.arange(B, device=DEVICE), :, positions.long()] = True
+    written[slots // block_size, :, slots % block_size] = True
     for cache, ref in ((kc, kc_ref), (vc, vc_ref)):
-        assert (cache[~written] == SENTINEL).all(), "a cache slot outside positions[b] changed"
+        assert (cache[~written] == SENTINEL).all(), "a cache slot outside slot_mapping changed"
         assert not (cache[written] == SENTINEL).any(), "an expected slot was not written"
         assert rel_err(cache[written], ref[written]) < TOL[dtype]
-    assert torch.equal(vc[written], qkv.view(B, 3, heads, head_dim)[:, 2].reshape(-1))  # v: raw copy
+    v_new = qkv.unflatten(1, (3, heads, head_dim))[:, 2]  # [N, heads, head_dim]
+    assert torch.equal(vc[slots // block_size, :, slots % block_size], v_new)  # v: raw copy, at its slot
     return q, kc, q_ref, kc_ref
 
 
@@ -161,72 +189,153 @@ def _check_rotary(dtype, positions, heads, head_dim, rotary_dim, logn, max_seq, 
 @pytest.mark.parametrize("head_dim,rotary_dim", [(32, 32), (32, 16), (24, 16)])  # 24: masked lanes
 @pytest.mark.parametrize("logn", [0, 16])
 def test_rotary_kv_write(dtype, head_dim, rotary_dim, logn):
+    """Decode: one token per sequence (inv_freq row i), each at its own position and block."""
     positions = torch.tensor([0, 15, 16, 40], device=DEVICE)  # logn: the last two (p + 1 > 16) are scaled
-    _check_rotary(dtype, positions, 2, head_dim, rotary_dim, logn, 48, [1.0, 1.0, 3.0, 7.0], head_dim + logn)
+    _check_rotary(dtype, positions, 2, head_dim, rotary_dim, logn, [1.0, 1.0, 3.0, 7.0], head_dim + logn)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("logn", [0, 16])
+def test_rotary_kv_write_seq_index(dtype, logn):
+    """Prefill chunks: 20 tokens of sequence 0 from position 0 (two blocks), 5 of sequence 1 after 30 cached
+    tokens, 1 of sequence 2; seq_index (int32) picks each token's inv_freq row; qkv rows strided."""
+    positions = torch.cat([torch.arange(20), torch.arange(30, 35), torch.tensor([7])]).to(DEVICE)
+    index = torch.tensor([0] * 20 + [1] * 5 + [2], dtype=torch.int32, device=DEVICE)
+    _check_rotary(dtype, positions, 2, 32, 32, logn, [1.0, 3.0, 2.0], 3 + logn, seq_index=index, row_pad=8)
 
 
 def test_rotary_logn_factor():
     """With logn on, q differs from the logn-off q by exactly ln(p+1)/ln(L) beyond L, and not at all within L."""
     positions = torch.tensor([0, 15, 16, 40], device=DEVICE)
-    q_on, *_ = _check_rotary(torch.float32, positions, 2, 32, 32, 16, 48, [1.0] * 4, 5)
-    q_off, *_ = _check_rotary(torch.float32, positions, 2, 32, 32, 0, 48, [1.0] * 4, 5)
+    q_on, *_ = _check_rotary(torch.float32, positions, 2, 32, 32, 16, [1.0] * 4, 5)
+    q_off, *_ = _check_rotary(torch.float32, positions, 2, 32, 32, 0, [1.0] * 4, 5)
     factor = (q_on / q_off).flatten(1).median(dim=1).values.cpu()
     expect = torch.tensor([1.0, 1.0, math.log(17) / math.log(16), math.log(41) / math.log(16)])
     assert torch.allclose(factor, expect, rtol=1e-5)
 
 
 def test_rotary_positions_int32_strided_and_far():
-    """int32 positions taken as a strided column, and angles of thousands of radians (range reduction)."""
+    """int32 positions taken as a strided column, angles of thousands of radians (range reduction), 128-token
+    blocks."""
     pos2d = torch.tensor([[8191, 0], [5000, 0], [1234, 0]], dtype=torch.int32, device=DEVICE)
-    _check_rotary(torch.float32, pos2d[:, 0], 2, 64, 64, 4096, 8192, [1.0, 3.0, 15.0], 11)
+    _check_rotary(torch.float32, pos2d[:, 0], 2, 64, 64, 4096, [1.0, 3.0, 15.0], 11, block_size=128)
 
 
-# --- decode_attention ------------------------------------------------------------------------------------------
-def _attention_inputs(dtype, B, H, D, max_seq, seq_lens, seed):
+# --- paged_decode_attention ------------------------------------------------------------------------------------
+def _check_decode(dtype, seq_lens, H, D, block_size, num_splits, seed, padding_rows=0):
     g = torch.Generator().manual_seed(seed)
-    q = randn(B, H, D, gen=g, dtype=dtype)
-    kc = randn(B + 1, H, max_seq, D, gen=g, dtype=dtype, scale=2.0)
-    vc = randn(B + 1, H, max_seq, D, gen=g, dtype=dtype)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    invalid = torch.arange(max_seq, device=DEVICE)[None, :] >= torch.cat([lens, lens.new_zeros(1)])[:, None]
-    kc[invalid[:, None, :, None].expand_as(kc)] = float("nan")  # never read: slots past seq_len, row B
-    vc[invalid[:, None, :, None].expand_as(vc)] = float("nan")
-    return q, kc, vc, lens
+    kc, vc, tables, *_ = _paged_kv(dtype, seq_lens, H, D, block_size, g)
+    B = len(seq_lens)
+    lens = torch.tensor(seq_lens + [1] * padding_rows, dtype=torch.int32, device=DEVICE)
+    tables = torch.cat([tables, tables.new_zeros(padding_rows, tables.shape[1])])  # padding: the dummy block 0
+    q = randn(B + padding_rows, H, D, gen=g, dtype=dtype)
+    scale = 1.0 / math.sqrt(D)
+    out = paged_decode_attention(q, kc, vc, tables, lens, scale, num_splits=num_splits)
+    ref = paged_decode_attention_reference(q.double(), kc.double(), vc.double(), tables, lens, scale)
+    assert out.shape == (B + padding_rows, H, D) and out.dtype == dtype
+    assert torch.isfinite(out[:B]).all()
+    for b in range(B):  # per sequence, so a short one cannot hide behind a long one
+        assert rel_err(out[b], ref[b]) < TOL[dtype], f"sequence {b}"
+    return out, ref
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_splits", [None, 1, 3, 7])
-def test_decode_attention(dtype, num_splits):
-    B, H, D, max_seq = 4, 2, 64, 200  # max_seq not a multiple of the 64-key tile
-    q, kc, vc, lens = _attention_inputs(dtype, B, H, D, max_seq, [1, 200, 77, 130], 17 + (num_splits or 0))
-    scale = 1.0 / math.sqrt(D)
-    out = decode_attention(q, kc, vc, lens, scale, num_splits=num_splits)
-    ref = decode_attention_reference(q.double(), kc.double(), vc.double(), lens, scale)
-    assert out.shape == (B, H, D) and out.dtype == dtype
-    assert torch.isfinite(out).all()
-    for b in range(B):  # per sequence, so a short one cannot hide behind a long one
-        assert rel_err(out[b], ref[b]) < TOL[dtype], f"sequence {b}"
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the padding row: NaN block 0
+def test_paged_decode_attention(dtype, block_size, num_splits):
+    """Shuffled block tables, NaN in every unwritten slot; lengths 1 (empty splits), 64 (whole blocks), 200
+    (several splits, last block partial), 37; and a padding row on the dummy block (must not fault)."""
+    _check_decode(dtype, [1, 64, 200, 37], 2, 32, block_size, num_splits, 17 + block_size + num_splits,
+                  padding_rows=1)
 
 
 @pytest.mark.parametrize("num_splits", [None, 2])
-def test_decode_attention_head_dim_128_and_empty(num_splits):
-    """head_dim 128, int64 seq_lens, and a sequence with no keys (zeros, not NaN)."""
-    B, H, D, max_seq = 3, 2, 128, 130
-    q, kc, vc, lens = _attention_inputs(torch.float32, B, H, D, max_seq, [130, 0, 65], 29)
-    out = decode_attention(q, kc, vc, lens.long(), 0.1, num_splits=num_splits)
-    ref = decode_attention_reference(q, kc, vc, lens, 0.1)
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
+def test_paged_decode_attention_head_dim_128_and_empty(num_splits):
+    """head_dim 128, 128-token blocks, int64 seq_lens, and a sequence with no keys (zeros, not NaN)."""
+    g = torch.Generator().manual_seed(29)
+    kc, vc, tables, *_ = _paged_kv(torch.float32, [130, 0, 65], 2, 128, 128, g)
+    q = randn(3, 2, 128, gen=g)
+    lens = torch.tensor([130, 0, 65], device=DEVICE)
+    out = paged_decode_attention(q, kc, vc, tables, lens, 0.1, num_splits=num_splits)
+    ref = paged_decode_attention_reference(q, kc, vc, tables, lens, 0.1)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(ref[1], torch.zeros_like(ref[1]))
     assert rel_err(out, ref) < 1e-5
 
 
+def test_paged_decode_reference_matches_dense():
+    """The reference against a plain softmax over each sequence's contiguous keys (the gather is right)."""
+    g = torch.Generator().manual_seed(5)
+    lens = [3, 40, 16]
+    kc, vc, tables, ks, vs = _paged_kv(torch.float32, lens, 2, 16, 16, g)
+    q = randn(3, 2, 16, gen=g)
+    ref = paged_decode_attention_reference(q, kc, vc, tables, torch.tensor(lens, device=DEVICE), 0.3)
+    for b in range(3):
+        probs = torch.softmax(torch.einsum("hd,hnd->hn", q[b], ks[b]) * 0.3, dim=-1)
+        assert rel_err(ref[b], torch.einsum("hn,hnd->hd", probs, vs[b])) < 1e-6
+
+
 def test_default_num_splits():
-    assert default_num_splits(64, 32, 4096, "cpu") == 1
-    assert default_num_splits(1, 2, 100, "cpu") == 1  # at least 64 keys per split
-    s = default_num_splits(1, 32, 4096, DEVICE)
+    assert default_num_splits(64, 32, 4096, "cpu", 64) == 1
+    assert default_num_splits(1, 2, 100, "cpu", 64) == 1  # at least one block per split
+    assert default_num_splits(1, 2, 100, "cpu", 16) == 4  # 2 programs for each of 4 'SMs'
+    assert default_num_splits(256, 32, 2048, DEVICE, 64) == 1  # large batches: one split, even on an H200
+    s = default_num_splits(1, 32, 4096, DEVICE, 64)
     assert 1 <= s <= 4096 // 64
     if DEVICE == "cuda":
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         assert s * 32 >= 2 * sms
+
+
+# --- paged_prefill_attention -----------------------------------------------------------------------------------
+def _prefill_inputs(dtype, qlens, ctx_lens, H, D, block_size, seed):
+    """Sequences whose first ctx_lens[p] + qlens[p] keys are cached; the packed queries of their chunks."""
+    g = torch.Generator().manual_seed(seed)
+    n_keys = [c + n for c, n in zip(ctx_lens, qlens, strict=True)]
+    kc, vc, tables, ks, vs = _paged_kv(dtype, n_keys, H, D, block_size, g)
+    q = randn(sum(qlens), H, D, gen=g, dtype=dtype)
+    qsl = torch.tensor([0, *itertools.accumulate(qlens)], dtype=torch.int32, device=DEVICE)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
+    return q, kc, vc, tables, qsl, ctx, ks, vs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_paged_prefill_attention(dtype, block_size):
+    """Chunks of 1, 5, 0, 37 and 16 query tokens after 30, 0, 3, 19 and 64 cached tokens, shuffled tables."""
+    qlens, ctx_lens = [1, 5, 0, 37, 16], [30, 0, 3, 19, 64]
+    q, kc, vc, tables, qsl, ctx, *_ = _prefill_inputs(dtype, qlens, ctx_lens, 2, 32, block_size, 7 + block_size)
+    scale = 1.0 / math.sqrt(32)
+    out = paged_prefill_attention(q, kc, vc, tables, qsl, ctx, scale, max(qlens))
+    ref = paged_prefill_attention_reference(q.double(), kc.double(), vc.double(), tables, qsl, ctx, scale)
+    assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+    for p in range(len(qlens)):
+        rows = slice(qsl[p].item(), qsl[p + 1].item())
+        assert rel_err(out[rows], ref[rows]) < TOL[dtype], f"sequence {p}"
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+def test_paged_prefill_block_m(block_m):
+    """Query tiles of 16 to 64 rows, a grid for a larger max_query_len than any chunk, 128-token blocks."""
+    q, kc, vc, tables, qsl, ctx, *_ = _prefill_inputs(torch.float16, [70, 9], [5, 130], 2, 64, 128, block_m)
+    out = paged_prefill_attention(q, kc, vc, tables, qsl, ctx, 0.125, 100, block_m=block_m)
+    ref = paged_prefill_attention_reference(q.double(), kc.double(), vc.double(), tables, qsl, ctx, 0.125)
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_prefill_matches_sdpa_and_decode(dtype):
+    """A whole prompt (context 0) equals torch's causal SDPA on the contiguous keys; and a chunk's last row
+    equals paged_decode_attention of that token over the same cache."""
+    n, D = 40, 32
+    q, kc, vc, tables, qsl, ctx, ks, vs = _prefill_inputs(dtype, [n], [0], 2, D, 16, 3)
+    out = paged_prefill_attention(q, kc, vc, tables, qsl, ctx, D**-0.5, n)
+    sdpa = F.scaled_dot_product_attention(q.transpose(0, 1).float(), ks[0].float(), vs[0].float(), is_causal=True)
+    assert rel_err(out, sdpa.transpose(0, 1)) < TOL[dtype]
+    ref = paged_prefill_attention_reference(q, kc, vc, tables, qsl, ctx, D**-0.5)
+    assert rel_err(ref, sdpa.transpose(0, 1)) < TOL[dtype]
+    last = paged_decode_attention(q[-1:], kc, vc, tables, torch.tensor([n], device=DEVICE), D**-0.5, num_splits=2)
+    assert rel_err(out[-1:], last) < TOL[dtype]
 
 
 # --- silu_mul ------------------------------------------------------------------------------------------------
@@ -251,25 +360,35 @@ def test_silu_mul_extremes():
     assert rel_err(out, silu_mul_reference(gu.double())) < 1e-6
 
 
+
+
 # --- CUDA graphs ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
 def test_cuda_graph_replay():
-    """Capture all four kernels once, then replay on new inputs (positions, seq_lens, activations) in place."""
+    """Capture a decode step's kernels once, then replay on new inputs (positions, slots, seq_lens, activations)
+    in place; a prefill chunk's attention is captured too (its max_query_len fixed)."""
     g = torch.Generator().manual_seed(0)
-    B, H, D, max_seq, dtype = 2, 4, 128, 256, torch.float16
+    B, H, D, bs, dtype = 2, 4, 128, 64, torch.float16
     x, res, w = randn(B, H * D, gen=g, dtype=dtype), randn(B, H * D, gen=g, dtype=dtype), randn(H * D, gen=g)
     w = w.to(dtype)
     qkv, gu = randn(B, 3 * H * D, gen=g, dtype=dtype), randn(B, 2 * 256, gen=g, dtype=dtype)
     inv_freq = _inv_freq([1.0, 3.0], D)
+    tables = _block_tables(B, 4, 4 * B + 1, g)
+    kc = randn(4 * B + 1, H, bs, D, gen=g, dtype=dtype)
+    vc = randn(4 * B + 1, H, bs, D, gen=g, dtype=dtype)
     pos = torch.tensor([5, 100], device=DEVICE)
-    kc = randn(B, H, max_seq, D, gen=g, dtype=dtype)
-    vc = randn(B, H, max_seq, D, gen=g, dtype=dtype)
+    rows = torch.arange(B, device=DEVICE)
+    slots, lens = _slots(tables, rows, pos, bs), (pos + 1).to(torch.int32)
+    qp = randn(24, H, D, gen=g, dtype=dtype)  # a prefill chunk of 24 tokens of sequence 0 after 16 cached
+    qsl = torch.tensor([0, 24], dtype=torch.int32, device=DEVICE)
+    ctx = torch.tensor([16], dtype=torch.int32, device=DEVICE)
 
     def step():
         n, h = rms_norm(x, w, 1e-6, residual=res)
-        q = rotary_kv_write(qkv, inv_freq, pos, kc, vc, H, D, D, 64)
-        o = decode_attention(q, kc, vc, (pos + 1).to(torch.int32), D**-0.5)
-        return n, h, o, silu_mul(gu)
+        q = rotary_kv_write(qkv, inv_freq, pos, slots, kc, vc, H, D, D, 64)
+        o = paged_decode_attention(q, kc, vc, tables, lens, D**-0.5)
+        op = paged_prefill_attention(qp, kc, vc, tables[:1], qsl, ctx, D**-0.5, 24)
+        return n, h, o, silu_mul(gu), op
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -281,15 +400,19 @@ def test_cuda_graph_replay():
         outs = step()
     for new_pos in ([7, 200], [0, 255]):
         pos.copy_(torch.tensor(new_pos, device=DEVICE))
-        for t in (x, res, qkv, gu):
+        slots.copy_(_slots(tables, rows, pos, bs))
+        lens.copy_(pos + 1)
+        for t in (x, res, qkv, gu, qp):
             t.copy_(torch.randn(t.shape, generator=g).to(DEVICE, dtype))
         kc_eager, vc_eager = kc.clone(), vc.clone()
         graph.replay()
         n_ref, h_ref = rms_norm_reference(x, w, 1e-6, res)
-        q_ref = rotary_kv_write_reference(qkv, inv_freq, pos, kc_eager, vc_eager, H, D, D, 64)
-        o_ref = decode_attention_reference(q_ref, kc_eager, vc_eager, pos + 1, D**-0.5)
+        q_ref = rotary_kv_write_reference(qkv, inv_freq, pos, slots, kc_eager, vc_eager, H, D, D, 64)
+        o_ref = paged_decode_attention_reference(q_ref, kc_eager, vc_eager, tables, pos + 1, D**-0.5)
+        op_ref = paged_prefill_attention_reference(qp, kc_eager, vc_eager, tables[:1], qsl, ctx, D**-0.5)
         torch.cuda.synchronize()
         assert rel_err(outs[0], n_ref) < 2e-3 and torch.equal(outs[1], h_ref)
         assert rel_err(kc, kc_eager) < 2e-3 and torch.equal(vc, vc_eager)
         assert rel_err(outs[2], o_ref) < 2e-3
         assert rel_err(outs[3], silu_mul_reference(gu)) < 2e-3
+        assert rel_err(outs[4], op_ref) < 2e-3

@@ -88,10 +88,11 @@ def test_planted_weight_bug_fails_the_check(checkpoint, tmp_path, monkeypatch, c
     assert err.strip().splitlines()[-1].startswith("accuracy check failed: agreement rouge1")
 
 
-def test_batch_of_three_equals_batch_one(both, engine_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("runtime", [(), ("--max_batch_size", "2")])  # 2: the third prompt waits in the queue
+def test_batch_of_three_equals_batch_one(both, engine_dir, tmp_path, monkeypatch, capsys, runtime):
     out = tmp_path / "b3.jsonl"
     code, _, err = run_in_process(monkeypatch, capsys, "--test_trt_llm", "--engine_dir", engine_dir, "--batch_size",
-                                  "3", "--max_ite", "1", "--output_len", "12", "--output_file", out)
+                                  "3", "--max_ite", "1", "--output_len", "12", "--output_file", out, *runtime)
     assert code == 0, err
     batched = [json.loads(line)["engine_ids"] for line in out.read_text().splitlines()]
     assert batched == [r["engine_ids"] for r in both[1]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch.multiprocessing as mp
 
 from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.evaluation.teacher_forced import engine_logits
-from qwen_trtllm.runtime import Engine, GenerationSession, SamplingConfig
+from qwen_trtllm.runtime import LLM, Engine, ExecutorConfig, KvCacheConfig, SamplingParams
 from qwen_trtllm.runtime.distributed import leave_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,15 +28,21 @@ def _prompts(vocab: int) -> tuple[list[list[int]], torch.Tensor]:
     return prompts, torch.randint(0, vocab, (3, 8), generator=g)
 
 
+# a block per sequence: the CPU default pool, max_batch_size x max_seq_len = 84 tokens, is only 2 blocks
+CONFIG = ExecutorConfig(kv_cache=KvCacheConfig(max_tokens=3 * 64))
+SAMPLED = SamplingParams(max_tokens=10, temperature=0.8, top_k=0, top_p=0.9, seed=0, ignore_eos=True)
+
+
 def _worker(rank: int, world: int, engine_dir: str, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    session = GenerationSession(Engine.load(engine_dir, device="cpu", rank=rank, world_size=world))
-    prompts, forced = _prompts(session.engine.config.vocab_size)
-    logits = engine_logits(session, prompts, forced)
-    ids = session.generate(prompts, 10, SamplingConfig(temperature=0.8, top_k=0, top_p=0.9, seed=rank),
-                           stop_ids=[-1], end_id=0).output_ids
-    torch.save({"logits": logits, "ids": ids}, f"{out_file}.{rank}")
+    llm = LLM.from_engine(Engine.load(engine_dir, device="cpu", rank=rank, world_size=world), config=CONFIG)
+    prompts, forced = _prompts(llm.engine.config.vocab_size)
+    logits = engine_logits(llm.executor, prompts, forced)
+    # every rank calls generate; rank 0 samples (the other ranks' settings, here another seed, are not used) and
+    # returns the outputs, the others follow its steps with its tokens and return []
+    outputs = llm.generate(prompts, replace(SAMPLED, seed=rank))
+    torch.save({"logits": logits, "ids": [o.token_ids for o in outputs]}, f"{out_file}.{rank}")
     leave_distributed()  # barrier, then destroy: a rank tearing down while its peer still sends can abort
 
 
@@ -53,16 +60,19 @@ def tp_engines(tiny_checkpoint, tmp_path_factory):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp_logits_and_tokens_match_tp1(tp_engines, world, tmp_path):
-    session = GenerationSession(Engine.load(tp_engines[1], device="cpu"))
-    prompts, forced = _prompts(session.engine.config.vocab_size)
-    want = engine_logits(session, prompts, forced)
+    llm = LLM.from_engine(Engine.load(tp_engines[1], device="cpu"), config=CONFIG)
+    prompts, forced = _prompts(llm.engine.config.vocab_size)
+    want = engine_logits(llm.executor, prompts, forced)
     results = run_tp(tp_engines[world], world, tmp_path)
     for res in results:
         rel = (res["logits"] - want).norm(dim=-1) / want.norm(dim=-1)
         assert rel.max() < 1e-5
-    # every rank continues with rank 0's sampled tokens, even with different seeds per rank
-    assert all(res["ids"] == results[0]["ids"] for res in results)
-    greedy_tp1 = session.generate(prompts, 10, SamplingConfig(top_k=1), stop_ids=[-1], end_id=0).output_ids
+    # rank 0 alone returns outputs; every rank continued with its sampled tokens (a rank feeding other tokens
+    # would corrupt the all-reduced activations): the same tokens as at tp 1 with rank 0's settings
+    assert all(res["ids"] == [] for res in results[1:])
+    assert results[0]["ids"] == [o.token_ids for o in llm.generate(prompts, SAMPLED)]
+    assert all(len(ids) == 10 for ids in results[0]["ids"])
+    greedy_tp1 = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=10, top_k=1, ignore_eos=True))]
     assert (want.argmax(-1)[:, 0].tolist() == [ids[0] for ids in greedy_tp1])
 
 

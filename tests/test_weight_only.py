@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from qwen_trtllm.kernels.weight_only_gemm import (
     select_config,
     weight_only_matmul,
 )
-from qwen_trtllm.models.qwen.model import QWen, StepContext, ntk_alpha, rotary_inv_freq
+from qwen_trtllm.models.qwen.model import QWen, ntk_alpha
 from qwen_trtllm.quantization import (
     WeightOnlyLinear,
     dequantize_int4,
@@ -234,12 +235,20 @@ def _tiny_model(seed: int = 0) -> QWen:
 
 
 def _logits(model: QWen, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits [T, V] at every position of one prefill of tokens [1, T] (the model runner's prefill step)."""
+    from qwen_trtllm.runtime import Engine, Executor, ExecutorConfig
+    from qwen_trtllm.runtime.model_runner import StepPlan
+
     cfg, T = model.config, tokens.shape[1]
-    alpha = torch.tensor([ntk_alpha(T, cfg.seq_length)])
-    cache = torch.zeros(cfg.num_hidden_layers, 1, cfg.num_attention_heads, T, cfg.kv_channels)
-    ctx = StepContext(torch.arange(T)[None], rotary_inv_freq(cfg, alpha), cache, cache.clone(), prefill=True)
+    build = {"max_batch_size": 1, "max_input_len": T, "max_output_len": 1}
+    engine = Engine(Path("."), cfg, build, model, torch.device("cpu"), torch.float32)
+    executor = Executor(engine, ExecutorConfig(cuda_graphs=False))
+    blocks: list[int] = []
+    executor.kv_cache.grow(blocks, T)
+    plan = StepPlan(tokens[0].tolist(), list(range(T)), [T], [0], [blocks], [ntk_alpha(T, cfg.seq_length)], [0],
+                    num_decode=0)
     with torch.inference_mode():
-        return model(tokens, ctx)
+        return executor.runner.forward_plan(plan, all_logits=True)
 
 
 def _weight_noise(model: QWen, precision: str, group: int, lm_head: bool) -> float:

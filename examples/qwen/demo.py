@@ -52,20 +52,20 @@ def main() -> int:
          "--input_text", QUESTION, "--top_k", "1", "--streaming")
 
     from qwen_trtllm.models.qwen.reference import load_reference
-    from qwen_trtllm.runtime import Engine, GenerationSession, SamplingConfig
+    from qwen_trtllm.runtime import LLM, SamplingParams
     from qwen_trtllm.tokenizer import QWenTokenizer, make_context
 
     tok = QWenTokenizer.from_dir(work / "engine")
     ids = make_context(tok, QUESTION)[1]
-    session = GenerationSession(Engine.load(work / "engine"))
+    llm = LLM(work / "engine")
     t1 = time.perf_counter()
-    got = session.generate([ids], args.max_output_len, SamplingConfig(top_k=1), stop_ids=[]).output_ids[0]
+    got = llm.generate([ids], SamplingParams(max_tokens=args.max_output_len, top_k=1))[0].token_ids
     rate = len(got) / (time.perf_counter() - t1)
     ref = load_reference(ckpt).generate(torch.tensor([ids]), max_new_tokens=args.max_output_len, do_sample=False,
                                         min_new_tokens=args.max_output_len, eos_token_id=None,
                                         pad_token_id=0)[0, len(ids):].tolist()
     same = sum(a == b for a, b in zip(got, ref, strict=True))
-    print(f"\nengine vs Hugging Face reference: {same}/{len(ref)} tokens identical (greedy, {session.engine.device})")
+    print(f"\nengine vs Hugging Face reference: {same}/{len(ref)} tokens identical (greedy, {llm.engine.device})")
     print(f"engine speed: {rate:.1f} tokens/s; whole demo {time.perf_counter() - t0:.1f} s")
     return 0 if same == len(ref) else 1
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 try:
@@ -21,6 +22,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402
 
 from qwen_trtllm.cli import run_cli  # noqa: E402
+from qwen_trtllm.runtime.runner import add_runtime_args, executor_config_from_args  # noqa: E402
 
 
 def main() -> int:
@@ -36,10 +38,11 @@ def main() -> int:
     p.add_argument("--num_prompts", type=int, default=64)
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=16, help="prompts per teacher-forced pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min_top1", type=float, default=0.0)
     p.add_argument("--json_output", default=None)
+    add_runtime_args(p)  # --max_batch_size defaults to --batch_size; the KV cache to one batch's tokens
     args = p.parse_args()
 
     from qwen_trtllm import QWenError
@@ -50,20 +53,32 @@ def main() -> int:
         random_prompts,
         reference_logits,
     )
-    from qwen_trtllm.runtime import Engine, GenerationSession
+    from qwen_trtllm.kernels import triton_available
+    from qwen_trtllm.runtime import Engine, Executor
     from qwen_trtllm.runtime.distributed import init_distributed, load_engine_on_all_ranks
+    from qwen_trtllm.runtime.engine import use_triton_kernels
 
     # under torchrun/mpirun the engine under test is tensor-parallel; rank 0 alone runs the reference and reports
     rank, world = init_distributed()
     if world > 1 and args.reference_engine_dir == args.engine_dir:
         raise QWenError("under several ranks, compare with another (single-rank) engine or --hf_model_dir")
 
-    def session(engine: Engine, kernels: str | None) -> GenerationSession:
-        use_triton = None if kernels is None else kernels == "triton"
-        return GenerationSession(engine, max_batch_size=args.batch_size, max_seq_len=args.prompt_len + args.steps,
-                                 use_triton=use_triton)
+    def use_kernels(engine: Engine, kernels: str | None) -> None:
+        """--kernels triton (where Triton can run) or torch; None: the engine's build choice."""
+        triton = use_triton_kernels(engine.build, engine.device) if kernels is None else \
+            kernels == "triton" and triton_available(engine.device)
+        engine.model.set_kernels(triton)
 
-    test = session(load_engine_on_all_ranks(args.engine_dir, rank, world), args.kernels)
+    def executor(engine: Engine, kernels: str | None) -> Executor:
+        use_kernels(engine, kernels)
+        seq = args.prompt_len + args.steps
+        cfg = executor_config_from_args(args, engine.build)
+        if args.max_tokens_in_paged_kv_cache is None:  # one batch's blocks, not a share of the GPU memory
+            tpb = cfg.kv_cache.tokens_per_block
+            cfg = replace(cfg, kv_cache=replace(cfg.kv_cache, max_tokens=args.batch_size * -(-seq // tpb) * tpb))
+        return Executor(engine, replace(cfg, max_batch_size=args.max_batch_size or args.batch_size, max_seq_len=seq))
+
+    test = executor(load_engine_on_all_ranks(args.engine_dir, rank, world), args.kernels)
     prompts, forced = random_prompts(test.engine.config.vocab_size, args.num_prompts, args.prompt_len, args.steps,
                                      args.seed)
     t0 = time.perf_counter()
@@ -79,9 +94,12 @@ def main() -> int:
         label = f"Hugging Face reference ({args.reference_dtype})"
     else:
         same = args.reference_engine_dir == args.engine_dir
-        ref_session = session(test.engine if same else Engine.load(args.reference_engine_dir),
-                              args.reference_kernels)
-        reference = lambda pr, fo: engine_logits(ref_session, pr, fo)
+        if same:  # the same engine and KV cache, its kernels switched for the reference pass
+            ref_executor = test
+            use_kernels(test.engine, args.reference_kernels)
+        else:
+            ref_executor = executor(Engine.load(args.reference_engine_dir), args.reference_kernels)
+        reference = lambda pr, fo: engine_logits(ref_executor, pr, fo)
         label = f"engine {args.reference_engine_dir} ({args.reference_kernels or 'as built'})"
     t0 = time.perf_counter()
     want = batched(reference, prompts, forced, args.batch_size)

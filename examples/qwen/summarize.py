@@ -17,6 +17,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from qwen_trtllm.cli import run_cli  # noqa: E402
 from qwen_trtllm.evaluation.summarize import DEFAULT_SYSTEM, SummarizeOptions, run_summarize  # noqa: E402
+from qwen_trtllm.runtime.runner import add_runtime_args  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_type", default="fp16", choices=["fp32", "fp16", "bf16"],
                    help="dtype of the Hugging Face reference (the engine's is fixed at build)")
     p.add_argument("--max_ite", type=int, default=20, help="number of batches to evaluate")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="prompts given to the engine at once (beyond its --max_batch_size they queue)")
     p.add_argument("--output_len", type=int, default=100, help="most new tokens per summary")
     p.add_argument("--max_input_length", type=int, default=923,
                    help="prompt budget in tokens; longer articles lose their end")
@@ -48,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_file", default=None, help="write one json line per example (texts and ids)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_runtime_args(p)
     return p.parse_args(argv)
 
 

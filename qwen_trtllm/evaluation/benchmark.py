@@ -1,8 +1,9 @@
 """Speed measurement in TensorRT-LLM's benchmark conventions: time to first token, decode ms/token, tokens/s,
 percentage of the measured copy bandwidth, peak memory; Hugging Face eager on the same weights alongside.
 
-Timings come from CUDA events around the real generate path (prefill, then CUDA-graph decode steps, greedy
-sampling on the device, no stop tokens), median over runs after warm-up.
+Timings come from the in-flight batching executor itself: a batch of requests submitted together (greedy, no
+stop tokens), TTFT = until every request has its first token, decode = the host time of the decode-only steps
+(CUDA-graph replays, sampling, the one host read per window of steps) per step; median over runs after warm-up.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from qwen_trtllm.checkpoint.random_checkpoint import PRESETS, random_tensor
 from qwen_trtllm.config import QWenConfig
 from qwen_trtllm.models.qwen.model import QWen
 from qwen_trtllm.runtime.engine import Engine, model_skeleton
-from qwen_trtllm.runtime.generation import GenerationSession
-from qwen_trtllm.runtime.sampling import SamplingConfig
+from qwen_trtllm.runtime.executor import ExecutorConfig
+from qwen_trtllm.runtime.kv_cache import KvCacheConfig
+from qwen_trtllm.runtime.llm import LLM
+from qwen_trtllm.runtime.request import SamplingParams
 
 
 @dataclass
@@ -48,7 +51,7 @@ def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max
     with torch.no_grad():  # the random checkpoints' scheme (their names: the embedding is transformer.wte)
         for name, p in model.named_parameters():
             p.copy_(random_tensor("transformer.wte.weight" if name == "embed.weight" else name, p.shape, gen, device))
-    model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False).set_kernels(kernels == "triton")
     build = {"dtype": dtype, "world_size": 1, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
              "max_output_len": max_output_len, "kernels": {"decode": kernels}}
     return Engine(engine_dir=None, config=config, build=build, model=model, device=torch.device(device),
@@ -92,34 +95,48 @@ def decode_step_bytes(engine: Engine, batch: int, context: int) -> int:
 
 def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, runs: int = 3,
                  copy_gbs: float | None = None) -> BenchRow:
+    """A static batch through the in-flight batching runtime: `batch` requests of input_len submitted together,
+    all prompts in one prefill step (max_num_tokens = batch x input_len), output_len tokens each."""
     dev = engine.device
-    session = GenerationSession(engine, max_batch_size=batch, max_seq_len=input_len + output_len)
-    session.max_input_len, session.max_output_len = input_len, output_len
+    bs = 64
+    kv = KvCacheConfig(max_tokens=batch * -(-(input_len + output_len) // bs) * bs, tokens_per_block=bs)
+    llm = LLM.from_engine(engine, config=ExecutorConfig(max_batch_size=batch, max_num_tokens=batch * input_len,
+                                                        max_seq_len=input_len + output_len, kv_cache=kv))
+    ex = llm.executor
+    ex.max_input_len, ex.max_output_len = input_len, output_len
     g = torch.Generator().manual_seed(batch * 1000 + input_len)
     prompts = torch.randint(0, engine.config.vocab_size, (batch, input_len), generator=g).tolist()
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
     torch.cuda.reset_peak_memory_stats(dev)
-    timings = []
+    ttfts, per_step, totals = [], [], []
     for i in range(runs + 1):  # the first run warms up (CUDA graph capture, Triton compilation)
-        session.generate(prompts, output_len, SamplingConfig(top_k=1), stop_ids=[-1], end_id=0)
+        reqs = [ex.add_request(p, params) for p in prompts]
+        t0 = time.perf_counter()
+        ex.step()  # the prefill step
+        t1 = time.perf_counter()
+        while ex.has_work:
+            ex.step()
+        t2 = time.perf_counter()
+        assert all(len(r.output_token_ids) == output_len for r in reqs)
         if i:
-            timings.append(session.last_timing)
-    ttft = statistics.median(t["prefill_ms"] for t in timings)
-    per_tok = statistics.median(t["decode_ms"] / t["decode_steps"] for t in timings)
-    total_s = (ttft + per_tok * (output_len - 1)) / 1e3
+            ttfts.append((t1 - t0) * 1e3)
+            per_step.append((t2 - t1) * 1e3 / max(output_len - 1, 1))
+            totals.append(t2 - t0)
+    ttft, per_tok = statistics.median(ttfts), statistics.median(per_step)
     bw = decode_step_bytes(engine, batch, input_len + output_len // 2) / (per_tok * 1e-3) / 1e9
     q = engine.build.get("quantization") or {}
     quant = q.get("precision", "") + ("+lm_head" if q.get("quantize_lm_head") else "")
     row = BenchRow(f"engine-{quant}" if quant else "engine", batch, input_len, output_len, ttft, per_tok,
-                   batch * output_len / total_s,
+                   batch * output_len / statistics.median(totals),
                    100 * bw / copy_gbs if copy_gbs else float("nan"), torch.cuda.max_memory_allocated(dev) / 2**30)
-    release(session)
+    release(llm)
     return row
 
 
-def release(session: GenerationSession) -> None:
-    """Free a session's KV cache and CUDA graphs (they hold reference cycles through the captured steps)."""
-    session._graphs.clear()
-    del session
+def release(llm: LLM) -> None:
+    """Free an LLM's KV cache and CUDA graphs (they hold reference cycles through the captured steps)."""
+    llm.executor.runner.release()
+    del llm
     gc.collect()
     torch.cuda.empty_cache()
 

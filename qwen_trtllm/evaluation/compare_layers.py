@@ -1,8 +1,9 @@
 """Layer-by-layer comparison of the engine with the Hugging Face reference, to find WHERE a port goes wrong.
 
-The same tokens go through the engine's prefill (the plain PyTorch path, whose blocks store their outputs in
-StepContext.capture) and through transformers' Qwen2ForCausalLM with forward hooks. Every captured tensor is
-compared in network order; the first one over tolerance is where the bug is (everything after it inherits it).
+The same tokens go through the engine's prefill (one prefill step of the model runner on the plain PyTorch kernels;
+the model stores its intermediate outputs in AttentionMetadata.capture) and through transformers'
+Qwen2ForCausalLM with forward hooks. Every captured tensor is compared in network order; the first one over
+tolerance is where the bug is (everything after it inherits it).
 
 Default tolerances on the relative error ||engine - ref|| / ||ref|| of one tensor, by the engine's dtype (engine
 vs a float32 reference; measured on CPU with a random 12-layer, hidden-1024 model and 128 tokens):
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from qwen_trtllm import QWenError
-from qwen_trtllm.models.qwen.model import StepContext
+from qwen_trtllm.models.qwen.model import ntk_alpha
 
 DEFAULT_TOLERANCES = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -58,18 +59,30 @@ class LayerDiff:
 
 @torch.inference_mode()
 def engine_intermediates(engine, token_ids: Sequence[int]) -> dict[str, Tensor]:
-    """One prefill of token_ids through the engine's PyTorch path, returning its captured tensors."""
+    """One prefill of token_ids through the engine's PyTorch path (the model runner's prefill step on a KV cache
+    of its own, the kernels switched to the PyTorch references for it), returning its captured tensors [T, ...]."""
     if engine.world_size != 1:
         raise QWenError("compare_layers runs a single-rank engine: rebuild it with --world_size 1")
-    from qwen_trtllm.runtime.generation import GenerationSession
+    from qwen_trtllm.runtime.executor import Executor, ExecutorConfig
+    from qwen_trtllm.runtime.kv_cache import KvCacheConfig
+    from qwen_trtllm.runtime.model_runner import StepPlan
 
-    T = len(token_ids)
-    session = GenerationSession(engine, max_batch_size=1, max_seq_len=T, use_triton=False, cuda_graphs=False)
-    tokens, _, inv_freq = session.prepare([list(token_ids)])
-    ctx = StepContext(torch.arange(T, device=engine.device)[None], inv_freq, session.k_cache, session.v_cache,
-                      prefill=True, capture={})
-    engine.model(tokens, ctx)
-    return {k: v[0] for k, v in ctx.capture.items()}
+    T, cfg = len(token_ids), engine.config
+    tpb = engine.build.get("tokens_per_block", 64)
+    kv = KvCacheConfig(max_tokens=-(-T // tpb) * tpb, tokens_per_block=tpb)  # exactly this prompt's blocks
+    executor = Executor(engine, ExecutorConfig(max_batch_size=1, max_seq_len=T, kv_cache=kv, cuda_graphs=False))
+    blocks: list[int] = []
+    executor.kv_cache.grow(blocks, T)
+    alpha = ntk_alpha(T, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+    plan = StepPlan(list(token_ids), list(range(T)), [T], [0], [blocks], [alpha], [0], num_decode=0)
+    triton, capture = engine.model.ops.triton, {}
+    engine.model.set_kernels(False)
+    try:
+        executor.runner.forward_plan(plan, capture=capture, all_logits=True)
+    finally:
+        engine.model.set_kernels(triton)
+        executor.kv_cache.free(blocks)
+    return capture
 
 
 @torch.inference_mode()

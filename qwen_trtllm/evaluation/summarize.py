@@ -2,7 +2,8 @@
 engine's summaries and of the Hugging Face reference's, and how closely the two backends agree.
 
 Both backends get identical prompts (chatml, via make_context), the same sampling settings and the same stop ids.
-The engine generates --batch_size prompts at once (right-padded; exact for any mix of lengths). The reference runs
+The engine is given --batch_size prompts per call; its in-flight batching runtime runs them together, each
+unpadded (exact for any mix of lengths), and more than its --max_batch_size wait in its queue. The reference runs
 one example at a time without padding: batched Hugging Face generation needs left padding, whose shifted positions
 and masked attention are not bit-for-bit the computation of an unpadded prompt, so batch 1 is the exact choice.
 
@@ -23,15 +24,14 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from qwen_trtllm import QWenError
-from qwen_trtllm.runtime.generation import cut_after_stop
-from qwen_trtllm.runtime.sampling import SamplingConfig
+from qwen_trtllm.runtime.request import QWEN_EOD_ID, SamplingParams
 
 SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "cnn_dailymail_sample.jsonl"
 DEFAULT_SYSTEM = "You are a helpful assistant. You write short, factual summaries of news articles."
@@ -39,7 +39,6 @@ INSTRUCTION = "\n\nSummarize the article above in two or three sentences."
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 REFERENCE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-QWEN_EOD_ID = 151643
 
 
 @dataclass
@@ -142,6 +141,11 @@ def response_text(ids: Sequence[int], tokenizer) -> str:
     return decode_response([i for i in ids if i < known], tokenizer, "chatml")
 
 
+def cut_after_stop(ids: list[int], stop_ids) -> list[int]:
+    """ids up to and including the first stop id (all of them when none occurs), as the engine returns them."""
+    return next((ids[: i + 1] for i, t in enumerate(ids) if t in stop_ids), ids)
+
+
 def check_token_ids(prompts: Sequence[Sequence[int]], stop_ids: set[int], vocab_size: int, what: str) -> None:
     """Token ids beyond the model's vocabulary mean that the tokenizer is not the model's."""
     top = max(max(max(p) for p in prompts), max(stop_ids))
@@ -163,21 +167,25 @@ class BackendResult:
         return sum(len(ids) for ids in self.output_ids)
 
 
-def run_engine(session, prompts: list[list[int]], batch_size: int, output_len: int, sampling: SamplingConfig,
+def run_engine(llm, prompts: list[list[int]], batch_size: int, output_len: int, sampling: SamplingParams,
                stop_ids: set[int], end_id: int = QWEN_EOD_ID, progress: bool = True) -> BackendResult:
-    """Generate with the engine, batch_size prompts per call (as TensorRT-LLM's summarize.py iterates)."""
+    """Generate with the engine (an LLM), batch_size prompts per call (as TensorRT-LLM's summarize.py iterates;
+    prompts beyond the runtime's max_batch_size wait in its queue). Each output ends at its first stop id
+    (inclusive). Under tensor parallelism every rank calls this; the other ranks' result has no outputs."""
     res = BackendResult("engine")
+    params = replace(sampling, max_tokens=output_len, stop_token_ids=sorted(stop_ids), end_id=end_id,
+                     ignore_eos=False)
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
-    for batch in tqdm(batches, desc="engine", disable=not progress, file=sys.stderr):
+    for batch in tqdm(batches, desc="engine", disable=not (progress and llm.is_leader), file=sys.stderr):
         t0 = time.perf_counter()
-        out = session.generate(batch, output_len, sampling, stop_ids=sorted(stop_ids), end_id=end_id)
+        outputs = llm.generate(batch, params)
         res.seconds += time.perf_counter() - t0
-        res.output_ids.extend(out.output_ids)
+        res.output_ids.extend(out.token_ids for out in outputs)
     return res
 
 
 @torch.inference_mode()
-def run_reference(model, prompts: list[list[int]], output_len: int, sampling: SamplingConfig, stop_ids: set[int],
+def run_reference(model, prompts: list[list[int]], output_len: int, sampling: SamplingParams, stop_ids: set[int],
                   end_id: int = QWEN_EOD_ID, progress: bool = True) -> BackendResult:
     """Generate with the Hugging Face model one prompt at a time (no padding: exact, see the module doc)."""
     res = BackendResult("hf")
@@ -278,6 +286,11 @@ class SummarizeOptions:
     seed: int = 0
     output_file: str | None = None
     progress: bool = True
+    # the runtime's flags (qwen_trtllm.runtime.runner.add_runtime_args; None: the engine's)
+    kv_cache_free_gpu_mem_fraction: float = 0.9
+    max_tokens_in_paged_kv_cache: int | None = None
+    max_num_tokens: int | None = None
+    max_batch_size: int | None = None
 
 
 def _find_tokenizer_dir(opts: SummarizeOptions) -> Path:
@@ -310,21 +323,18 @@ def run_summarize(opts: SummarizeOptions) -> int:
     for name in ("max_ite", "batch_size", "output_len", "max_input_length"):
         if getattr(opts, name) < 1:
             raise QWenError(f"--{name} must be >= 1, got {getattr(opts, name)}")
-    sampling = SamplingConfig(opts.temperature, opts.top_k, opts.top_p, opts.repetition_penalty, opts.seed)
+    sampling = SamplingParams(opts.output_len, opts.temperature, opts.top_k, opts.top_p, opts.repetition_penalty,
+                              opts.seed)
     sampling.validate()
     examples = load_examples(opts.dataset_path)[: opts.max_ite * opts.batch_size]
 
     max_input, device, rank = opts.max_input_length, None, 0
     if opts.test_trt_llm:  # under torchrun/mpirun every rank runs the engine; rank 0 alone prints and scores
-        from qwen_trtllm.runtime import GenerationSession
         from qwen_trtllm.runtime.distributed import init_distributed, load_engine_on_all_ranks
 
         rank, world = init_distributed()
         engine = load_engine_on_all_ranks(opts.engine_dir, rank, world)
         build = engine.build
-        if opts.batch_size > build["max_batch_size"]:
-            raise QWenError(f"--batch_size {opts.batch_size} exceeds the engine's max_batch_size "
-                            f"{build['max_batch_size']}: lower it or rebuild the engine")
         if opts.output_len > build["max_output_len"]:
             raise QWenError(f"--output_len {opts.output_len} exceeds the engine's max_output_len "
                             f"{build['max_output_len']}: lower it or rebuild the engine")
@@ -347,15 +357,19 @@ def run_summarize(opts: SummarizeOptions) -> int:
     refs = [ex.highlights for ex in examples]
     if opts.test_trt_llm:
         check_token_ids(prompts, stops, engine.config.vocab_size, f"engine {opts.engine_dir}")
-        session = GenerationSession(engine, max_batch_size=opts.batch_size,
-                                    max_seq_len=max(map(len, prompts)) + opts.output_len)
-        engine_res = run_engine(session, prompts, opts.batch_size, opts.output_len, sampling, stops, end_id,
+        from qwen_trtllm.runtime import LLM
+        from qwen_trtllm.runtime.runner import executor_config_from_args
+
+        llm = LLM.from_engine(engine, config=executor_config_from_args(opts, build))
+        engine_res = run_engine(llm, prompts, opts.batch_size, opts.output_len, sampling, stops, end_id,
                                 opts.progress)
-        engine_res.texts = [response_text(ids, tokenizer) for ids in engine_res.output_ids]
-        engine_scores = rouge_scores(engine_res.texts, refs)
-        del session, engine
+        del llm, engine  # the KV cache and the weights make room for the reference
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         if rank:
             return 0
+        engine_res.texts = [response_text(ids, tokenizer) for ids in engine_res.output_ids]
+        engine_scores = rouge_scores(engine_res.texts, refs)
     if opts.test_hf:
         from qwen_trtllm.models.qwen.reference import load_reference
 

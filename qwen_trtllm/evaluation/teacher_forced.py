@@ -13,19 +13,37 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from qwen_trtllm.runtime.generation import GenerationSession
+from qwen_trtllm import QWenError
+from qwen_trtllm.models.qwen.model import ntk_alpha
+from qwen_trtllm.runtime.executor import Executor
+from qwen_trtllm.runtime.model_runner import StepPlan
 
 
 @torch.inference_mode()
-def engine_logits(session: GenerationSession, prompts: Sequence[Sequence[int]], forced: Tensor) -> Tensor:
+def engine_logits(executor: Executor, prompts: Sequence[Sequence[int]], forced: Tensor) -> Tensor:
     """Logits [B, S, V] (float32, on the engine's device): position 0 after the prompt, then after each of the
-    first S-1 forced tokens [B, S]."""
-    lens = [len(p) for p in prompts]
-    tokens, lengths, inv_freq = session.prepare(prompts)
-    forced = forced.to(session.engine.device)
-    out = [session.prefill(tokens, lengths, inv_freq).clone()]
-    for s in range(forced.shape[1] - 1):
-        out.append(session.decode(forced[:, s], lengths + s, inv_freq, attn_len=max(lens) + s + 1).clone())
+    first S-1 forced tokens [B, S]. One batched prefill step, then S-1 decode steps (CUDA graphs on CUDA),
+    through the executor's KV cache blocks (returned to the pool at the end)."""
+    kv, runner, cfg = executor.kv_cache, executor.runner, executor.engine.config
+    lens, S = [len(p) for p in prompts], forced.shape[1]
+    alphas = [ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0 for n in lens]
+    tables: list[list[int]] = [[] for _ in prompts]
+    try:
+        for t, n in zip(tables, lens, strict=True):
+            if not kv.can_grow(t, n + S):
+                raise QWenError(f"{len(prompts)} prompts of up to {max(lens) + S} tokens exceed the KV cache: "
+                                "use a smaller batch")
+            kv.grow(t, n + S)
+        plan = StepPlan([t for p in prompts for t in p], [i for n in lens for i in range(n)], lens,
+                        [0] * len(lens), tables, alphas, [0] * len(lens), num_decode=0)
+        out = [runner.logits(plan).clone()]
+        for s in range(S - 1):
+            plan = StepPlan(forced[:, s].tolist(), [n + s for n in lens], [1] * len(lens), [n + s for n in lens],
+                            tables, alphas, [0] * len(lens), num_decode=len(lens))
+            out.append(runner.logits(plan).clone())
+    finally:
+        for t in tables:
+            kv.free(t)
     return torch.stack(out, dim=1)
 
 

@@ -3,16 +3,21 @@ attention (packed variable-length query chunks after cached tokens), each next t
 
 Cache layout (one layer): k_cache and v_cache [num_blocks, n_heads, block_size, head_dim]. The token at position
 p of sequence b lives in block block_tables[b, p // block_size] at offset p % block_size; block_size (TensorRT-LLM's
-tokens_per_block) is a power of two in 16..128 and is the key tile of both kernels, so each tile is one block,
-found through one block-table load. Entries of a block table past a sequence's last block are never read; block 0
-is the runtime's dummy block (padding rows of CUDA-graph batches point there), which the kernels read like any.
+tokens_per_block) is a power of two in 16..128. Entries of a block table past a sequence's last block are never
+read; block 0 is the runtime's dummy block (padding rows of CUDA-graph batches point there), which the kernels
+read like any other.
 
 Decode, stage 1 (grid B x heads x num_splits): split s of sequence b covers keys [s * chunk, (s + 1) * chunk)
 clipped to seq_lens[b], with chunk = ceil(seq_lens[b] / num_splits) rounded up to whole blocks, so the work spreads
-over all splits whatever the context length while the grid stays static (CUDA-graph friendly). It keeps a running
-max, sum and accumulator in float32 (base-2 exponent) and writes the normalised partial output and its
-log-sum-exp to a float32 workspace; a split with no keys writes the neutral partial (lse = -inf, output 0).
-Stage 2 (grid B x heads) merges the splits with the log-sum-exp rule. With one split stage 1 writes the output.
+over all splits whatever the context length while the grid stays static (CUDA-graph friendly). It walks its keys
+in tiles of KEY_TILE (16) keys, each a slice of one block found through one block-table load, requesting the K and
+V tiles together (pipelined, 3 stages). Each of the 16 key lanes keeps its own running max, sum and accumulator in
+float32 (base-2 exponent), so the loop has no reduction across the key axis; the lanes are merged once at the end.
+(Measured on an H200, fp16, head_dim 128: 4.1-4.6 TB/s for 256-512 sequences of 200-2048 keys, as fast as SDPA on
+contiguous keys; whole-block tiles with a per-tile softmax reached 2.7-3.7 TB/s.) The split writes the normalised
+partial output and its log-sum-exp to a float32 workspace; a split with no keys writes the neutral partial
+(lse = -inf, output 0). Stage 2 (grid B x heads) merges the splits with the log-sum-exp rule. With one split stage
+1 writes the output.
 
 Prefill (grid P * ceil(max_query_len / BLOCK_M) x heads): a program takes BLOCK_M query rows of one sequence and
 runs the flash-attention loop (tl.dot, online softmax in float32, exp2) over the blocks of that sequence: first
@@ -30,13 +35,13 @@ from torch import Tensor
 from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start, sm_count
 
 _LOG2E = 1.4426950408889634
-_STAGE_BYTES = 128 * 1024  # shared memory the K/V pipeline may take: 2 stages where 2 tiles of K and V fit
+_STAGE_BYTES = 160 * 1024  # shared memory the prefill K/V pipeline may take (an H200 SM has 227 KiB)
 
 
 def _num_stages(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Loop pipelining depth: 2 (one K and V tile in flight while the other is used) where it fits, else 1."""
+    """Prefill loop pipelining depth: 3 where three K and V tiles fit in _STAGE_BYTES, else 2, else 1."""
     tile_pair = 2 * block_size * head_dim * torch.empty((), dtype=dtype).element_size()
-    return 2 if 2 * tile_pair <= _STAGE_BYTES else 1
+    return max(1, min(3, _STAGE_BYTES // tile_pair))
 
 
 def _check_cache(k_cache: Tensor, v_cache: Tensor, n_heads: int, head_dim: int) -> int:
@@ -50,54 +55,65 @@ def _check_cache(k_cache: Tensor, v_cache: Tensor, n_heads: int, head_dim: int) 
 
 
 # --- decode ----------------------------------------------------------------------------------------------------
+KEY_TILE = 16  # keys per decode tile (a slice of one block): measured best on an H200 for block_size 16..128
+
+
 @triton.jit
 def _paged_decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, max_seq,
                                stride_qb, stride_qh, stride_bt, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
                                N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, NUM_STAGES: tl.constexpr,
-                               PDL: tl.constexpr = False):
+                               BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, DIRECT: tl.constexpr,
+                               NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False):
     pdl_start(PDL, EARLY=True)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2)
     seq_len = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), max_seq)
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole blocks
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_SIZE) * BLOCK_SIZE  # whole blocks
     start = s * chunk
     end = tl.minimum(start + chunk, seq_len)
 
     d = tl.arange(0, HEAD_DIM)
-    offs = tl.arange(0, BLOCK_N)
+    offs = tl.arange(0, TILE)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * qk_scale  # log2 units
     table = bt_ptr + b * stride_bt
     k_head = k_ptr + h * k_sh + offs[:, None] * k_ss + d[None, :]
     v_head = v_ptr + h * v_sh + offs[:, None] * v_ss + d[None, :]
-    run_max = -float("inf")
-    denom = 0.0
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
-        block = tl.load(table + n0 // BLOCK_N).to(tl.int64)
+    # Each of the TILE key lanes keeps its own running max, sum and accumulator (flash decoding per lane), so
+    # the loop needs no reduction across the key axis (across warps); the lanes merge once after the loop.
+    run_max = tl.full([TILE], -float("inf"), dtype=tl.float32)
+    denom = tl.zeros([TILE], dtype=tl.float32)
+    acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
+    for n0 in tl.range(start, end, TILE, num_stages=NUM_STAGES):
+        block = tl.load(table + n0 // BLOCK_SIZE).to(tl.int64)  # TILE divides BLOCK_SIZE: one block per tile
+        row = n0 % BLOCK_SIZE
         valid = n0 + offs < end
         # both tiles are requested before any arithmetic, so their memory latencies overlap
-        k = tl.load(k_head + block * k_sb, mask=valid[:, None], other=0.0)
-        v = tl.load(v_head + block * v_sb, mask=valid[:, None], other=0.0)
+        k = tl.load(k_head + block * k_sb + row * k_ss, mask=valid[:, None], other=0.0)
+        v = tl.load(v_head + block * v_sb + row * v_ss, mask=valid[:, None], other=0.0)
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
         scores = tl.where(valid, scores, -float("inf"))
-        new_max = tl.maximum(run_max, tl.max(scores, axis=0))  # finite: every tile holds a valid key
-        alpha = tl.exp2(run_max - new_max)
-        p = tl.exp2(scores - new_max)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        denom = denom * alpha + tl.sum(p, axis=0)
+        new_max = tl.maximum(run_max, scores)
+        ref_max = tl.where(new_max == -float("inf"), 0.0, new_max)  # a lane with no key yet: weights 0, not NaN
+        alpha = tl.exp2(run_max - ref_max)
+        p = tl.exp2(scores - ref_max)
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        denom = denom * alpha + p
         run_max = new_max
 
-    has_keys = denom > 0.0
-    denom = tl.where(has_keys, denom, 1.0)
-    out = acc / denom
+    top = tl.max(run_max, axis=0)
+    top = tl.where(top == -float("inf"), 0.0, top)  # no key in this split
+    w = tl.exp2(run_max - top)
+    total = tl.sum(denom * w, axis=0)
+    has_keys = total > 0.0
+    total = tl.where(has_keys, total, 1.0)
+    out = tl.sum(acc * w[:, None], axis=0) / total
     if DIRECT:
         tl.store(o_ptr + (b * N_HEADS + h) * HEAD_DIM + d, out.to(o_ptr.dtype.element_ty))
     else:
         slot = (b * N_HEADS + h) * NUM_SPLITS + s
         tl.store(o_ptr + slot * HEAD_DIM + d, out)
-        tl.store(lse_ptr + slot, tl.where(has_keys, run_max + tl.log2(denom), -float("inf")))
+        tl.store(lse_ptr + slot, tl.where(has_keys, top + tl.log2(total), -float("inf")))
 
 
 @triton.jit
@@ -163,8 +179,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         q, k_cache, v_cache, block_tables, seq_lens, o_ws, lse_ws, scale * _LOG2E, max_seq, q.stride(0),
         q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D,
-        BLOCK_N=block_size, DIRECT=splits == 1, NUM_STAGES=_num_stages(block_size, D, k_cache.dtype), PDL=pdl,
-        num_warps=4, launch_pdl=pdl)
+        BLOCK_SIZE=block_size, TILE=KEY_TILE, DIRECT=splits == 1, NUM_STAGES=3, PDL=pdl, num_warps=2,
+        launch_pdl=pdl)
     if splits > 1:
         _paged_decode_merge_kernel[(B, H)](o_ws, lse_ws, out, N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D,
                                            BLOCK_S=triton.next_power_of_2(splits), PDL=pdl, num_warps=1,

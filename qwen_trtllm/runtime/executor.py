@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 
 from qwen_trtllm import QWenError
@@ -41,6 +42,10 @@ class ExecutorConfig:
 class Executor:
     def __init__(self, engine: Engine, config: ExecutorConfig | None = None, tokenizer=None):
         config = config or ExecutorConfig()
+        for name in ("max_batch_size", "max_num_tokens", "max_seq_len"):
+            v = getattr(config, name)
+            if v is not None and v < 1:
+                raise QWenError(f"--{name} must be >= 1, got {v}")
         self.engine, self.tokenizer = engine, tokenizer
         build, cfg = engine.build, engine.config
         self.max_batch_size = config.max_batch_size or build["max_batch_size"]
@@ -53,10 +58,9 @@ class Executor:
         heads = cfg.num_attention_heads // engine.world_size
         per_block = KVCacheManager.bytes_per_block(cfg.num_hidden_layers, heads, cfg.kv_channels,
                                                    kv.tokens_per_block, engine.dtype)
-        blocks = pool_size_in_blocks(kv, per_block, engine.device, self.max_batch_size * self.max_seq_len)
+        default_tokens = self.max_batch_size * -(-self.max_seq_len // kv.tokens_per_block) * kv.tokens_per_block
+        blocks = pool_size_in_blocks(kv, per_block, engine.device, default_tokens, reserve=self.activation_bytes())
         if engine.world_size > 1:  # every rank must hold the same pool: the smallest
-            import torch
-
             t = torch.tensor([blocks], device=engine.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             blocks = int(t.item())
@@ -68,6 +72,15 @@ class Executor:
         self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
         self._slot: dict[int, int] = {}
         self.stats = {"steps": 0, "preemptions": 0, "max_blocks_used": 0}
+
+    def activation_bytes(self) -> int:
+        """An upper estimate of one step's transient memory, kept free of the KV cache: per token of
+        max_num_tokens the qkv, attention, gate/up, SiLU and residual activations (x2 for the allocator), per
+        sequence of max_batch_size the float32 logits and the sampler's sort (values, int64 indices, probs, cdf)."""
+        cfg, tp = self.engine.config, self.engine.world_size
+        esize = torch.finfo(self.engine.dtype).bits // 8
+        per_token = (8 * cfg.hidden_size + 3 * cfg.ffn_hidden_size // tp) * esize
+        return 2 * self.max_num_tokens * per_token + self.max_batch_size * cfg.vocab_size * 24 + (1 << 30)
 
     def kv_cache_report(self) -> str:
         kv = self.kv_cache

@@ -26,7 +26,7 @@ class KvCacheConfig:
 
     free_gpu_memory_fraction: share of the device memory free after the weights that the pool takes (CUDA).
     max_tokens: a cap on the pool in tokens (on the CPU, where there is no free-memory reading, the default is
-    the engine's max_batch_size x (max_input_len + max_output_len)).
+    room for the engine's max_batch_size sequences of max_input_len + max_output_len tokens).
     tokens_per_block: tokens per KV cache block (a power of two, 16..128).
     """
 
@@ -132,14 +132,15 @@ class KVCacheManager:
 
 
 def pool_size_in_blocks(config: KvCacheConfig, bytes_per_block: int, device: torch.device,
-                        default_tokens: int) -> int:
-    """Blocks for the pool: free_gpu_memory_fraction of the free device memory (CUDA, measured now, after the
-    weights are loaded), capped by max_tokens; default_tokens off CUDA. One extra block is the null block."""
+                        default_tokens: int, reserve: int = 0) -> int:
+    """Blocks for the pool: free_gpu_memory_fraction of the device memory free now (CUDA, after the weights
+    are loaded) less `reserve` bytes for the steps' activations, capped by max_tokens; default_tokens off CUDA.
+    One extra block is the null block."""
     cap = None if config.max_tokens is None else -(-config.max_tokens // config.tokens_per_block)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         free, _ = torch.cuda.mem_get_info(device)
-        blocks = int(free * config.free_gpu_memory_fraction) // bytes_per_block
+        blocks = max(int((free - reserve) * config.free_gpu_memory_fraction), 0) // bytes_per_block
         if cap is not None:
             blocks = min(blocks, cap)
     else:

@@ -131,6 +131,15 @@ class ModelRunner:
                                            self.device, self._pool)
         return self._graphs[bb]
 
+    def capture_graphs(self, max_batch: int | None = None) -> int:
+        """Capture the decode graphs of every bucket up to max_batch now (else each is captured on first use,
+        in the middle of serving); returns how many exist."""
+        if self.cuda_graphs:
+            top = min(max_batch or self.max_batch_size, self.max_batch_size)
+            for b in [b for b in GRAPH_BUCKETS if b < top] + [top]:
+                self._decode_graph(b)
+        return len(self._graphs)
+
     # --- a whole plan: forward, sample, feed back ------------------------------------------------------------
     def start(self, plan: StepPlan) -> DecodeSteps | None:
         """The decode steps of a decode-only plan, inputs loaded (a CUDA graph's or eager); None otherwise."""

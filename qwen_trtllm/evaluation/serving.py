@@ -1,0 +1,167 @@
+"""Throughput and latency under load, in the conventions of TensorRT-LLM's and vLLM's serving benchmarks.
+
+N requests arrive all at once or at a Poisson rate (fixed seed), with fixed lengths ("128,128") or a synthetic
+mix shaped like chat traffic ("chat": log-normal input 16..1024 and output 16..512 tokens, long-tailed). The
+engine runs them through its in-flight batching executor on the caller's thread; every output token gets the
+host time at which the executor handed it over. Reported: output tokens/s, requests/s, time to first token
+(TTFT) and inter-token latency (ITL: gaps between consecutive tokens of a request, as a client sees them)
+p50/p99, and KV cache blocks in use. Hugging Face transformers' continuous batching (`generate_batch`, paged
+cache) runs the same requests on the same weights for comparison.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from qwen_trtllm import QWenError
+from qwen_trtllm.runtime.llm import LLM
+from qwen_trtllm.runtime.request import Request, SamplingParams
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+    arrival_s: list[float]  # offsets from the start
+
+
+def make_workload(kind: str, num_requests: int, vocab: int, rate: float = float("inf"), seed: int = 0) -> Workload:
+    """kind: "IN,OUT" (fixed lengths) or "chat". rate: requests/s (inf: all at t = 0)."""
+    rng = np.random.default_rng(seed)
+    if kind == "chat":
+        ins = np.clip(rng.lognormal(np.log(180), 0.9, num_requests), 16, 1024).astype(int)
+        outs = np.clip(rng.lognormal(np.log(120), 0.8, num_requests), 16, 512).astype(int)
+    else:
+        try:
+            i, o = (int(v) for v in kind.split(","))
+        except ValueError:
+            raise QWenError(f'--dataset "{kind}" must be "chat" or "IN,OUT" such as "128,128"') from None
+        ins, outs = np.full(num_requests, i), np.full(num_requests, o)
+    prompts = [rng.integers(0, vocab, int(n)).tolist() for n in ins]
+    gaps = rng.exponential(1.0 / rate, num_requests) if np.isfinite(rate) else np.zeros(num_requests)
+    return Workload(prompts, [int(o) for o in outs], np.cumsum(gaps).tolist() if np.isfinite(rate) else
+                    [0.0] * num_requests)
+
+
+@dataclass
+class LoadResult:
+    backend: str
+    requests: int
+    output_tokens: int
+    duration_s: float
+    output_tok_s: float
+    requests_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    kv_blocks_max: int
+    kv_blocks_total: int
+    preemptions: int
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def run_load(llm: LLM, work: Workload, backend: str = "engine") -> tuple[LoadResult, list[Request]]:
+    """Feed the workload to the executor in real time; returns the metrics and the finished requests."""
+    ex = llm.executor
+    pending = list(range(len(work.prompts)))
+    requests: list[Request] = []
+    blocks_max, pre0 = 0, ex.stats["preemptions"]
+    t0 = time.perf_counter()
+    while pending or ex.has_work:
+        now = time.perf_counter() - t0
+        while pending and work.arrival_s[pending[0]] <= now:
+            i = pending.pop(0)
+            r = ex.add_request(work.prompts[i], SamplingParams(max_tokens=work.output_lens[i], ignore_eos=True))
+            r.arrival_time = t0 + work.arrival_s[i]
+            requests.append(r)
+        if ex.has_work:
+            ex.step()
+            blocks_max = max(blocks_max, ex.kv_cache.pool.num_used)
+        elif pending:
+            time.sleep(max(0.0, work.arrival_s[pending[0]] - (time.perf_counter() - t0)))
+    duration = time.perf_counter() - t0
+    ex.end_of_work()
+    ttft = [(r.first_token_time - r.arrival_time) * 1e3 for r in requests]
+    itl = [(b - a) * 1e3 for r in requests for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
+    n_out = sum(len(r.output_token_ids) for r in requests)
+    return LoadResult(backend, len(requests), n_out, duration, n_out / duration, len(requests) / duration,
+                      pct(ttft, 50), pct(ttft, 99), pct(itl, 50), pct(itl, 99), blocks_max,
+                      ex.kv_cache.num_blocks - 1, ex.stats["preemptions"] - pre0), requests
+
+
+def run_hf_continuous_batching(model, work: Workload, max_batch_tokens: int = 8192) -> LoadResult:
+    """transformers' generate_batch (continuous batching, paged cache) on the same prompts, all at once.
+
+    generate_batch takes one max_new_tokens for all requests: the workload's longest, with no end token, so for
+    a mixed workload it generates more tokens per request than the engine (longer runs at full batch, which
+    favours its tokens/s); tokens/s counts every token it generated."""
+    from transformers.generation import GenerationConfig
+
+    model.set_attn_implementation("paged|sdpa")  # transformers 5.17: paged cache + SDPA
+    cfg = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=-1, pad_token_id=0,
+                           max_batch_tokens=max_batch_tokens)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = model.generate_batch(inputs=work.prompts, generation_config=cfg, progress_bar=False)
+    torch.cuda.synchronize()
+    duration = time.perf_counter() - t
+    n_out = sum(len(o.generated_tokens) for o in out.values())
+    nan = float("nan")
+    return LoadResult("hf-continuous-batching", len(work.prompts), n_out, duration, n_out / duration,
+                      len(work.prompts) / duration, nan, nan, nan, nan, 0, 0, 0)
+
+
+def interference(llm: LLM, vocab: int, streams: int = 64, stream_len: tuple[int, int] = (128, 384),
+                 long_prompt: int = 2048, seed: int = 0) -> dict:
+    """`streams` requests decode; once all have produced a quarter of their tokens, one long_prompt-token request
+    arrives. The
+    streams' inter-token gaps while it is prefilled (until its first token) against their gaps before it."""
+    ex = llm.executor
+    rng = np.random.default_rng(seed)
+    reqs = [ex.add_request(rng.integers(0, vocab, stream_len[0]).tolist(),
+                           SamplingParams(max_tokens=stream_len[1], ignore_eos=True)) for _ in range(streams)]
+    while min(len(r.output_token_ids) for r in reqs) < stream_len[1] // 4:
+        ex.step()
+    t_arrive = time.perf_counter()
+    long_req = ex.add_request(rng.integers(0, vocab, long_prompt).tolist(), SamplingParams(max_tokens=8,
+                                                                                          ignore_eos=True))
+    while long_req.first_token_time is None:
+        ex.step()
+    t_first = long_req.first_token_time
+    while ex.has_work:
+        ex.step()
+    ex.end_of_work()
+    gaps = lambda lo, hi: [(b - a) * 1e3 for r in reqs for a, b in zip(r.token_times, r.token_times[1:],
+                                                                          strict=False) if lo < b <= hi]
+    before, during = gaps(0, t_arrive), gaps(t_arrive, t_first)
+    allg = gaps(0, float("inf"))
+    return {"streams": streams, "long_prompt": long_prompt, "max_num_tokens": ex.max_num_tokens,
+            "long_ttft_ms": (t_first - t_arrive) * 1e3, "itl_before_p50_ms": pct(before, 50),
+            "itl_during_p50_ms": pct(during, 50), "itl_during_max_ms": max(during, default=float("nan")),
+            "itl_all_p50_ms": pct(allg, 50), "itl_all_p99_ms": pct(allg, 99),
+            "p99_over_p50": pct(allg, 99) / max(pct(allg, 50), 1e-9)}
+
+
+def format_results(rows: list[LoadResult]) -> str:
+    head = (f"{'backend':<24} {'reqs':>5} {'out tok':>8} {'sec':>7} {'out tok/s':>10} {'req/s':>7} "
+            f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'KV blk max':>10} {'preempt':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.backend:<24} {r.requests:>5} {r.output_tokens:>8} {r.duration_s:>7.2f} "
+                     f"{r.output_tok_s:>10.1f} {r.requests_s:>7.2f} {r.ttft_p50_ms:>9.1f} {r.ttft_p99_ms:>9.1f} "
+                     f"{r.itl_p50_ms:>8.2f} {r.itl_p99_ms:>8.2f} {r.kv_blocks_max:>5}/{r.kv_blocks_total:<5} "
+                     f"{r.preemptions:>7}")
+    return "\n".join(lines)
+
+
+def results_to_json(rows: list[LoadResult]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
