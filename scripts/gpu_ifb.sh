@@ -20,3 +20,12 @@ if [ "$MODE" = serve ]; then
         --max_batch_size 128 --json_output "$OUT/interference_$T.json" 2>&1 | tail -14
   done
 fi
+if [ "$MODE" = final ]; then
+  python3 -m pytest -q -x tests/test_runtime.py tests/test_kernels.py 2>&1 | tail -2
+  python3 examples/qwen/benchmark.py --model qwen-7b --batch_size 1,64 --input_output_len "128,128" --runs 2 \
+      --json_output "$OUT/bench_static.json" 2>&1 | tail -3
+  python3 examples/qwen/benchmark_serving.py --interference --num_scheduler_steps 1 --max_num_tokens 256 \
+      --max_batch_size 128 --json_output "$OUT/interference_256.json" 2>&1 | tail -12
+  python3 examples/qwen/benchmark_serving.py --num_requests 2048 --dataset 128,128 --max_batch_size 512 \
+      --json_output "$OUT/load_2048.json" 2>&1 | tail -1
+fi

@@ -35,7 +35,7 @@ class ExecutorConfig:
     max_num_tokens: int | None = None
     max_seq_len: int | None = None
     kv_cache: KvCacheConfig = field(default_factory=KvCacheConfig)
-    num_scheduler_steps: int = 8
+    num_scheduler_steps: int = 16
     cuda_graphs: bool | None = None
 
 

@@ -23,6 +23,8 @@ from qwen_trtllm.runtime.kv_cache import NULL_BLOCK, KVCacheManager
 from qwen_trtllm.runtime.request import SamplingParams
 from qwen_trtllm.runtime.sampler import SamplingTensors, sample
 
+PREFILL_GRAPH_TOKENS = 2048  # longer prefill chunks are GPU-bound and run eagerly
+PREFILL_GRAPH_STEP = 64  # prefill graph buckets: multiples of this many tokens
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
 
@@ -61,6 +63,7 @@ class ModelRunner:
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self._graphs: dict[int, DecodeGraph] = {}
+        self._prefill_graphs: dict[int, PrefillGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.seen: Tensor | None = None  # [max_batch_size, vocab] bool: repetition-penalty token sets (rank 0)
 
@@ -79,31 +82,30 @@ class ModelRunner:
         return rotary_inv_freq(self.config, torch.tensor(a, dtype=torch.float64, device=self.device))
 
     def metadata(self, positions: Tensor, block_tables: Tensor, inv_freq: Tensor, num_decode: int,
-                 seq_index: Tensor | None = None, query_lens: Sequence[int] = (),
-                 context_lens: Sequence[int] = (), capture: dict | None = None,
+                 seq_index: Tensor | None = None, query_lens: Tensor | None = None,
+                 context_lens: Tensor | None = None, max_query_len: int = 0, capture: dict | None = None,
                  all_logits: bool = False) -> AttentionMetadata:
-        """Attention metadata for a step (decode rows first). Decode-only steps need only device tensors, so
-        that a CUDA graph can compute theirs inside."""
+        """Attention metadata for a step (decode rows first) from device tensors only, so that a CUDA graph
+        computes it inside: slot mapping, valid keys, query offsets and the rows whose logits are returned.
+        seq_index None: decode only (token i is sequence i); else query_lens / context_lens [S] int32."""
         bs = self.kv.tokens_per_block
         rows = seq_index.long() if seq_index is not None else torch.arange(positions.shape[0], device=self.device)
         slots = block_tables[rows, positions // bs].long() * bs + positions % bs
-        if seq_index is None:  # decode only
+        if seq_index is None:
             seq_lens = (positions + 1).to(torch.int32)
             ctx = qsl = None
-            logits_idx, max_q = torch.arange(positions.shape[0], device=self.device), 0
+            logits_idx = torch.arange(positions.shape[0], device=self.device)
         else:
-            D, pre = num_decode, list(query_lens[num_decode:])
-            seq_lens = self._tensor([c + q for c, q in zip(context_lens, query_lens, strict=True)], torch.int32)
-            ctx = self._tensor(list(context_lens), torch.int32)
-            starts = [0]
-            for n in pre:
-                starts.append(starts[-1] + n)
-            qsl = self._tensor(starts, torch.int32)
-            last = list(range(D)) + [D + s - 1 for s in starts[1:]]
-            logits_idx = self._tensor(list(range(positions.shape[0])) if all_logits else last, torch.int64)
-            max_q = max(pre, default=0)
+            D = num_decode
+            seq_lens = (context_lens + query_lens).to(torch.int32)
+            ctx = context_lens
+            qsl = torch.nn.functional.pad(query_lens[D:].cumsum(0), (1, 0)).to(torch.int32)
+            if all_logits:
+                logits_idx = torch.arange(positions.shape[0], device=self.device)
+            else:
+                logits_idx = torch.cat([torch.arange(D, device=self.device), D + qsl[1:].long() - 1])
         return AttentionMetadata(positions, seq_index, inv_freq, slots, block_tables, seq_lens, ctx, qsl,
-                                 num_decode, max_q, logits_idx, self.kv.k_cache, self.kv.v_cache, capture)
+                                 num_decode, max_query_len, logits_idx, self.kv.k_cache, self.kv.v_cache, capture)
 
     # --- forward passes ----------------------------------------------------------------------------------
     def forward_plan(self, plan: StepPlan, capture: dict | None = None, all_logits: bool = False) -> Tensor:
@@ -112,9 +114,43 @@ class ModelRunner:
         meta = self.metadata(self._tensor(plan.positions, torch.int64),
                              self._block_table_tensor(plan.block_tables, plan.num_seqs),
                              self._inv_freq(plan.ntk_alphas, plan.num_seqs), plan.num_decode,
-                             self._tensor(seq_index, torch.int32), plan.query_lens, plan.context_lens, capture,
-                             all_logits)
+                             self._tensor(seq_index, torch.int32), self._tensor(plan.query_lens, torch.int32),
+                             self._tensor(plan.context_lens, torch.int32),
+                             max(plan.query_lens[plan.num_decode:], default=0), capture, all_logits)
         return self.engine.model(self._tensor(plan.input_ids, torch.int64), meta)
+
+    def _prefill(self, ids: Tensor, positions: Tensor, seq_index: Tensor, block_tables: Tensor, inv_freq: Tensor,
+                 query_lens: Tensor, context_lens: Tensor) -> Tensor:
+        meta = self.metadata(positions, block_tables, inv_freq, 0, seq_index, query_lens, context_lens,
+                             max_query_len=ids.shape[0])
+        return self.engine.model(ids, meta)
+
+    def _prefill_graph(self, tokens: int) -> PrefillGraph | None:
+        """The graph of one prefill chunk of up to `tokens` tokens (buckets of PREFILL_GRAPH_STEP)."""
+        if not self.cuda_graphs or tokens > PREFILL_GRAPH_TOKENS:
+            return None
+        tb = -(-tokens // PREFILL_GRAPH_STEP) * PREFILL_GRAPH_STEP
+        if tb not in self._prefill_graphs:
+            self._prefill_graphs[tb] = PrefillGraph(self._prefill, tb, self.max_blocks, self.config.rotary_dim // 2,
+                                                    self.device, self._pool)
+        return self._prefill_graphs[tb]
+
+    def _mixed(self, plan: StepPlan) -> Tensor:
+        """Logits of a step with prefill work. One prefill chunk of at most PREFILL_GRAPH_TOKENS: the decode rows'
+        graph, then the chunk's graph (two replays instead of hundreds of eager launches); else eagerly."""
+        D = plan.num_decode
+        graph = self._prefill_graph(plan.query_lens[D]) if plan.num_seqs == D + 1 else None
+        if graph is None:
+            return self.forward_plan(plan)
+        parts = []
+        if D:
+            decode = StepPlan(plan.input_ids[:D], plan.positions[:D], plan.query_lens[:D], plan.context_lens[:D],
+                              plan.block_tables[:D], plan.ntk_alphas[:D], plan.counters[:D], D)
+            parts.append(self.start(decode).run())
+        graph.load(plan.input_ids[D:], plan.positions[D:], plan.context_lens[D], plan.block_tables[D],
+                   self._inv_freq(plan.ntk_alphas[D:], 2))
+        parts.append(graph.replay()[:1])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _decode(self, ids: Tensor, positions: Tensor, block_tables: Tensor, inv_freq: Tensor) -> Tensor:
         return self.engine.model(ids, self.metadata(positions, block_tables, inv_freq, ids.shape[0]))
@@ -138,7 +174,9 @@ class ModelRunner:
             top = min(max_batch or self.max_batch_size, self.max_batch_size)
             for b in [b for b in GRAPH_BUCKETS if b < top] + [top]:
                 self._decode_graph(b)
-        return len(self._graphs)
+            for t in range(PREFILL_GRAPH_STEP, PREFILL_GRAPH_TOKENS + 1, PREFILL_GRAPH_STEP):
+                self._prefill_graph(t)
+        return len(self._graphs) + len(self._prefill_graphs)
 
     # --- a whole plan: forward, sample, feed back ------------------------------------------------------------
     def start(self, plan: StepPlan) -> DecodeSteps | None:
@@ -157,7 +195,7 @@ class ModelRunner:
     def logits(self, plan: StepPlan) -> Tensor:
         """Logits [S, vocab] (float32) of the plan's first step, through the path generation uses."""
         steps = self.start(plan)
-        return self.forward_plan(plan) if steps is None else steps.run()
+        return self._mixed(plan) if steps is None else steps.run()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, params: Sequence[SamplingParams] | None = None,
@@ -174,7 +212,7 @@ class ModelRunner:
         out = []
         for step in range(plan.num_steps):
             with nvtx_range(f"step {step}"):
-                logits = self.forward_plan(plan) if steps is None else steps.run()
+                logits = self._mixed(plan) if steps is None else steps.run()
                 tokens = sample(logits, st, counters + step, seen_rows) if rank0 else \
                     torch.empty(plan.num_seqs, dtype=torch.int64, device=self.device)
                 if self.engine.world_size > 1:  # every rank continues with rank 0's tokens
@@ -206,6 +244,7 @@ class ModelRunner:
     def release(self) -> None:
         """Drop the CUDA graphs (they hold references through their captured steps)."""
         self._graphs.clear()
+        self._prefill_graphs.clear()
 
 
 class DecodeSteps:
@@ -233,6 +272,66 @@ class DecodeSteps:
             self.ids, self.pos = tokens, self.pos + 1
 
 
+def _capture(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], device: torch.device, pool):
+    """fn(*inputs) captured in a CUDA graph after two warm-up runs (Triton compilation, cuBLAS workspaces)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(*inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = fn(*inputs)
+    return graph, output
+
+
+class PrefillGraph:
+    """One prefill chunk of up to `tokens` tokens in a CUDA graph. Row 0 is the real sequence; tokens past the
+    chunk belong to row 1, whose block table is all null and whose query length is 0: they write the null
+    block, no query attends to them, and their rows' results are never read."""
+
+    def __init__(self, fn: Callable[..., Tensor], tokens: int, max_blocks: int, half_rotary: int,
+                 device: torch.device, pool):
+        self.tokens = tokens
+        z = lambda *shape, dt=torch.int64: torch.zeros(*shape, dtype=dt, device=device)
+        self.ids, self.pos, self.seq_index = z(tokens), z(tokens), z(tokens, dt=torch.int32)
+        self.block_tables = z(2, max_blocks, dt=torch.int32)
+        self.inv_freq = z(2, half_rotary, dt=torch.float32)
+        self.query_lens, self.context_lens = z(2, dt=torch.int32), z(2, dt=torch.int32)
+        self.host = torch.zeros(3, tokens, dtype=torch.int64)  # ids, positions, seq_index: one copy in
+        self.host_rows = torch.zeros(2, 2 + max_blocks, dtype=torch.int32)  # query len, context len, block table
+        self.query_lens[0] = 1
+        inputs = (self.ids, self.pos, self.seq_index, self.block_tables, self.inv_freq, self.query_lens,
+                  self.context_lens)
+        self.graph, self.output = _capture(fn, inputs, device, pool)
+
+    def load(self, ids: Sequence[int], positions: Sequence[int], context_len: int, block_table: Sequence[int],
+             inv_freq: Tensor) -> None:
+        n = len(ids)
+        h = self.host
+        h.zero_()
+        h[0, :n], h[1, :n] = torch.tensor(ids), torch.tensor(positions)
+        h[2, n:] = 1
+        r = self.host_rows
+        r.zero_()
+        r[0, 0], r[0, 1] = n, context_len
+        r[0, 2: 2 + len(block_table)] = torch.tensor(block_table, dtype=torch.int32)
+        d = r.to(self.ids.device, non_blocking=True)
+        hd = h.to(self.ids.device, non_blocking=True)
+        self.ids.copy_(hd[0])
+        self.pos.copy_(hd[1])
+        self.seq_index.copy_(hd[2])
+        self.query_lens.copy_(d[:, 0])
+        self.context_lens.copy_(d[:, 1])
+        self.block_tables.copy_(d[:, 2:])
+        self.inv_freq.copy_(inv_freq)
+
+    def replay(self) -> Tensor:
+        self.graph.replay()
+        return self.output
+
+
 class DecodeGraph:
     """A decode step for `batch` rows captured in a CUDA graph over static inputs. Rows past the real batch
     have position 0 and an all-null block table: they write and read the null block, and their logits are
@@ -246,15 +345,7 @@ class DecodeGraph:
         self.block_tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device=device)
         self.inv_freq = torch.zeros(batch, half_rotary, dtype=torch.float32, device=device)
         inputs = (self.ids, self.pos, self.block_tables, self.inv_freq)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: Triton compilation, cuBLAS workspaces
-                fn(*inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.output = fn(*inputs)
+        self.graph, self.output = _capture(fn, inputs, device, pool)
         self.rows = 0
 
     def load(self, ids: Tensor, pos: Tensor, block_tables: Tensor, inv_freq: Tensor) -> None:
