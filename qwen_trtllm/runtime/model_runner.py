@@ -146,7 +146,8 @@ class ModelRunner:
         if D:
             decode = StepPlan(plan.input_ids[:D], plan.positions[:D], plan.query_lens[:D], plan.context_lens[:D],
                               plan.block_tables[:D], plan.ntk_alphas[:D], plan.counters[:D], D)
-            parts.append(self.start(decode).run())
+            # a copy: graphs share one memory pool, and the chunk's graph may reuse this output's memory
+            parts.append(self.start(decode).run().clone())
         graph.load(plan.input_ids[D:], plan.positions[D:], plan.context_lens[D], plan.block_tables[D],
                    self._inv_freq(plan.ntk_alphas[D:], 2))
         parts.append(graph.replay()[:1])
