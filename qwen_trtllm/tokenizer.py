@@ -19,6 +19,8 @@ from tiktoken.load import load_tiktoken_bpe
 from qwen_trtllm import QWenError
 
 TIKTOKEN_FILE = "qwen.tiktoken"
+# copied from a checkpoint into FT directories and engines: the tokenizer and the sampling defaults
+TOKENIZER_FILES = (TIKTOKEN_FILE, "tokenizer_config.json", "generation_config.json")
 PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
            r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"

@@ -236,11 +236,12 @@ def _tiny_model(seed: int = 0) -> QWen:
 
 def _logits(model: QWen, tokens: torch.Tensor) -> torch.Tensor:
     """Logits [T, V] at every position of one prefill of tokens [1, T] (the model runner's prefill step)."""
+    from qwen_trtllm.builder.engine_format import BuildConfig
     from qwen_trtllm.runtime import Engine, Executor, ExecutorConfig
     from qwen_trtllm.runtime.model_runner import StepPlan
 
     cfg, T = model.config, tokens.shape[1]
-    build = {"max_batch_size": 1, "max_input_len": T, "max_output_len": 1}
+    build = BuildConfig("float32", max_batch_size=1, max_input_len=T, max_output_len=1)
     engine = Engine(Path("."), cfg, build, model, torch.device("cpu"), torch.float32)
     executor = Executor(engine, ExecutorConfig(cuda_graphs=False))
     blocks: list[int] = []

@@ -57,7 +57,10 @@ def main() -> int:
     if args.engine_dir:
         engine = load_engine_on_all_ranks(args.engine_dir, rank, world)
         if args.kernels == "torch":
-            engine.build.setdefault("kernels", {})["decode"] = "torch"
+            from dataclasses import replace
+
+            engine.build = replace(engine.build, kernels="torch")
+            engine.model.set_kernels(False)
     elif world > 1:
         raise QWenError("random models are single-GPU: pass --engine_dir of an engine built with --world_size")
     else:

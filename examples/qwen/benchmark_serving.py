@@ -88,6 +88,9 @@ def main() -> int:
                 rows.append(sv.run_hf_continuous_batching(hf, sub_hf))
             except Exception as e:  # the peer's API moves between transformers versions: report, carry on
                 print(f"transformers generate_batch failed: {type(e).__name__}: {e}")
+        if not args.compare_hf:  # (--compare_hf released the engine's KV cache)
+            report["batch1"] = sv.batch1_latency(llm, vocab)
+            print("batch-1 latency, same executor and weights:", report["batch1"])
         print()
         print(sv.format_results(rows))
         report["rows"] = sv.results_to_json(rows)

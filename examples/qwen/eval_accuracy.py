@@ -105,7 +105,7 @@ def main() -> int:
     want = batched(reference, prompts, forced, args.batch_size)
     t_ref = time.perf_counter() - t0
     stats = compare_logits(got, want)
-    print(f"{args.engine_dir} ({args.kernels or 'as built'}, {test.engine.build['dtype']}) vs {label}: "
+    print(f"{args.engine_dir} ({args.kernels or 'as built'}, {test.engine.build.dtype}) vs {label}: "
           f"{args.num_prompts} prompts x {args.steps} tokens teacher-forced")
     print(f"top-1 agreement {100 * stats['top1_agreement']:.2f}%  logits rel. error {stats['rel_err']:.2e} "
           f"(worst position {stats['max_rel_err']:.2e})  [{t_test:.1f} s vs {t_ref:.1f} s]")

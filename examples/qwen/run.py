@@ -59,7 +59,7 @@ def main() -> int:
     if args.num_beams > 1:
         raise QWenError("beam search (--num_beams > 1) is not supported by this engine: use sampling or greedy")
     _, build = read_engine_config(args.engine_dir)
-    max_new = args.max_output_len or min(512, build["max_output_len"])
+    max_new = args.max_output_len or min(512, build.max_output_len)
     defaults = generation_defaults(args.engine_dir)
     sampling = sampling_from_args(args, defaults, max_new)
 

@@ -18,7 +18,15 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from qwen_trtllm import QWenError, __version__
-from qwen_trtllm.builder.engine_format import ARCHITECTURE, DTYPES, FORMAT_VERSION, TOKENIZER_FILES, rank_file
+from qwen_trtllm.builder.engine_format import (
+    ARCHITECTURE,
+    DTYPES,
+    FORMAT_VERSION,
+    TOKENIZER_FILES,
+    BuildConfig,
+    QuantizationConfig,
+    rank_file,
+)
 from qwen_trtllm.config import QWenConfig
 
 # TensorRT-LLM plugin flags and what they select in this engine (see README, "Build flags").
@@ -83,21 +91,15 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
     the runtime's defaults, recorded as TensorRT-LLM records them."""
     if (ft_dir is None) == (hf_dir is None):
         raise QWenError("give exactly one of --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")
-    if dtype not in DTYPES:
-        raise QWenError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
-    for name, v in (("max_batch_size", max_batch_size), ("max_input_len", max_input_len),
-                    ("max_output_len", max_output_len), ("world_size", world_size),
-                    ("max_num_tokens", max_num_tokens)):
-        if v < 1:
-            raise QWenError(f"--{name} must be >= 1, got {v}")
-    if weight_only_precision not in (None, "int8", "int4"):
-        raise QWenError(f"--weight_only_precision {weight_only_precision} is not one of int8, int4")
-    if group_size < 1:
+    quant = lambda: QuantizationConfig(weight_only_precision, group_size, quantize_lm_head) \
+        if weight_only_precision else None
+    if weight_only_precision is None and group_size < 1:
         raise QWenError(f"--group_size must be >= 1, got {group_size}")
-    if tokens_per_block not in (16, 32, 64, 128):
-        raise QWenError(f"--tokens_per_block {tokens_per_block} must be 16, 32, 64 or 128")
-    if kernels not in ("triton", "torch"):
-        raise QWenError(f"--kernels {kernels} is not one of triton, torch")
+    settings = dict(dtype=dtype, world_size=world_size, max_batch_size=max_batch_size, max_input_len=max_input_len,
+                    max_output_len=max_output_len, max_num_tokens=max_num_tokens, tokens_per_block=tokens_per_block,
+                    kernels=kernels, plugins={k: v for k, v in (plugins or {}).items() if k in PLUGIN_FLAGS},
+                    builder_version=__version__, torch_version=torch.__version__)
+    BuildConfig(quantization=quant(), **settings)  # validates every value before any work
     if ft_dir is not None:
         from qwen_trtllm.checkpoint.ft_format import read_ft_config, read_ft_rank
 
@@ -145,17 +147,9 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
-        build = {"dtype": dtype, "world_size": world_size, "max_batch_size": max_batch_size,
-                 "max_input_len": max_input_len, "max_output_len": max_output_len,
-                 "max_num_tokens": max_num_tokens, "tokens_per_block": tokens_per_block,
-                 "plugins": {k: v for k, v in (plugins or {}).items() if k in PLUGIN_FLAGS},
-                 "kernels": {"decode": kernels, "prefill_attention": "paged_flash", "gemm": "cublas"},
-                 "quantization": None if not weight_only_precision else {
-                     "mode": "weight_only", "precision": weight_only_precision, "group_size": group_size,
-                     "quantize_lm_head": quantize_lm_head},
-                 "source": source, "builder_version": __version__, "torch_version": torch.__version__}
+        build = BuildConfig(quantization=quant(), source=source, **settings)
         (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
-                                                     "model": config.to_dict(), "build": build}, indent=2))
+                                                     "model": config.to_dict(), "build": build.to_dict()}, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,23 +1,111 @@
 """The engine directory: config.json (model + build config, format version), rank{r}.safetensors (weights in the
-runtime's layout, fused and cast at build), and the tokenizer files and generation_config.json."""
+runtime's layout, fused and cast at build), and the tokenizer files and generation_config.json.
+
+Reading an engine needs nothing from the converters: this module, the model config and the tokenizer's file list."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from qwen_trtllm import QWenError
-from qwen_trtllm.checkpoint.ft_format import TOKENIZER_FILES  # noqa: F401  (re-exported: copied into engines)
 from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.tokenizer import TOKENIZER_FILES  # noqa: F401  (re-exported: copied into engines)
 
 FORMAT_VERSION = 1
 ARCHITECTURE = "QWenForCausalLM"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def read_engine_config(engine_dir: str | Path) -> tuple[QWenConfig, dict]:
+KERNELS = ("triton", "torch")
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """Weight-only quantisation of the engine's linear layers (TensorRT-LLM's --use_weight_only)."""
+
+    precision: str  # "int8" | "int4"
+    group_size: int = 128  # int4: input channels per scale
+    quantize_lm_head: bool = False
+    mode: str = "weight_only"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("int8", "int4") or self.mode != "weight_only":
+            raise QWenError(f"--weight_only_precision {self.precision} is not one of int8, int4")
+        if self.group_size < 1:
+            raise QWenError(f"--group_size must be >= 1, got {self.group_size}")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """The engine's build settings, validated and immutable; config.json's "build" section.
+
+    dtype: "float32" | "float16" | "bfloat16"; max_batch_size: requests in flight; max_input_len /
+    max_output_len: tokens per prompt / per output; max_num_tokens: tokens per in-flight batching step;
+    tokens_per_block: tokens per KV cache block; kernels: "triton" (fused Triton kernels on CUDA) or "torch"."""
+
+    dtype: str
+    world_size: int = 1
+    max_batch_size: int = 8
+    max_input_len: int = 2048
+    max_output_len: int = 2048
+    max_num_tokens: int = 8192
+    tokens_per_block: int = 64
+    kernels: str = "triton"
+    quantization: QuantizationConfig | None = None
+    plugins: Mapping[str, str] = field(default_factory=dict)
+    source: Mapping[str, object] = field(default_factory=dict)
+    builder_version: str = ""
+    torch_version: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise QWenError(f"--dtype {self.dtype} is not one of {', '.join(DTYPES)}")
+        for name in ("max_batch_size", "max_input_len", "max_output_len", "world_size", "max_num_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise QWenError(f"--{name} must be >= 1, got {v}")
+        if self.tokens_per_block not in (16, 32, 64, 128):
+            raise QWenError(f"--tokens_per_block {self.tokens_per_block} must be 16, 32, 64 or 128")
+        if self.kernels not in KERNELS:
+            raise QWenError(f"--kernels {self.kernels} is not one of {', '.join(KERNELS)}")
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_input_len + self.max_output_len
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["kernels"] = {"decode": self.kernels, "prefill_attention": "paged_flash", "gemm": "cublas"}
+        d["plugins"], d["source"] = dict(self.plugins), dict(self.source)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> BuildConfig:
+        """From config.json's "build" section (engines written before max_num_tokens / tokens_per_block existed
+        get the defaults). Raises KeyError for a missing required key, QWenError for a bad value."""
+        v = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        v["dtype"] = d["dtype"]
+        for key in ("world_size", "max_batch_size", "max_input_len", "max_output_len"):
+            v[key] = d[key]
+        if isinstance(v.get("kernels"), Mapping):
+            v["kernels"] = v["kernels"].get("decode", "triton")
+        if v.get("quantization"):
+            q = v["quantization"]
+            v["quantization"] = QuantizationConfig(q["precision"], q.get("group_size", 128),
+                                                   q.get("quantize_lm_head", False), q.get("mode", "weight_only"))
+        try:
+            return cls(**v)
+        except TypeError as e:
+            raise QWenError(f"bad build config: {e}") from None
+
+
+def read_engine_config(engine_dir: str | Path) -> tuple[QWenConfig, BuildConfig]:
     """(model config, build config) of an engine directory, validated."""
     d = Path(engine_dir)
     path = d / "config.json"
@@ -33,9 +121,7 @@ def read_engine_config(engine_dir: str | Path) -> tuple[QWenConfig, dict]:
         raise QWenError(f"{path} is not a {ARCHITECTURE} engine of format {FORMAT_VERSION}: rebuild the engine "
                         "with this version's examples/qwen/build.py")
     try:
-        model, build = QWenConfig.from_dict(cfg["model"]), cfg["build"]
-        for key in ("dtype", "world_size", "max_batch_size", "max_input_len", "max_output_len"):
-            build[key]
+        model, build = QWenConfig.from_dict(cfg["model"]), BuildConfig.from_dict(cfg["build"])
     except KeyError as e:
         raise QWenError(f"{path} lacks {e}: rebuild the engine with examples/qwen/build.py") from None
     return model, build

@@ -38,12 +38,12 @@ import torch
 from qwen_trtllm import QWenError
 from qwen_trtllm.checkpoint.hf_checkpoint import HFCheckpoint
 from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.tokenizer import TOKENIZER_FILES
 
 STORAGE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STORAGE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _NUMPY = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<i2")}
 CONVERTER_KEYS = ("model_dir", "storage_dtype", "tensor_parallelism")
-TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json", "generation_config.json")
 CHUNK_BYTES = 8 << 20  # largest slab converted at once: bounds the converter's private memory per tensor
 TILE = 64  # columns per transpose tile (32..256 measured alike on the 7B shapes; 2x faster than one strided copy)
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from qwen_trtllm.builder.engine_format import DTYPES
+from qwen_trtllm.builder.engine_format import DTYPES, BuildConfig, QuantizationConfig
 from qwen_trtllm.checkpoint.random_checkpoint import PRESETS, random_tensor
 from qwen_trtllm.config import QWenConfig
 from qwen_trtllm.models.qwen.model import QWen
-from qwen_trtllm.runtime.engine import Engine, model_skeleton
+from qwen_trtllm.runtime.engine import Engine, model_skeleton, use_triton_kernels
 from qwen_trtllm.runtime.executor import ExecutorConfig
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig
 from qwen_trtllm.runtime.llm import LLM
@@ -52,8 +52,8 @@ def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max
         for name, p in model.named_parameters():
             p.copy_(random_tensor("transformer.wte.weight" if name == "embed.weight" else name, p.shape, gen, device))
     model.eval().requires_grad_(False).set_kernels(kernels == "triton")
-    build = {"dtype": dtype, "world_size": 1, "max_batch_size": max_batch_size, "max_input_len": max_input_len,
-             "max_output_len": max_output_len, "kernels": {"decode": kernels}}
+    build = BuildConfig(dtype, max_batch_size=max_batch_size, max_input_len=max_input_len,
+                        max_output_len=max_output_len, kernels=kernels)
     return Engine(engine_dir=None, config=config, build=build, model=model, device=torch.device(device),
                   dtype=DTYPES[dtype])
 
@@ -62,11 +62,11 @@ def quantized_engine(engine: Engine, precision: str, group_size: int = 128, quan
     """A weight-only quantised copy of an engine (the original is kept), as build.py --use_weight_only makes."""
     from qwen_trtllm.quantization import quantize_state_dict
 
-    build = {**engine.build, "quantization": {"precision": precision, "group_size": group_size,
-                                              "quantize_lm_head": quantize_lm_head}}
-    model = model_skeleton(engine.config, engine.world_size, build["quantization"])
+    build = replace(engine.build, quantization=QuantizationConfig(precision, group_size, quantize_lm_head))
+    model = model_skeleton(engine.config, engine.world_size, build.quantization)
     model.load_state_dict(quantize_state_dict(engine.model.state_dict(), precision, group_size, quantize_lm_head),
                           assign=True)
+    model.set_kernels(use_triton_kernels(build, engine.device))
     return Engine(engine.engine_dir, engine.config, build, model.eval(), engine.device, engine.dtype, engine.rank,
                   engine.world_size)
 
@@ -124,8 +124,8 @@ def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, ru
             totals.append(t2 - t0)
     ttft, per_tok = statistics.median(ttfts), statistics.median(per_step)
     bw = decode_step_bytes(engine, batch, input_len + output_len // 2) / (per_tok * 1e-3) / 1e9
-    q = engine.build.get("quantization") or {}
-    quant = q.get("precision", "") + ("+lm_head" if q.get("quantize_lm_head") else "")
+    q = engine.build.quantization
+    quant = "" if q is None else q.precision + ("+lm_head" if q.quantize_lm_head else "")
     row = BenchRow(f"engine-{quant}" if quant else "engine", batch, input_len, output_len, ttft, per_tok,
                    batch * output_len / statistics.median(totals),
                    100 * bw / copy_gbs if copy_gbs else float("nan"), torch.cuda.max_memory_allocated(dev) / 2**30)

@@ -1,6 +1,6 @@
 """Layer-by-layer comparison of the engine with the Hugging Face reference, to find WHERE a port goes wrong.
 
-The same tokens go through the engine's prefill (one prefill step of the model runner on the plain PyTorch kernels;
+The same tokens go through the engine's prefill (one prefill step of the model runner on the kernels it ships with;
 the model stores its intermediate outputs in AttentionMetadata.capture) and through transformers'
 Qwen2ForCausalLM with forward hooks. Every captured tensor is compared in network order; the first one over
 tolerance is where the bug is (everything after it inherits it).
@@ -59,8 +59,8 @@ class LayerDiff:
 
 @torch.inference_mode()
 def engine_intermediates(engine, token_ids: Sequence[int]) -> dict[str, Tensor]:
-    """One prefill of token_ids through the engine's PyTorch path (the model runner's prefill step on a KV cache
-    of its own, the kernels switched to the PyTorch references for it), returning its captured tensors [T, ...]."""
+    """One prefill of token_ids through the path the engine ships (the model runner's prefill step with the
+    engine's own kernels, on a KV cache of its own), returning its captured tensors [T, ...]."""
     if engine.world_size != 1:
         raise QWenError("compare_layers runs a single-rank engine: rebuild it with --world_size 1")
     from qwen_trtllm.runtime.executor import Executor, ExecutorConfig
@@ -68,19 +68,17 @@ def engine_intermediates(engine, token_ids: Sequence[int]) -> dict[str, Tensor]:
     from qwen_trtllm.runtime.model_runner import StepPlan
 
     T, cfg = len(token_ids), engine.config
-    tpb = engine.build.get("tokens_per_block", 64)
+    tpb = engine.build.tokens_per_block
     kv = KvCacheConfig(max_tokens=-(-T // tpb) * tpb, tokens_per_block=tpb)  # exactly this prompt's blocks
     executor = Executor(engine, ExecutorConfig(max_batch_size=1, max_seq_len=T, kv_cache=kv, cuda_graphs=False))
     blocks: list[int] = []
     executor.kv_cache.grow(blocks, T)
     alpha = ntk_alpha(T, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
     plan = StepPlan(list(token_ids), list(range(T)), [T], [0], [blocks], [alpha], [0], num_decode=0)
-    triton, capture = engine.model.ops.triton, {}
-    engine.model.set_kernels(False)
+    capture: dict[str, Tensor] = {}
     try:
         executor.runner.forward_plan(plan, capture=capture, all_logits=True)
     finally:
-        engine.model.set_kernels(triton)
         executor.kv_cache.free(blocks)
     return capture
 

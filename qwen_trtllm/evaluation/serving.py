@@ -150,6 +150,19 @@ def interference(llm: LLM, vocab: int, streams: int = 64, stream_len: tuple[int,
             "p99_over_p50": pct(allg, 99) / max(pct(allg, 50), 1e-9)}
 
 
+def batch1_latency(llm: LLM, vocab: int, input_len: int = 128, output_len: int = 128, seed: int = 0) -> dict:
+    """One request alone on the same executor: TTFT and decode ms/token ((last - first token) / (n - 1))."""
+    ex = llm.executor
+    prompt = np.random.default_rng(seed).integers(0, vocab, input_len).tolist()
+    r = ex.add_request(prompt, SamplingParams(max_tokens=output_len, ignore_eos=True))
+    t0 = time.perf_counter()
+    while ex.has_work:
+        ex.step()
+    ex.end_of_work()
+    return {"input_len": input_len, "output_len": output_len, "ttft_ms": (r.first_token_time - t0) * 1e3,
+            "decode_ms_per_token": (r.token_times[-1] - r.token_times[0]) * 1e3 / max(len(r.token_times) - 1, 1)}
+
+
 def format_results(rows: list[LoadResult]) -> str:
     head = (f"{'backend':<24} {'reqs':>5} {'out tok':>8} {'sec':>7} {'out tok/s':>10} {'req/s':>7} "
             f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'KV blk max':>10} {'preempt':>7}")

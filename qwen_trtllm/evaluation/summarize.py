@@ -335,13 +335,13 @@ def run_summarize(opts: SummarizeOptions) -> int:
         rank, world = init_distributed()
         engine = load_engine_on_all_ranks(opts.engine_dir, rank, world)
         build = engine.build
-        if opts.output_len > build["max_output_len"]:
+        if opts.output_len > build.max_output_len:
             raise QWenError(f"--output_len {opts.output_len} exceeds the engine's max_output_len "
-                            f"{build['max_output_len']}: lower it or rebuild the engine")
-        if max_input > build["max_input_len"]:
+                            f"{build.max_output_len}: lower it or rebuild the engine")
+        if max_input > build.max_input_len:
             print(f"note: --max_input_length {max_input} lowered to the engine's max_input_len "
-                  f"{build['max_input_len']}", file=sys.stderr)
-            max_input = build["max_input_len"]
+                  f"{build.max_input_len}", file=sys.stderr)
+            max_input = build.max_input_len
         device = engine.device
 
     from qwen_trtllm.tokenizer import QWenTokenizer, stop_token_ids

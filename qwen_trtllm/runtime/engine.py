@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qwen_trtllm import QWenError
-from qwen_trtllm.builder.engine_format import DTYPES, rank_file, read_engine_config
+from qwen_trtllm.builder.engine_format import DTYPES, BuildConfig, QuantizationConfig, rank_file, read_engine_config
 from qwen_trtllm.config import QWenConfig
 from qwen_trtllm.models.qwen.model import QWen
 
@@ -34,7 +34,7 @@ class Engine:
 
     engine_dir: Path
     config: QWenConfig
-    build: dict
+    build: BuildConfig
     model: QWen
     device: torch.device
     dtype: torch.dtype
@@ -46,12 +46,12 @@ class Engine:
              world_size: int = 1) -> Engine:
         engine_dir = Path(engine_dir)
         config, build = read_engine_config(engine_dir)
-        if build["world_size"] != world_size:
-            raise QWenError(f"engine {engine_dir} was built for world size {build['world_size']} but is run with "
-                            f"{world_size} rank(s): launch {build['world_size']} ranks (torchrun --nproc-per-node "
-                            f"{build['world_size']}) or rebuild with --world_size {world_size}")
+        if build.world_size != world_size:
+            raise QWenError(f"engine {engine_dir} was built for world size {build.world_size} but is run with "
+                            f"{world_size} rank(s): launch {build.world_size} ranks (torchrun --nproc-per-node "
+                            f"{build.world_size}) or rebuild with --world_size {world_size}")
         device = torch.device(device) if device is not None else default_device(rank)
-        dtype = DTYPES[build["dtype"]]
+        dtype = DTYPES[build.dtype]
         check_dtype_supported(dtype, device)
         path = rank_file(engine_dir, rank)
         if not path.is_file():
@@ -60,7 +60,7 @@ class Engine:
             state = load_file(str(path), device=str(device))
         except (SafetensorError, OSError) as e:
             raise QWenError(f"{path} is corrupt ({e}): rebuild the engine with examples/qwen/build.py") from None
-        model = model_skeleton(config, world_size, build.get("quantization"))
+        model = model_skeleton(config, world_size, build.quantization)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         got = {k: v.shape for k, v in state.items()}
         if expected != got:
@@ -71,17 +71,17 @@ class Engine:
         return cls(engine_dir, config, build, model, device, dtype, rank, world_size)
 
 
-def use_triton_kernels(build: dict, device: torch.device) -> bool:
+def use_triton_kernels(build: BuildConfig, device: torch.device) -> bool:
     """The build's kernel choice (`--kernels triton|torch`, Triton by default) where Triton can run on `device`
     (CUDA; the CPU only under Triton's interpreter); otherwise the plain PyTorch references."""
-    if build.get("kernels", {}).get("decode", "triton") != "triton" or device.type != "cuda":
+    if build.kernels != "triton" or device.type != "cuda":
         return False
     from qwen_trtllm.kernels import triton_available
 
     return triton_available(device)
 
 
-def model_skeleton(config: QWenConfig, world_size: int, quantization: dict | None) -> QWen:
+def model_skeleton(config: QWenConfig, world_size: int, quantization: QuantizationConfig | None) -> QWen:
     """One rank's model on the meta device, its linears weight-only where the build's `quantization` record says;
     load_state_dict(state, assign=True) fills it."""
     with torch.device("meta"):
@@ -89,8 +89,8 @@ def model_skeleton(config: QWenConfig, world_size: int, quantization: dict | Non
     if quantization:
         from qwen_trtllm.quantization import make_quantized_skeleton
 
-        make_quantized_skeleton(model, quantization["precision"], quantization["group_size"],
-                                quantization["quantize_lm_head"])
+        make_quantized_skeleton(model, quantization.precision, quantization.group_size,
+                                quantization.quantize_lm_head)
     return model
 
 

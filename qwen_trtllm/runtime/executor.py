@@ -48,13 +48,13 @@ class Executor:
                 raise QWenError(f"--{name} must be >= 1, got {v}")
         self.engine, self.tokenizer = engine, tokenizer
         build, cfg = engine.build, engine.config
-        self.max_batch_size = config.max_batch_size or build["max_batch_size"]
-        self.max_input_len, self.max_output_len = build["max_input_len"], build["max_output_len"]
+        self.max_batch_size = config.max_batch_size or build.max_batch_size
+        self.max_input_len, self.max_output_len = build.max_input_len, build.max_output_len
         self.max_seq_len = config.max_seq_len or self.max_input_len + self.max_output_len
-        self.max_num_tokens = config.max_num_tokens or build.get("max_num_tokens") or 8192
+        self.max_num_tokens = config.max_num_tokens or build.max_num_tokens
         kv = config.kv_cache
-        if build.get("tokens_per_block") and kv == KvCacheConfig():
-            kv = KvCacheConfig(tokens_per_block=build["tokens_per_block"])
+        if kv == KvCacheConfig():
+            kv = KvCacheConfig(tokens_per_block=build.tokens_per_block)
         heads = cfg.num_attention_heads // engine.world_size
         per_block = KVCacheManager.bytes_per_block(cfg.num_hidden_layers, heads, cfg.kv_channels,
                                                    kv.tokens_per_block, engine.dtype)

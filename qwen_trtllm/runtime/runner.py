@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_trtllm import QWenError
+from qwen_trtllm.builder.engine_format import BuildConfig
 from qwen_trtllm.runtime.executor import ExecutorConfig
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig
 from qwen_trtllm.runtime.request import QWEN_EOD_ID, RequestOutput, SamplingParams
@@ -41,11 +42,11 @@ def add_runtime_args(p) -> None:
                    help="requests in flight at once (default: the engine's); more prompts wait in a queue")
 
 
-def executor_config_from_args(args, engine_build: dict | None = None) -> ExecutorConfig:
+def executor_config_from_args(args, engine_build: BuildConfig | None = None) -> ExecutorConfig:
     """ExecutorConfig from add_runtime_args' flags (tokens_per_block from the engine's build)."""
     kv = KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_mem_fraction,
                        max_tokens=args.max_tokens_in_paged_kv_cache,
-                       tokens_per_block=(engine_build or {}).get("tokens_per_block", 64))
+                       tokens_per_block=engine_build.tokens_per_block if engine_build else 64)
     return ExecutorConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens, kv_cache=kv)
 
 
