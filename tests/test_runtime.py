@@ -228,3 +228,33 @@ def test_model_runner_mixed_prefill_and_decode(engine, graphs):
                          [tables[i] for i in keep], [1.0] * 3, [0] * 3, 2)
     got = runner.logits(one_chunk).float().cpu()
     assert ((got - alone[keep]).norm(dim=-1) / alone[keep].norm(dim=-1)).max() < 1e-5
+
+
+def test_streamed_new_text_adds_up_and_offline_calls_share_the_engine_thread(engine, tiktoken_file):
+    """new_text pieces add up to the final text (no partial UTF-8 character); llm.generate while the async engine
+    thread runs goes through that thread and equals a plain offline run; ids past the tokenizer decode to ''."""
+    from qwen_trtllm.tokenizer import QWenTokenizer
+
+    tok = QWenTokenizer.from_dir(tiktoken_file)
+    prompts = [[5, 6, 7, 8], [9, 10], [11] * 12]
+    params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.9, top_k=0, seed=3)
+    want = make_llm(engine).generate(prompts, params)
+    llm = LLM.from_engine(engine, tokenizer=tok, config=ExecutorConfig(kv_cache=KvCacheConfig(tokens_per_block=16),
+                                                                       num_scheduler_steps=1))
+
+    async def stream():
+        pieces, final = [], None
+        async for out in llm.generate_async(prompts[0], params):
+            pieces.append(out.new_text)
+            final = out
+        return pieces, final
+
+    try:
+        pieces, final = asyncio.run(stream())
+        assert final.token_ids == want[0].token_ids
+        # a piece once handed out is never rewritten (a partial UTF-8 character waits for its next token)
+        assert "".join(pieces) == final.text == tok.decode(final.token_ids)
+        assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in want]
+    finally:
+        llm.shutdown(timeout=10)
+    assert tok.decode([151870, 15]) == tok.decode([15])  # an embedding row the tokenizer lacks: nothing

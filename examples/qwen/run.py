@@ -58,6 +58,8 @@ def main() -> int:
     args = parse_args()
     if args.num_beams > 1:
         raise QWenError("beam search (--num_beams > 1) is not supported by this engine: use sampling or greedy")
+    if args.max_output_len is not None and args.max_output_len < 1:
+        raise QWenError(f"--max_output_len {args.max_output_len} must be >= 1")
     _, build = read_engine_config(args.engine_dir)
     max_new = args.max_output_len or min(512, build.max_output_len)
     defaults = generation_defaults(args.engine_dir)
@@ -70,6 +72,8 @@ def main() -> int:
         tokenizer = QWenTokenizer.from_dir(args.tokenizer_dir or args.engine_dir)
     llm = LLM(args.engine_dir, args.tokenizer_dir, executor_config_from_args(args, build))
     engine, rank = llm.engine, llm.engine.rank
+    if rank == 0:
+        print(llm.executor.kv_cache_report(), file=sys.stderr)
     if args.input_tokens is not None:
         prompts, texts = read_input_tokens(args.input_tokens), None
         stops = stop_token_ids(tokenizer, args.chat_format) if tokenizer else {QWEN_EOD_ID}

@@ -45,7 +45,7 @@ class Executor:
         for name in ("max_batch_size", "max_num_tokens", "max_seq_len"):
             v = getattr(config, name)
             if v is not None and v < 1:
-                raise QWenError(f"--{name} must be >= 1, got {v}")
+                raise QWenError(f"--{name} must be >= 1, got {v}: leave it out for the engine's value")
         self.engine, self.tokenizer = engine, tokenizer
         build, cfg = engine.build, engine.config
         self.max_batch_size = config.max_batch_size or build.max_batch_size
@@ -102,8 +102,8 @@ class Executor:
             raise QWenError(f"token ids must lie in [0, {vocab}): got {min(ids)}..{max(ids)}; "
                             "is the tokenizer the engine's?")
         if params.max_tokens > self.max_output_len:
-            raise QWenError(f"max_output_len {params.max_tokens} must be in 1..{self.max_output_len} (the "
-                            "engine's limit): lower it or rebuild with a larger --max_output_len")
+            raise QWenError(f"max_tokens (--max_output_len) {params.max_tokens} must be in 1..{self.max_output_len} "
+                            "(the engine's limit): lower it or rebuild with a larger --max_output_len")
         total = len(ids) + params.max_tokens
         if total > self.max_seq_len:
             raise QWenError(f"prompt + output ({total} tokens) exceed max_seq_len {self.max_seq_len}")
@@ -201,9 +201,24 @@ class Executor:
             if reason:
                 self._finish(r, reason)
                 done.append(r)
-            elif r.on_output is not None:
-                r.on_output(r.snapshot())
+            else:
+                self._notify(r)
         return done
+
+    def _notify(self, r: Request) -> None:
+        """Hand r's snapshot to its on_output; a callback that raises fails that request alone."""
+        if r.on_output is None:
+            return
+        try:
+            r.on_output(r.snapshot())
+        except Exception as e:  # the caller's code: its request ends with the error, the loop goes on
+            if not r.finished:
+                r.on_output, cb = None, r.on_output
+                self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                try:
+                    cb(r.snapshot())
+                except Exception:
+                    pass
 
     def _stop_reason(self, r: Request, token: int) -> str | None:
         if token in r.params.stop_ids():
@@ -224,8 +239,7 @@ class Executor:
         self.scheduler.finish(r)
         self._release_slot(r)
         r.status, r.finish_reason, r.error = RequestStatus.FINISHED, reason, error
-        if r.on_output is not None:
-            r.on_output(r.snapshot())
+        self._notify(r)
 
     def _release_slot(self, r: Request) -> None:
         slot = self._slot.pop(r.request_id, None)

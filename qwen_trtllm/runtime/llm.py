@@ -61,6 +61,7 @@ class LLM:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._stopping = False
+        self._shown: dict[int, str] = {}  # request id -> text already handed out (new_text)
 
     @property
     def is_leader(self) -> bool:
@@ -103,18 +104,58 @@ class LLM:
         except QWenError:
             self.executor.end_of_work()
             raise
+        if self._thread is not None:  # the engine thread owns the executor: hand it the requests
+            return self._generate_on_engine_thread(ids, params, on_output)
         callback = (lambda i: (lambda out: on_output(i, self._with_text(out)))) if on_output else (lambda i: None)
         requests = [self.executor.add_request(i, p, callback(n))
                     for n, (i, p) in enumerate(zip(ids, params, strict=True))]
         self.executor.run_until_done()
+        return self._results(requests)
+
+    def _results(self, requests: list[Request]) -> list[RequestOutput]:
         errors = [r.error for r in requests if r.finish_reason == "error"]
         if errors:
             raise QWenError(errors[0])
-        return [self._with_text(r.snapshot(), r) for r in requests]
+        return [self._with_text(r.snapshot()) for r in requests]
 
-    def _with_text(self, out: RequestOutput, request: Request | None = None) -> RequestOutput:
-        if self.tokenizer is not None and not out.text:
-            out.text = request.text if request is not None and request.text else self.decode(out.token_ids)
+    def _generate_on_engine_thread(self, ids: list[list[int]], params: list[SamplingParams],
+                                   on_output: Callable[[int, RequestOutput], None] | None) -> list[RequestOutput]:
+        import concurrent.futures
+
+        done = threading.Semaphore(0)
+
+        def callback(i: int):
+            def cb(out: RequestOutput) -> None:
+                if on_output is not None:
+                    on_output(i, self._with_text(out))
+                if out.finished:
+                    done.release()
+            return cb
+
+        futures = []
+        for n, (i, p) in enumerate(zip(ids, params, strict=True)):
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            self._inbox.put(((i, p, callback(n)), fut))
+            futures.append(fut)
+        self._wake.set()
+        requests = [f.result() for f in futures]
+        for _ in requests:
+            done.acquire()
+        return self._results(requests)
+
+    def _with_text(self, out: RequestOutput) -> RequestOutput:
+        """Fill text (the output decoded, a final stop token left out) and new_text (what the previous output of
+        this request had not shown; a partial UTF-8 character waits for its next token unless the request ended)."""
+        if self.tokenizer is None:
+            return out
+        ids = out.token_ids[:-1] if out.finish_reason == "stop" and out.token_ids else out.token_ids
+        text = out.text or self.decode(ids)  # out.text: already cut before a stop string
+        if not out.finished:
+            text = text.rstrip("\ufffd")
+        prev = self._shown.pop(out.request_id, "") if out.finished else self._shown.get(out.request_id, "")
+        if not out.finished:
+            self._shown[out.request_id] = text
+        out.text, out.new_text = text, text[len(prev):] if text.startswith(prev) else text
         return out
 
     # --- online ------------------------------------------------------------------------------------------

@@ -43,7 +43,12 @@ def add_runtime_args(p) -> None:
 
 
 def executor_config_from_args(args, engine_build: BuildConfig | None = None) -> ExecutorConfig:
-    """ExecutorConfig from add_runtime_args' flags (tokens_per_block from the engine's build)."""
+    """ExecutorConfig from add_runtime_args' flags (tokens_per_block from the engine's build); QWenError for a
+    value out of range."""
+    for name in ("max_batch_size", "max_num_tokens", "max_tokens_in_paged_kv_cache"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise QWenError(f"--{name} must be >= 1, got {v}: leave it out for the engine's value")
     kv = KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_mem_fraction,
                        max_tokens=args.max_tokens_in_paged_kv_cache,
                        tokens_per_block=engine_build.tokens_per_block if engine_build else 64)

@@ -1,0 +1,454 @@
+"""OpenAI's API shapes (pydantic) and their translation into the runtime's terms.
+
+Requests: `ChatCompletionRequest` (/v1/chat/completions) and `CompletionRequest` (/v1/completions), with the
+extensions `top_k` and `repetition_penalty`. Responses, stream chunks, model cards and the error body are in the
+shapes the official `openai` client parses. The translation helpers need no web framework (examples/qwen/chat.py
+uses them too): `chat_prompt` (messages -> Qwen's chatml prompt via make_context, history trimmed to the window),
+`resolve_sampling` (request fields + generation_config.json defaults -> SamplingParams, as run.py resolves its
+flags), `stream_outputs` (llm.generate_async, safe to cancel at any point) and `IncrementalText` (streamed text
+that never splits a UTF-8 character and never shows a stop string, not even its first characters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from types import SimpleNamespace
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from qwen_trtllm import QWenError
+from qwen_trtllm.runtime.request import RequestOutput, SamplingParams
+from qwen_trtllm.runtime.runner import sampling_from_args
+from qwen_trtllm.tokenizer import DEFAULT_SYSTEM, make_context
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+DEFAULT_MAX_WINDOW_SIZE = 6144  # Qwen-7B-Chat's generation_config.json max_window_size
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.code)).model_dump()
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# --- requests --------------------------------------------------------------------------------------------------
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields of newer API versions that change nothing here
+
+
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Request):
+    model: str | None = None  # None: the served model
+    max_tokens: int | None = None
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extensions (vLLM's and TensorRT-LLM's names)
+    top_k: int | None = None  # 0 = off, 1 = greedy
+    repetition_penalty: float | None = None  # 1 = off
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # the newer name of max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any | None = None
+    response_format: Any | None = None
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+# --- responses -------------------------------------------------------------------------------------------------
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nones(self, handler):  # OpenAI's deltas: {"role": ..., "content": ""}, {"content": ...}, {}
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(BaseModel):
+    @model_serializer(mode="wrap")
+    def _usage_only_in_the_usage_chunk(self, handler):
+        data = handler(self)
+        if data.get("usage", 0) is None:
+            data.pop("usage")
+        return data
+
+
+class ChatCompletionChunk(_Chunk):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionChunk(_Chunk):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "qwen_trtllm"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# --- requests -> the runtime -------------------------------------------------------------------------------------
+def message_text(message: ChatMessage, index: int) -> str:
+    """A message's text: a string, or the text parts of a content list (other parts: 400)."""
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise invalid(f"messages[{index}]: content part of type {part.type!r} is not supported (text only)",
+                          f"messages.{index}.content")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def split_messages(messages: Sequence[ChatMessage]) -> tuple[str, list[tuple[str, str | None]], str]:
+    """(system, history, query) of an OpenAI message list, the shape Qwen's chat(query, history, system) takes.
+
+    Leading system messages form the system prompt (default: Qwen's "You are a helpful assistant."); then user
+    and assistant messages, the last one from the user. A user message not followed by an assistant one is an
+    unanswered turn of the history (make_context keeps it without an answer)."""
+    if not messages:
+        raise invalid("messages must hold at least one message", "messages")
+    for i, m in enumerate(messages):
+        if m.role not in ("system", "user", "assistant"):
+            raise invalid(f"messages[{i}] has the unknown role {m.role!r}: use system, user or assistant",
+                          f"messages.{i}.role")
+    texts = [message_text(m, i) for i, m in enumerate(messages)]
+    i, systems = 0, []
+    while i < len(messages) and messages[i].role == "system":
+        systems.append(texts[i])
+        i += 1
+    system = "\n".join(systems) if systems else DEFAULT_SYSTEM
+    history: list[tuple[str, str | None]] = []
+    pending: str | None = None
+    for j in range(i, len(messages)):
+        role = messages[j].role
+        if role == "system":
+            raise invalid(f"messages[{j}]: system messages must come before the conversation",
+                          f"messages.{j}.role")
+        if role == "user":
+            if pending is not None:
+                history.append((pending, None))
+            pending = texts[j]
+        else:  # assistant
+            if pending is None:
+                raise invalid(f"messages[{j}]: an assistant message must follow a user message",
+                              f"messages.{j}.role")
+            history.append((pending, texts[j]))
+            pending = None
+    if pending is None:
+        raise invalid("the last message must come from the user", "messages")
+    return system, history, pending
+
+
+def chat_prompt(tokenizer, messages: Sequence[ChatMessage], max_window_size: int) -> tuple[str, list[int]]:
+    """(raw_text, token ids) of Qwen's chatml prompt for an OpenAI message list: make_context with the history,
+    the oldest turns dropped to fit max_window_size exactly as Qwen's chat() does."""
+    system, history, query = split_messages(messages)
+    return make_context(tokenizer, query, history, system=system, max_window_size=max_window_size)
+
+
+def window_size(defaults: dict, max_input_len: int, requested: int | None = None) -> int:
+    """The history window: --max_window_size, else generation_config.json's max_window_size (Qwen's 6144), never
+    more than the engine's max_input_len (longer prompts could not run)."""
+    size = requested or defaults.get("max_window_size") or DEFAULT_MAX_WINDOW_SIZE
+    return min(int(size), max_input_len)
+
+
+def check_unsupported(req: _GenerationRequest) -> None:
+    """400 for settings this engine cannot honour (rather than silently ignoring them)."""
+    if req.n is not None and req.n != 1:
+        raise invalid(f"n={req.n} is not supported: n > 1 needs beam search / parallel sampling, which this engine "
+                      "does not support; use n=1", "n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise invalid(f"{name} is not supported: use repetition_penalty (Qwen's generation_config uses 1.1)",
+                          name)
+    if req.logit_bias:
+        raise invalid("logit_bias is not supported", "logit_bias")
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs or req.top_logprobs:
+            raise invalid("logprobs are not supported", "logprobs")
+        if req.tools:
+            raise invalid("tools / function calling are not supported", "tools")
+    if isinstance(req, CompletionRequest):
+        if req.logprobs is not None:
+            raise invalid("logprobs are not supported", "logprobs")
+        if req.best_of not in (None, 1):
+            raise invalid(f"best_of={req.best_of} is not supported: best_of > 1 needs beam search; use 1", "best_of")
+        if req.suffix:
+            raise invalid("suffix is not supported", "suffix")
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(s == "" for s in stops):
+        raise invalid("stop strings must not be empty", "stop")
+    return stops
+
+
+def resolve_sampling(req: _GenerationRequest, defaults: dict, max_tokens: int, stop_ids: Sequence[int],
+                     end_id: int) -> SamplingParams:
+    """SamplingParams of a request: its own values win, the rest come from generation_config.json as run.py
+    resolves its flags (runner.sampling_from_args; Qwen-7B-Chat: top_p 0.8, top_k 0, repetition_penalty 1.1).
+    temperature 0 is greedy. No seed: a random one (OpenAI's nondeterminism). Bad values: 400."""
+    seed = req.seed if req.seed is not None else random.getrandbits(63)
+    args = SimpleNamespace(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                           repetition_penalty=req.repetition_penalty, seed=seed)
+    try:
+        params = sampling_from_args(args, defaults, max_tokens)
+    except QWenError as e:
+        raise invalid(str(e)) from None
+    params.stop_token_ids, params.end_id, params.stop = sorted(set(stop_ids)), end_id, stop_strings(req.stop)
+    return params
+
+
+# --- the runtime's streams ----------------------------------------------------------------------------------------
+_BACKGROUND: set = set()  # tasks that must outlive a cancelled caller (the event loop keeps only weak references)
+
+
+async def stream_outputs(llm, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    """llm.generate_async(prompt_ids, params), safe to cancel or close at any point.
+
+    Cancelling generate_async while it waits for the engine thread to take the request cancels the
+    concurrent.futures.Future that the engine thread then resolves: set_result raises InvalidStateError there and
+    the engine thread dies (every later request hangs). So the wait for the first output is shielded: a caller
+    cancelled during it leaves a background task that closes the stream (cancelling the request, freeing its
+    blocks) as soon as the first output arrives. Closing this generator later cancels the request at once."""
+    stream = llm.generate_async(prompt_ids, params)
+    first = asyncio.ensure_future(anext(stream))
+    try:
+        out = await asyncio.shield(first)
+    except asyncio.CancelledError:
+        _close_when_started(stream, first)
+        raise
+    try:
+        while True:
+            yield out
+            if out.finished:
+                return
+            out = await anext(stream)
+    finally:
+        await stream.aclose()
+
+
+def _close_when_started(stream, first: asyncio.Future) -> None:
+    _BACKGROUND.add(first)
+
+    def started(f: asyncio.Future) -> None:
+        _BACKGROUND.discard(f)
+        if f.cancelled() or f.exception() is not None:  # never queued (or the loop is closing)
+            return
+        task = asyncio.ensure_future(stream.aclose())  # generate_async's finally cancels the request
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+
+    first.add_done_callback(started)
+
+
+# --- streamed text -----------------------------------------------------------------------------------------------
+def tolerate_padding_ids(tokenizer) -> None:
+    """Make tokenizer.decode skip ids it has no text for instead of raising.
+
+    Qwen's embedding and lm_head have 151936 rows, the tokenizer 151851 ids (151643 BPE ranks + 208 specials):
+    the rows above are padding, which a model can still sample. The runtime decodes every output on its engine
+    thread (LLM._with_text for each streamed output, the executor for stop strings); a QWenError there leaves the
+    request's stream waiting forever. Called by the server and chat.py on the LLM's (shared) tokenizer; padding
+    ids count as generated tokens and show no text."""
+    if getattr(tokenizer, "_tolerates_padding_ids", False):
+        return
+    strict, known = tokenizer.decode, tokenizer.decoder
+
+    def decode(ids, *args, **kwargs):
+        return strict([i for i in ids if int(i) in known], *args, **kwargs)
+
+    tokenizer.decode = decode
+    tokenizer._tolerates_padding_ids = True
+
+
+class IncrementalText:
+    """The text of a growing list of output token ids, handed out in deltas that are safe to show.
+
+    Held back until more tokens decide: a trailing partial UTF-8 character (U+FFFD from the decoder) and any
+    tail that could be the start of a stop string. A stop string ends the text before it (never returned). At
+    the end (finished) everything left is flushed."""
+
+    def __init__(self, tokenizer, skip_ids: Sequence[int] = (), stop: Sequence[str] = ()):
+        self.tokenizer, self.skip, self.stop = tokenizer, frozenset(skip_ids), list(stop)
+        self.text = ""  # the text so far, cut before a stop string once one appeared
+        self.sent = 0  # characters of self.text handed out
+        self.stopped = False  # a stop string was found
+
+    def update(self, token_ids: Sequence[int], finished: bool = False) -> str:
+        """The new text to show after the output grew to token_ids (all of them, not only the new ones)."""
+        if self.stopped:
+            return ""
+        known = self.tokenizer.decoder  # (padding ids of the embedding have no text)
+        text = self.tokenizer.decode([t for t in token_ids if t not in self.skip and t in known])
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            text, self.stopped, finished = text[: max(min(hits), self.sent)], True, True
+        self.text = text
+        end = len(text)
+        if not finished:
+            while end > self.sent and text[end - 1] == "\ufffd":  # a character whose bytes are still coming
+                end -= 1
+            hold = 0
+            for s in self.stop:  # the longest tail that a stop string starts with
+                for n in range(min(len(s) - 1, end - self.sent), hold, -1):
+                    if text.endswith(s[:n], 0, end):
+                        hold = n
+                        break
+            end -= hold
+        delta = text[self.sent: end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta
+
+    def finish_reason(self, runtime_reason: str | None) -> str:
+        """OpenAI's finish_reason: "stop" (stop token or string), "length" (max_tokens)."""
+        return "stop" if self.stopped or runtime_reason == "stop" else "length"
