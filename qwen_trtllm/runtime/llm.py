@@ -177,10 +177,14 @@ class LLM:
         while True:
             while not self._inbox.empty():
                 req, fut = self._inbox.get()
+                if not fut.set_running_or_notify_cancel():  # its caller left before it was taken
+                    continue
                 try:
-                    fut.set_result(ex.add_request(*req))
+                    request = ex.add_request(*req)
                 except Exception as e:  # a request that cannot run: its caller gets the error
                     fut.set_exception(e)
+                else:
+                    fut.set_result(request)
             if ex.has_work:
                 try:
                     ex.step()
@@ -206,7 +210,12 @@ class LLM:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(((self.encode(prompt), sampling_params or SamplingParams(), push), fut))
         self._wake.set()
-        request: Request = await asyncio.wrap_future(fut)
+        try:
+            request: Request = await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:  # the engine may take it meanwhile: cancel it then
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else f.result().cancel())
+            self._wake.set()
+            raise
         try:
             while True:
                 out = await outputs.get()

@@ -392,25 +392,6 @@ def _close_when_started(stream, first: asyncio.Future) -> None:
 
 
 # --- streamed text -----------------------------------------------------------------------------------------------
-def tolerate_padding_ids(tokenizer) -> None:
-    """Make tokenizer.decode skip ids it has no text for instead of raising.
-
-    Qwen's embedding and lm_head have 151936 rows, the tokenizer 151851 ids (151643 BPE ranks + 208 specials):
-    the rows above are padding, which a model can still sample. The runtime decodes every output on its engine
-    thread (LLM._with_text for each streamed output, the executor for stop strings); a QWenError there leaves the
-    request's stream waiting forever. Called by the server and chat.py on the LLM's (shared) tokenizer; padding
-    ids count as generated tokens and show no text."""
-    if getattr(tokenizer, "_tolerates_padding_ids", False):
-        return
-    strict, known = tokenizer.decode, tokenizer.decoder
-
-    def decode(ids, *args, **kwargs):
-        return strict([i for i in ids if int(i) in known], *args, **kwargs)
-
-    tokenizer.decode = decode
-    tokenizer._tolerates_padding_ids = True
-
-
 class IncrementalText:
     """The text of a growing list of output token ids, handed out in deltas that are safe to show.
 
@@ -428,8 +409,7 @@ class IncrementalText:
         """The new text to show after the output grew to token_ids (all of them, not only the new ones)."""
         if self.stopped:
             return ""
-        known = self.tokenizer.decoder  # (padding ids of the embedding have no text)
-        text = self.tokenizer.decode([t for t in token_ids if t not in self.skip and t in known])
+        text = self.tokenizer.decode([t for t in token_ids if t not in self.skip])
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if hits:
             text, self.stopped, finished = text[: max(min(hits), self.sent)], True, True

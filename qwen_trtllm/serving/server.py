@@ -64,7 +64,6 @@ from qwen_trtllm.serving.openai_api import (
     now,
     resolve_sampling,
     stream_outputs,
-    tolerate_padding_ids,
     window_size,
 )
 from qwen_trtllm.tokenizer import stop_token_ids
@@ -259,7 +258,6 @@ class OpenAIServer:
                             "--tokenizer_dir")
         if max_queue is not None and max_queue < 1:
             raise QWenError(f"--max_queue must be >= 1, got {max_queue}")
-        tolerate_padding_ids(llm.tokenizer)  # the same object as llm.executor.tokenizer
         self.llm, self.tokenizer, self.executor = llm, llm.tokenizer, llm.executor
         self.model_name = model_name or Path(llm.engine.engine_dir).resolve().name
         self.defaults = dict(defaults or {})

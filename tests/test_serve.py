@@ -1,0 +1,583 @@
+"""The OpenAI-compatible server, end to end: a real `examples/qwen/serve.py` process on 127.0.0.1 driven by the
+official `openai` client and raw httpx, on a tiny random engine with the real tokenizer (CPU, fp32).
+
+Checked: models / health / page / metrics; greedy answers equal run.py's; 16 concurrent clients with mixed
+settings each equal to its single run; stop strings split across tokens (never returned, streamed or not);
+every bad request's status and OpenAI error body (and 500 without a traceback); a disconnect frees the request's
+KV cache blocks; 429 at --max_queue; a bounded load test (loopback only); SIGTERM drains and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from qwen_trtllm.builder.build import build_engine
+from qwen_trtllm.runtime import LLM, Engine, SamplingParams
+from qwen_trtllm.serving.openai_api import IncrementalText
+from qwen_trtllm.tokenizer import DEFAULT_SYSTEM, QWenTokenizer, make_context, stop_token_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+EOD = 151643
+MODEL = "qwen-tiny"
+MAX_INPUT_LEN, MAX_OUTPUT_LEN = 256, 64
+
+
+# --- fixtures ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine_dir(make_checkpoint, tiktoken_file, tmp_path_factory) -> Path:
+    ckpt = make_checkpoint(vocab_size=151936, seq_length=2048, tokenizer_file=tiktoken_file, seed=5)
+    return build_engine(tmp_path_factory.mktemp("serve") / MODEL, hf_dir=ckpt, dtype="float32", max_batch_size=8,
+                        max_input_len=MAX_INPUT_LEN, max_output_len=MAX_OUTPUT_LEN, tokens_per_block=16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def script_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    run_py: subprocess.Popen  # run.py on the same engine, started beside the server (greedy reference)
+    run_py_csv: Path
+    extra: dict = field(default_factory=dict)
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+RUN_PY_QUESTION = "你好，请问你叫什么？"
+RUN_PY_MAX = 12
+
+
+@pytest.fixture(scope="module")
+def server(engine_dir, tmp_path_factory) -> Server:
+    work = tmp_path_factory.mktemp("server")
+    port, log, csv_path = free_port(), work / "server.log", work / "run_py.csv"
+    cmd = [sys.executable, str(ROOT / "examples/qwen/serve.py"), "--engine_dir", str(engine_dir), "--host",
+           "127.0.0.1", "--port", str(port), "--max_queue", "16", "--num_scheduler_steps", "4",
+           "--shutdown_timeout", "30"]
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=script_env(), cwd=work)
+    run_py = subprocess.Popen([sys.executable, str(ROOT / "examples/qwen/run.py"), "--engine_dir", str(engine_dir),
+                               "--max_output_len", str(RUN_PY_MAX), "--top_k", "1", "--input_text", RUN_PY_QUESTION,
+                               "--output_csv", str(csv_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=script_env(), cwd=work)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log, run_py, csv_path)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{srv.log_tail()}"
+            try:
+                if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"the server did not come up:\n{srv.log_tail()}"
+            time.sleep(0.2)
+        yield srv
+    finally:
+        for p in (proc, run_py):
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def llm(engine_dir) -> LLM:
+    """The same engine in this process: the single runs the server's answers must equal (token ids only)."""
+    return LLM.from_engine(Engine.load(engine_dir, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def tok(engine_dir) -> QWenTokenizer:
+    return QWenTokenizer.from_dir(engine_dir)
+
+
+def client(srv: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def metrics(srv: Server) -> dict[str, float]:
+    """Every sample of /metrics: 'name{a="x",b="y"}' (labels sorted) or 'name' -> value."""
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(srv.url + "/metrics", timeout=10).text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def wait_idle(srv: Server, timeout: float = 15.0) -> dict[str, float]:
+    """Poll /metrics until no request is in flight and no KV cache block is in use."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(srv)
+        if m["qwen_trtllm_kv_cache_blocks_used"] == 0 and m["qwen_trtllm_num_requests_in_flight"] == 0:
+            return m
+        assert time.monotonic() < deadline, f"not idle: {m}"
+        time.sleep(0.05)
+
+
+def chat_stops(tok) -> list[int]:
+    return sorted(stop_token_ids(tok, "chatml"))
+
+
+def reference(llm: LLM, ids: list[int], stops: list[int], max_tokens: int, temperature: float = 0.0,
+              top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
+              seed: int = 0) -> list[int]:
+    """The request alone, in-process, with generation_config.json's defaults spelled out (Qwen-7B-Chat's:
+    top_p 0.8, top_k 0, repetition_penalty 1.1)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                            top_p=0.8 if top_p is None else top_p, top_k=0 if top_k is None else top_k,
+                            repetition_penalty=1.1 if repetition_penalty is None else repetition_penalty,
+                            seed=seed, stop_token_ids=stops, end_id=EOD)
+    return llm.generate([ids], params)[0].token_ids
+
+
+def text_of(tok, ids: list[int], stops: list[int] = ()) -> str:
+    """The text of output ids, stop tokens left out (the embedding's padding ids decode to nothing)."""
+    return tok.decode([t for t in ids if t not in stops])
+
+
+def finish_of(ids: list[int], stops: list[int]) -> str:
+    return "stop" if ids and ids[-1] in stops else "length"
+
+
+# --- basics ------------------------------------------------------------------------------------------------------
+def test_models_health_page_and_metrics(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    models = client(server).models.list().data
+    assert [m.id for m in models] == [MODEL]
+    assert client(server).models.retrieve(MODEL).id == MODEL
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in page.text and "AbortController" in page.text
+    m = metrics(server)
+    for name in ("qwen_trtllm_num_requests_waiting", "qwen_trtllm_num_requests_running",
+                 "qwen_trtllm_kv_cache_blocks_used", "qwen_trtllm_prompt_tokens_total",
+                 "qwen_trtllm_generation_tokens_total", "qwen_trtllm_time_to_first_token_seconds_count",
+                 "qwen_trtllm_inter_token_latency_seconds_count"):
+        assert name in m, name
+    assert m['qwen_trtllm_requests_total{endpoint="/health",status="200"}'] >= 1
+
+
+def test_incremental_text_holds_back_partial_characters_and_stop_prefixes(tok):
+    text = "ab龘c𠀀, the end is near"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))  # the emoji spans byte tokens
+    inc = IncrementalText(tok)
+    deltas = [inc.update(ids[: i + 1], finished=i == len(ids) - 1) for i in range(len(ids))]
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+    inc = IncrementalText(tok, stop=["end is"])
+    deltas = [inc.update(ids[: i + 1]) for i in range(len(ids))]
+    assert "".join(deltas) == "ab龘c𠀀, the " and inc.stopped and inc.text == "ab龘c𠀀, the "
+    assert inc.finish_reason("length") == "stop"
+    inc = IncrementalText(tok, stop=["end of"])  # a prefix that turns out not to be the stop string is released
+    assert "".join(inc.update(ids[: i + 1], finished=i == len(ids) - 1) for i in range(len(ids))) == text
+
+
+# --- equal to run.py and to single runs --------------------------------------------------------------------------
+def test_greedy_chat_equals_run_py(server, tok):
+    out, err = server.run_py.communicate(timeout=120)
+    assert server.run_py.returncode == 0, err
+    want = [int(t) for t in server.run_py_csv.read_text().split(",")]
+    stops = chat_stops(tok)
+    c = client(server)
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": RUN_PY_QUESTION}],
+                                  max_tokens=RUN_PY_MAX, temperature=0)
+    assert r.choices[0].message.content == text_of(tok, want, stops)
+    assert f'Output: "{r.choices[0].message.content.strip()}"' in out  # run.py prints Qwen's stripped response
+    assert r.choices[0].finish_reason == finish_of(want, stops) and r.object == "chat.completion"
+    prompt_len = len(make_context(tok, RUN_PY_QUESTION)[1])
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_len, len(want))
+    assert r.usage.total_tokens == prompt_len + len(want)
+    chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": RUN_PY_QUESTION}],
+                                            max_tokens=RUN_PY_MAX, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text_of(tok, want, stops)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == finish_of(want, stops)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want)
+    assert len({ch.id for ch in chunks}) == 1
+
+
+@dataclass
+class Spec:
+    kind: str  # "chat" or "completion"
+    prompt: str
+    max_tokens: int
+    stream: bool
+    temperature: float
+    seed: int | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    history: list[tuple[str, str]] = field(default_factory=list)
+    system: str | None = None
+
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven small robots count prime numbers in the rain "
+         "你好 世界 模型 推理 速度").split()
+
+
+def specs(n: int = 16) -> list[Spec]:
+    rng = random.Random(7)
+    out = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40)))
+        sampled = i % 2 == 1
+        s = Spec(kind="chat" if i % 3 else "completion", prompt=prompt, max_tokens=rng.randint(2, 8),
+                 stream=i % 4 in (1, 2), temperature=rng.choice([0.7, 1.0, 1.3]) if sampled else 0.0,
+                 seed=1000 + i if sampled else None)
+        if sampled:  # a top_k keeps draws far from CDF boundaries: batched and alone logits differ in the last bits
+            s.top_p, s.top_k = rng.choice([None, 0.5, 0.95]), rng.choice([2, 5, 10])
+        s.repetition_penalty = rng.choice([None, 1.0, 1.3])
+        if s.kind == "chat" and i % 5 == 1:
+            s.history = [("Hi there", "Hello! How can I help?"), ("Count to three", "one two three")]
+            s.system = "You are a terse assistant."
+        out.append(s)
+    return out
+
+
+def run_spec(srv: Server, s: Spec) -> tuple[str, str, int]:
+    """(text, finish_reason, completion_tokens) of one spec through the openai client."""
+    c = client(srv)
+    kw = dict(model=MODEL, max_tokens=s.max_tokens, temperature=s.temperature)
+    if s.seed is not None:
+        kw["seed"] = s.seed
+    if s.top_p is not None:
+        kw["top_p"] = s.top_p
+    extra = {k: v for k, v in (("top_k", s.top_k), ("repetition_penalty", s.repetition_penalty)) if v is not None}
+    if extra:
+        kw["extra_body"] = extra
+    if s.stream:
+        kw.update(stream=True, stream_options={"include_usage": True})
+    if s.kind == "chat":
+        messages = [{"role": "system", "content": s.system}] if s.system else []
+        for q, a in s.history:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        r = c.chat.completions.create(messages=messages + [{"role": "user", "content": s.prompt}], **kw)
+        if not s.stream:
+            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+        chunks = list(r)
+        pieces = [(ch.choices[0].delta.content or "", ch.choices[0].finish_reason) for ch in chunks if ch.choices]
+    else:
+        r = c.completions.create(prompt=s.prompt, **kw)
+        if not s.stream:
+            return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+        chunks = list(r)
+        pieces = [(ch.choices[0].text, ch.choices[0].finish_reason) for ch in chunks if ch.choices]
+    return "".join(p for p, _ in pieces), pieces[-1][1], chunks[-1].usage.completion_tokens
+
+
+def spec_reference(llm: LLM, tok, s: Spec) -> tuple[str, str, int]:
+    if s.kind == "chat":
+        ids = make_context(tok, s.prompt, s.history, system=s.system or DEFAULT_SYSTEM,
+                           max_window_size=MAX_INPUT_LEN)[1]
+        stops = chat_stops(tok)
+    else:
+        ids, stops = tok.encode(s.prompt), [EOD]
+    out = reference(llm, ids, stops, s.max_tokens, s.temperature, s.top_p, s.top_k, s.repetition_penalty,
+                    s.seed or 0)
+    return text_of(tok, out, stops), finish_of(out, stops), len(out)
+
+
+def test_16_concurrent_clients_equal_their_single_runs(server, llm, tok):
+    cases = specs(16)
+    want = [spec_reference(llm, tok, s) for s in cases]
+    got: list = [None] * len(cases)
+    barrier = threading.Barrier(len(cases))
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            got[i] = run_spec(server, cases[i])
+        except Exception as e:  # reported below with the case
+            got[i] = e
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for s, g, w in zip(cases, got, want, strict=True):
+        assert g == w, f"{s}: got {g!r}, alone {w!r}"
+    assert len({w[0] for w in want}) > 8  # different requests, different answers
+    wait_idle(server)
+
+
+# --- stop strings ------------------------------------------------------------------------------------------------
+def split_stop(tok, ids: list[int]) -> tuple[str, int, int]:
+    """A stop string made of the last 2 characters of one output token and the first 2 of the next, whose first
+    occurrence is there: (stop, position in the text, tokens through the one that completes it)."""
+    full = text_of(tok, ids)
+    for i in range(1, len(ids) - 1):
+        before, upto = text_of(tok, ids[:i]), text_of(tok, ids[: i + 1])
+        b = len(before)
+        if "\ufffd" in upto or len(before) < 2 or len(upto) - b < 2 or not full.startswith(upto):
+            continue
+        stop = full[b - 2: b + 2]
+        if full.find(stop) == b - 2 and stop.strip() == stop:
+            return stop, b - 2, i + 1
+    raise AssertionError(f"no stop string candidate in {full!r}")
+
+
+def test_stop_string_split_across_tokens_stops_and_is_not_returned(server, llm, tok):
+    prompt = "Once upon a time there was a small robot who"
+    ids = reference(llm, tok.encode(prompt), [EOD], 24)
+    assert EOD not in ids
+    stop, pos, n_tokens = split_stop(tok, ids)
+    want = text_of(tok, ids)[:pos]
+    c = client(server)
+    for stop_arg in (stop, [stop, "never appears 12345"]):
+        r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=stop_arg)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (want, "stop")
+        assert r.usage.completion_tokens == n_tokens  # generation ended at the token that completed it
+        pieces = [ch.choices[0].text for ch in c.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
+                                                                    temperature=0, stop=stop_arg, stream=True)
+                  if ch.choices]
+        assert "".join(pieces) == want
+    r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=["never appears 12345"])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (text_of(tok, ids), "length")
+    # the same in a chat, streamed: the held-back start of the stop string never reaches the client
+    chat_ids = reference(llm, make_context(tok, prompt)[1], chat_stops(tok), 24)
+    stop, pos, _ = split_stop(tok, [t for t in chat_ids if t not in chat_stops(tok)])
+    chunks = [ch.choices[0] for ch in c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0, stop=[stop],
+        stream=True) if ch.choices]
+    assert "".join(ch.delta.content or "" for ch in chunks) == text_of(tok, chat_ids, chat_stops(tok))[:pos]
+    assert chunks[-1].finish_reason == "stop"
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+USER = {"role": "user", "content": "Hi"}
+BAD_REQUESTS = [
+    ("chat", {"messages": [{"role": "tool", "content": "x"}]}, 400, "unknown role"),
+    ("chat", {"messages": []}, 400, "at least one message"),
+    ("chat", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "must follow a user message"),
+    ("chat", {"messages": [USER, {"role": "assistant", "content": "y"}]}, 400, "last message"),
+    ("chat", {"messages": [USER], "n": 2}, 400, "n > 1 needs beam search"),
+    ("chat", {"messages": [USER], "temperature": -1}, 400, "temperature"),
+    ("chat", {"messages": [USER], "top_p": 0}, 400, "top_p"),
+    ("chat", {"messages": [USER], "top_k": -1}, 400, "top_k"),
+    ("chat", {"messages": [USER], "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("chat", {"messages": [USER], "max_tokens": 0}, 400, "max_tokens"),
+    ("chat", {"messages": [USER], "max_tokens": 100000}, 400, "max_output_len"),
+    ("chat", {"messages": [USER], "stop": [""]}, 400, "stop"),
+    ("chat", {"messages": [USER], "stream": True, "n": 3}, 400, "not supported"),
+    ("chat", {"messages": [{"role": "user", "content": "word " * 400}]}, 400, "max_input_len"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "text only"),
+    ("completion", {"prompt": "hello " * 400, "stream": True}, 400, "max_input_len"),
+    ("completion", {"prompt": [1, 2, 10**7]}, 400, "token ids"),
+    ("completion", {"prompt": ""}, 400, "empty"),
+    ("completion", {"prompt": ["a", "b"]}, 400, "one prompt"),
+    ("completion", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("chat", {"model": "gpt-4", "messages": [USER]}, 404, "does not exist"),
+    ("completion", {"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
+    ("chat", {}, 400, "messages"),  # FastAPI's 422 validation errors come back as 400
+    ("chat", {"messages": [USER], "temperature": "hot"}, 400, "temperature"),
+    ("chat", {"messages": [{"content": "no role"}]}, 400, "role"),
+    ("chat", "{not json", 400, "JSON"),
+]
+
+
+@pytest.mark.parametrize("kind,body,status,message", BAD_REQUESTS,
+                         ids=[f"{i}-{b[0]}-{b[3]}" for i, b in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_openai_errors(server, kind, body, status, message):
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and message in err["message"], err
+    assert err["type"] == "invalid_request_error" and "Traceback" not in r.text
+    if status == 404:
+        assert err["code"] == "model_not_found" and err["param"] == "model"
+
+
+def test_unknown_routes_and_methods_and_the_client_error_types(server):
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
+    c = client(server)
+    with pytest.raises(openai.BadRequestError, match="n > 1 needs beam search"):
+        c.chat.completions.create(model=MODEL, messages=[USER], n=2)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="gpt-4", messages=[USER])
+    assert httpx.get(server.url + "/health").status_code == 200  # none of it took the server down
+
+
+def test_internal_errors_are_500_without_a_traceback(engine_dir, llm, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from qwen_trtllm.serving.server import create_app
+
+    llm = LLM.from_engine(llm.engine, tokenizer=QWenTokenizer.from_dir(engine_dir))
+    app = create_app(llm, model_name=MODEL)
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+        yield  # an async generator, as generate_async
+
+    monkeypatch.setattr(llm, "generate_async", broken)
+    tc = TestClient(app, raise_server_exceptions=False)
+    r = tc.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 2})
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    assert "secret" not in r.text and "Traceback" not in r.text
+    r = tc.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True})
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == "server_error" and "secret" not in r.text
+    assert app.state.server.in_flight == 0
+
+
+# --- cancellation, admission, load --------------------------------------------------------------------------------
+def sse_data(lines) -> list[str]:
+    return [line[6:] for line in lines if line.startswith("data: ")]
+
+
+def test_disconnect_mid_stream_cancels_and_frees_the_blocks(server):
+    before = wait_idle(server)
+    body = {"model": MODEL, "prompt": "tell me a very long story " * 8, "max_tokens": MAX_OUTPUT_LEN,
+            "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            while not any('"text":"' in d and '"text":""' not in d for d in sse_data([next(lines)])):
+                pass
+            during = metrics(server)
+            assert during["qwen_trtllm_kv_cache_blocks_used"] > 0
+            assert during["qwen_trtllm_num_requests_in_flight"] == 1
+        # leaving the block closes the connection mid-stream
+    after = wait_idle(server, timeout=10)
+    generated = after["qwen_trtllm_generation_tokens_total"] - before["qwen_trtllm_generation_tokens_total"]
+    assert generated < MAX_OUTPUT_LEN  # cancelled, not run to its end
+    key = 'qwen_trtllm_requests_finished_total{finish_reason="cancelled"}'
+    assert after.get(key, 0) == before.get(key, 0) + 1
+
+
+def test_clients_leaving_before_the_engine_takes_their_requests(server):
+    """Disconnects while the engine is busy with a step (the request still in the engine's inbox) cancel cleanly
+    and leave the engine thread alive."""
+    wait_idle(server)
+    busy = {"model": MODEL, "prompt": "tell me a very long story " * 8, "max_tokens": MAX_OUTPUT_LEN,
+            "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as h, h.stream("POST", server.url + "/v1/completions", json=busy) as r:
+        next(r.iter_lines())
+        for i in range(12):
+            try:
+                httpx.post(server.url + "/v1/completions", timeout=httpx.Timeout(10, read=0.002),
+                           json={"model": MODEL, "prompt": f"quick {i}", "max_tokens": 8, "stream": i % 2 == 0})
+            except httpx.ReadTimeout:
+                pass
+    quick = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=20)
+    assert quick.completions.create(model=MODEL, prompt="still there?", max_tokens=2).choices  # the engine lives
+    wait_idle(server)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_max_queue_in_flight_requests_then_429(server):
+    wait_idle(server)
+    body = {"model": MODEL, "messages": [USER], "max_tokens": MAX_OUTPUT_LEN, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=32)) as h:
+        streams = []
+        try:
+            for _ in range(16):  # --max_queue 16
+                r = h.send(h.build_request("POST", server.url + "/v1/chat/completions", json=body), stream=True)
+                assert r.status_code == 200
+                streams.append(r)
+            r = h.post(server.url + "/v1/chat/completions", json=body)
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["type"] == "rate_limit_error"
+            with pytest.raises(openai.RateLimitError):
+                client(server).chat.completions.create(model=MODEL, messages=[USER], max_tokens=2)
+        finally:
+            for r in streams:
+                r.close()
+    m = wait_idle(server)
+    assert m['qwen_trtllm_requests_total{endpoint="/v1/chat/completions",status="429"}'] == 2
+    assert client(server).chat.completions.create(model=MODEL, messages=[USER], max_tokens=2).choices
+
+
+def test_load_200_requests_at_concurrency_8(server):
+    n, concurrency = 200, 8
+    before = wait_idle(server)
+    rng = random.Random(3)
+    jobs = []
+    for i in range(n):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+        common = {"model": MODEL, "max_tokens": rng.randint(1, 3), "temperature": 0, "stream": i % 3 == 0}
+        if i % 2:
+            jobs.append(("/v1/chat/completions", {**common, "messages": [{"role": "user", "content": words}]}))
+        else:
+            jobs.append(("/v1/completions", {**common, "prompt": words}))
+
+    async def main() -> list[str]:
+        sem = asyncio.Semaphore(concurrency)
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as h:
+            async def one(path: str, body: dict) -> str:
+                async with sem:
+                    if body["stream"]:
+                        async with h.stream("POST", path, json=body) as r:
+                            data = sse_data([line async for line in r.aiter_lines()])
+                            ok = r.status_code == 200 and data[-1] == "[DONE]" and \
+                                json.loads(data[-2])["choices"][0]["finish_reason"] in ("stop", "length")
+                            return "ok" if ok else f"{r.status_code} {data[-2:]}"
+                    r = await h.post(path, json=body)
+                    ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+                    return "ok" if ok else f"{r.status_code} {r.text}"
+
+            return await asyncio.gather(*(one(p, b) for p, b in jobs))
+
+    t0 = time.perf_counter()
+    results = asyncio.run(main())
+    elapsed = time.perf_counter() - t0
+    assert results == ["ok"] * n, [r for r in results if r != "ok"][:3]
+    after = wait_idle(server)
+    done = sum(v - before.get(k, 0) for k, v in after.items()
+               if k.startswith("qwen_trtllm_requests_finished_total"))
+    assert done == n
+    print(f"{n} requests at concurrency {concurrency} in {elapsed:.1f} s")
+
+
+# --- shutdown (last: it stops the module's server) ----------------------------------------------------------------
+def test_sigterm_lets_in_flight_requests_finish_and_exits_0(server):
+    body = {"model": MODEL, "prompt": "A story about a lighthouse:", "max_tokens": 40, "temperature": 0,
+            "stream": True}
+    with httpx.Client(timeout=60) as h, h.stream("POST", server.url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        first = sse_data([next(lines)])
+        server.proc.send_signal(signal.SIGTERM)
+        data = first + sse_data(lines)
+    assert data[-1] == "[DONE]"
+    assert json.loads(data[-2])["choices"][0]["finish_reason"] in ("stop", "length")  # drained, not cut off
+    assert server.proc.wait(timeout=60) == 0, server.log_tail()
+    assert "Shutting down" in server.log_tail()
