@@ -28,46 +28,36 @@ from qwen_trtllm.builder.engine_format import (
     rank_file,
 )
 from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.models.qwen.weights import fuse, iter_weights, shard
 
 # TensorRT-LLM plugin flags and what they select in this engine (see README, "Build flags").
 PLUGIN_FLAGS = ("use_gpt_attention_plugin", "use_gemm_plugin", "use_layernorm_plugin", "use_rmsnorm_plugin",
                 "enable_context_fmha", "remove_input_padding")
 
 
+def _ft_to_engine_layout(t: torch.Tensor, kind: str, hidden_size: int) -> torch.Tensor:
+    """One rank's FT tensor as read_ft_rank returns it -> the engine's layout: linears [in, out] -> [out, in], the
+    qkv weight [H, 3*H/tp] -> [3*H/tp, H], the qkv bias [3*H/tp]; norms and embeddings as they are."""
+    if kind in ("global", "replicated"):
+        return t
+    if kind == "qkv":
+        return t.reshape(hidden_size, -1).t()
+    if kind == "qkv_bias":
+        return t.reshape(-1)
+    return t.t()  # column, row
+
+
 def runtime_weights_from_ft(ft: dict[str, torch.Tensor], config: QWenConfig) -> dict[str, torch.Tensor]:
     """One rank's FT tensors ([in, out] linears) -> the runtime's state dict ([out, in], gate|up fused)."""
-    out = {"embed.weight": ft["vocab_embedding.weight"], "ln_f.weight": ft["ln_f.weight"],
-           "lm_head.weight": ft["lm_head.weight"]}
-    for i in range(config.num_hidden_layers):
-        f, r = f"model.layers.{i}.", f"layers.{i}."
-        out.update({
-            r + "ln_1.weight": ft[f + "ln_1.weight"], r + "ln_2.weight": ft[f + "ln_2.weight"],
-            r + "attn.qkv.weight": ft[f + "attention.qkv.weight"].reshape(config.hidden_size, -1).t(),
-            r + "attn.qkv.bias": ft[f + "attention.qkv.bias"].reshape(-1),
-            r + "attn.dense.weight": ft[f + "attention.dense.weight"].t(),
-            r + "mlp.gate_up.weight": torch.cat([ft[f + "mlp.w2.weight"].t(), ft[f + "mlp.w1.weight"].t()]),
-            r + "mlp.c_proj.weight": ft[f + "mlp.c_proj.weight"].t(),
-        })
-    return out
+    return fuse((w, w.engine_name(i), _ft_to_engine_layout(ft[w.ft_name(i)], w.ft_kind, config.hidden_size))
+                for w, i in iter_weights(config.num_hidden_layers))
 
 
 def runtime_weights_from_hf(get, config: QWenConfig, rank: int, tp: int) -> dict[str, torch.Tensor]:
-    """A Hugging Face checkpoint (get(name) -> tensor) -> one rank's runtime state dict."""
-    H, nh, D, F = config.hidden_size, config.num_attention_heads, config.kv_channels, config.ffn_hidden_size
-    heads, ff = slice(rank * nh // tp, (rank + 1) * nh // tp), slice(rank * F // tp, (rank + 1) * F // tp)
-    out = {"embed.weight": get("transformer.wte.weight"), "ln_f.weight": get("transformer.ln_f.weight"),
-           "lm_head.weight": get("lm_head.weight")}
-    for i in range(config.num_hidden_layers):
-        h, r = f"transformer.h.{i}.", f"layers.{i}."
-        out.update({
-            r + "ln_1.weight": get(h + "ln_1.weight"), r + "ln_2.weight": get(h + "ln_2.weight"),
-            r + "attn.qkv.weight": get(h + "attn.c_attn.weight").view(3, nh, D, H)[:, heads].reshape(-1, H),
-            r + "attn.qkv.bias": get(h + "attn.c_attn.bias").view(3, nh, D)[:, heads].reshape(-1),
-            r + "attn.dense.weight": get(h + "attn.c_proj.weight").view(H, nh, D)[:, heads].reshape(H, -1),
-            r + "mlp.gate_up.weight": torch.cat([get(h + "mlp.w2.weight")[ff], get(h + "mlp.w1.weight")[ff]]),
-            r + "mlp.c_proj.weight": get(h + "mlp.c_proj.weight")[:, ff],
-        })
-    return out
+    """A Hugging Face checkpoint (get(name) -> tensor) -> one rank's runtime state dict: qkv [3*H/tp, H] (the
+    rank's heads of q, k and v) + bias [3*H/tp], dense [H, H/tp], gate_up [2*F/tp, H], c_proj [H, F/tp]."""
+    return fuse((w, w.engine_name(i), shard(get(w.hf_name(i)), w.split, rank, tp))
+                for w, i in iter_weights(config.num_hidden_layers))
 
 
 def _prepare_output(output_dir: Path) -> Path:

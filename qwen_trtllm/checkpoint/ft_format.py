@@ -7,8 +7,8 @@ Layout of `<out>/<tp>-gpu/`:
                   stored as its 16-bit pattern.
   qwen.tiktoken, tokenizer_config.json, generation_config.json   copied from the checkpoint when present.
 
-Tensors (H hidden, V vocab, F = intermediate_size/2 MLP width, tp ranks, r a rank). Linear weights are stored
-[in, out], the transpose of nn.Linear's [out, in]:
+Tensors (H hidden, V vocab, F = intermediate_size/2 MLP width, tp ranks, r a rank; names and splits from the table
+in qwen_trtllm.models.qwen.weights). Linear weights are stored [in, out], the transpose of nn.Linear's [out, in]:
   vocab_embedding.weight.bin [V, H], ln_f.weight.bin [H], lm_head.weight.bin [V, H]        (rank independent)
   model.layers.{i}.ln_1.weight.bin, model.layers.{i}.ln_2.weight.bin [H]                    (replicated)
   model.layers.{i}.attention.qkv.weight.{r}.bin   [H, 3, H/tp]  c_attn.weight^T viewed [H, 3, H], last axis split:
@@ -38,6 +38,7 @@ import torch
 from qwen_trtllm import QWenError
 from qwen_trtllm.checkpoint.hf_checkpoint import HFCheckpoint
 from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.models.qwen.weights import lookup_hf, shard_view
 from qwen_trtllm.tokenizer import TOKENIZER_FILES
 
 STORAGE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -46,17 +47,6 @@ _NUMPY = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np
 CONVERTER_KEYS = ("model_dir", "storage_dtype", "tensor_parallelism")
 CHUNK_BYTES = 8 << 20  # largest slab converted at once: bounds the converter's private memory per tensor
 TILE = 64  # columns per transpose tile (32..256 measured alike on the 7B shapes; 2x faster than one strided copy)
-
-# Hugging Face name (after "transformer.h.{i}.") -> (FT name after "model.layers.{i}.", split kind)
-_LAYER_MAP = {
-    "ln_1.weight": ("ln_1.weight", "replicated"), "ln_2.weight": ("ln_2.weight", "replicated"),
-    "attn.c_attn.weight": ("attention.qkv.weight", "qkv"), "attn.c_attn.bias": ("attention.qkv.bias", "qkv_bias"),
-    "attn.c_proj.weight": ("attention.dense.weight", "row"), "mlp.w1.weight": ("mlp.w1.weight", "column"),
-    "mlp.w2.weight": ("mlp.w2.weight", "column"), "mlp.c_proj.weight": ("mlp.c_proj.weight", "row"),
-}
-_GLOBAL_MAP = {"transformer.wte.weight": "vocab_embedding.weight", "transformer.ln_f.weight": "ln_f.weight",
-               "lm_head.weight": "lm_head.weight"}
-
 
 def normalize_storage_type(storage_type: str) -> str:
     """'float32' | 'float16' | 'bfloat16' (aliases fp32, fp16, bf16 accepted)."""
@@ -68,12 +58,10 @@ def normalize_storage_type(storage_type: str) -> str:
 
 def hf_to_ft(name: str) -> tuple[str, str]:
     """Hugging Face tensor name -> (FT name without rank suffix or .bin, split kind)."""
-    if name in _GLOBAL_MAP:
-        return _GLOBAL_MAP[name], "global"
-    parts = name.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["transformer", "h"] and parts[3] in _LAYER_MAP:
-        ft, kind = _LAYER_MAP[parts[3]]
-        return f"model.layers.{parts[2]}.{ft}", kind
+    found = lookup_hf(name)
+    if found is not None:
+        w, layer = found
+        return w.ft_name(layer), w.ft_kind
     raise QWenError(f"tensor {name} has no FT counterpart: not a Qwen (v1) weight")
 
 
@@ -104,16 +92,12 @@ def rank_views(t: torch.Tensor, kind: str, tp: int) -> list[torch.Tensor]:
     """The views (no copies) of a Hugging Face tensor that the FT files of each rank hold, in stored layout."""
     if kind in ("global", "replicated"):
         return [t]
-    if kind == "qkv":  # [3H, H] rows q|k|v -> per rank [H, 3, H/tp]
-        H = t.shape[1]
-        return [b.permute(2, 0, 1) for b in t.view(3, H, H).chunk(tp, dim=1)]
+    views = [shard_view(t, "qkv" if kind.startswith("qkv") else kind, r, tp) for r in range(tp)]
+    if kind == "qkv":  # [3H, H] rows q|k|v -> per rank [3, H/tp, H] -> [H, 3, H/tp]
+        return [v.permute(2, 0, 1) for v in views]
     if kind == "qkv_bias":  # [3H] -> per rank [3, H/tp]
-        return list(t.view(3, -1).chunk(tp, dim=1))
-    if kind == "column":  # [out, in] split on out -> [in, out/tp]
-        return [b.t() for b in t.chunk(tp, dim=0)]
-    if kind == "row":  # [out, in] split on in -> [in/tp, out]
-        return [b.t() for b in t.chunk(tp, dim=1)]
-    raise AssertionError(kind)
+        return views
+    return [v.t() for v in views]  # column: [out/tp, in] -> [in, out/tp]; row: [out, in/tp] -> [in/tp, out]
 
 
 def _contiguous_copy(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -18,8 +18,9 @@ from torch import Tensor
 from qwen_trtllm import QWenError
 from qwen_trtllm.checkpoint.hf_checkpoint import HFCheckpoint
 from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.models.qwen.weights import HF_LINEARS, LAYER_WEIGHTS, Weight, fuse, iter_weights
 
-LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
+LINEARS = HF_LINEARS  # ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 _SHIFTS = torch.arange(8, dtype=torch.int32) * 4
 
 
@@ -55,7 +56,8 @@ def unpack_gptq(qweight: Tensor, qzeros: Tensor, g_idx: Tensor, group_size: int,
 
 
 def runtime_weights_from_gptq(ckpt: HFCheckpoint, config: QWenConfig, group_size: int) -> dict[str, Tensor]:
-    """The int4 engine's state dict (tp 1): qweight uint8 [out, in/2], scales fp16 [out, in/group], fp16 rest."""
+    """The int4 engine's state dict (tp 1): qweight uint8 [out, in/2], scales fp16 [out, in/group] (gate_up fused
+    [w2 | w1] before packing), fp16 rest."""
     from qwen_trtllm.quantization import pack_int4
 
     def linear(prefix: str) -> tuple[Tensor, Tensor]:
@@ -63,22 +65,16 @@ def runtime_weights_from_gptq(ckpt: HFCheckpoint, config: QWenConfig, group_size
                         group_size, prefix)
         return q, ckpt.get(prefix + ".scales").to(torch.float16).t().contiguous()
 
-    out = {"embed.weight": ckpt.get("transformer.wte.weight"), "ln_f.weight": ckpt.get("transformer.ln_f.weight"),
-           "lm_head.weight": ckpt.get("lm_head.weight")}
-    for i in range(config.num_hidden_layers):
-        h, r = f"transformer.h.{i}.", f"layers.{i}."
-        (qkv, s_qkv), (dense, s_dense) = linear(h + "attn.c_attn"), linear(h + "attn.c_proj")
-        (w1, s_w1), (w2, s_w2) = linear(h + "mlp.w1"), linear(h + "mlp.w2")
-        cproj, s_cproj = linear(h + "mlp.c_proj")
-        out.update({
-            r + "ln_1.weight": ckpt.get(h + "ln_1.weight"), r + "ln_2.weight": ckpt.get(h + "ln_2.weight"),
-            r + "attn.qkv.qweight": pack_int4(qkv), r + "attn.qkv.scales": s_qkv,
-            r + "attn.qkv.bias": ckpt.get(h + "attn.c_attn.bias"),
-            r + "attn.dense.qweight": pack_int4(dense), r + "attn.dense.scales": s_dense,
-            r + "mlp.gate_up.qweight": pack_int4(torch.cat([w2, w1])),
-            r + "mlp.gate_up.scales": torch.cat([s_w2, s_w1]),
-            r + "mlp.c_proj.qweight": pack_int4(cproj), r + "mlp.c_proj.scales": s_cproj,
-        })
+    def is_linear(w: Weight) -> bool:
+        return w.hf.removesuffix(".weight") in LINEARS
+
+    out = fuse((w, w.engine_name(i), ckpt.get(w.hf_name(i)))
+               for w, i in iter_weights(config.num_hidden_layers) if not is_linear(w))
+    for i in range(config.num_hidden_layers):  # one layer's unpacked int values in memory at a time
+        layer = [(w, w.engine_name(i).removesuffix(".weight"), linear(w.hf_name(i).removesuffix(".weight")))
+                 for w in LAYER_WEIGHTS if is_linear(w)]  # engine module name, (q, scales)
+        out.update({f"{n}.qweight": pack_int4(q) for n, q in fuse((w, n, q) for w, n, (q, _) in layer).items()})
+        out.update({f"{n}.scales": s for n, s in fuse((w, n, s) for w, n, (_, s) in layer).items()})
     return out
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from qwen_trtllm.models.qwen.weights import hf_shapes
+
 # Shapes of the released Qwen (v1) models, plus a tiny one for CPU tests.
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_channels=16,
@@ -67,15 +69,8 @@ def hf_config(shape: dict, generation: str = "v1.1") -> dict:
 
 def hf_tensor_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor of a Hugging Face Qwen (v1) checkpoint, in file order."""
-    h, v, f = shape["hidden_size"], shape["vocab_size"], shape["intermediate_size"] // 2
-    out: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, h)}
-    for i in range(shape["num_hidden_layers"]):
-        p = f"transformer.h.{i}."
-        out.update({p + "ln_1.weight": (h,), p + "attn.c_attn.weight": (3 * h, h), p + "attn.c_attn.bias": (3 * h,),
-                    p + "attn.c_proj.weight": (h, h), p + "ln_2.weight": (h,), p + "mlp.w1.weight": (f, h),
-                    p + "mlp.w2.weight": (f, h), p + "mlp.c_proj.weight": (h, f)})
-    out.update({"transformer.ln_f.weight": (h,), "lm_head.weight": (v, h)})
-    return out
+    return hf_shapes(shape["hidden_size"], shape["vocab_size"], shape["intermediate_size"] // 2,
+                     shape["num_hidden_layers"])
 
 
 def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, device: str) -> torch.Tensor:

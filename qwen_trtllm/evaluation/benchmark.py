@@ -19,6 +19,7 @@ from qwen_trtllm.builder.engine_format import DTYPES, BuildConfig, QuantizationC
 from qwen_trtllm.checkpoint.random_checkpoint import PRESETS, random_tensor
 from qwen_trtllm.config import QWenConfig
 from qwen_trtllm.models.qwen.model import QWen
+from qwen_trtllm.models.qwen.weights import engine_to_qwen2
 from qwen_trtllm.runtime.engine import Engine, model_skeleton, use_triton_kernels
 from qwen_trtllm.runtime.executor import ExecutorConfig
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig
@@ -157,21 +158,8 @@ def hf_model_sharing_weights(engine: Engine):
     """transformers' Qwen2ForCausalLM over the engine's own weight tensors (views, no copy); tp = 1 only."""
     from qwen_trtllm.models.qwen.reference import qwen2_from_state
 
-    cfg, sd = engine.config, engine.model.state_dict()
-    H, F = cfg.hidden_size, cfg.ffn_hidden_size
-    hf = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["ln_f.weight"],
-          "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(cfg.num_hidden_layers):
-        r, p = f"layers.{i}.", f"model.layers.{i}."
-        for j, n in enumerate("qkv"):
-            hf[p + f"self_attn.{n}_proj.weight"] = sd[r + "attn.qkv.weight"][j * H:(j + 1) * H]
-            hf[p + f"self_attn.{n}_proj.bias"] = sd[r + "attn.qkv.bias"][j * H:(j + 1) * H]
-        hf.update({p + "self_attn.o_proj.weight": sd[r + "attn.dense.weight"],
-                   p + "mlp.gate_proj.weight": sd[r + "mlp.gate_up.weight"][:F],
-                   p + "mlp.up_proj.weight": sd[r + "mlp.gate_up.weight"][F:],
-                   p + "mlp.down_proj.weight": sd[r + "mlp.c_proj.weight"],
-                   p + "input_layernorm.weight": sd[r + "ln_1.weight"],
-                   p + "post_attention_layernorm.weight": sd[r + "ln_2.weight"]})
+    cfg = engine.config
+    hf = engine_to_qwen2(engine.model.state_dict(), cfg.num_hidden_layers)
     return qwen2_from_state(cfg, hf, engine.device)
 
 

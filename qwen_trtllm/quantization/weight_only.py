@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qwen_trtllm import QWenError
+from qwen_trtllm.models.qwen.weights import ENGINE_LINEARS
 
 PRECISIONS = ("int8", "int4")
 # The runtime's linear layers that weight-only quantisation replaces (lm_head only on request).
-QUANTIZED_LAYERS = ("attn.qkv", "attn.dense", "mlp.gate_up", "mlp.c_proj")
+QUANTIZED_LAYERS = ENGINE_LINEARS  # ("attn.qkv", "attn.dense", "mlp.gate_up", "mlp.c_proj")
 LM_HEAD = "lm_head"
 _SCALE_MIN = 2.0**-24  # smallest fp16 subnormal: keeps all-zero (and tiny) rows/groups from a zero scale
 _SCALE_MAX = 65504.0  # largest finite fp16

@@ -13,6 +13,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.models.qwen.weights import HF_PREFIX, lookup_hf, qwen2_tensors
 
 
 def qwen2_config(config: QWenConfig) -> Qwen2Config:
@@ -28,24 +29,15 @@ def qwen2_config(config: QWenConfig) -> Qwen2Config:
 
 def map_qwen_to_qwen2(name: str, t: torch.Tensor, hidden: int) -> dict[str, torch.Tensor]:
     """One Hugging Face Qwen (v1) tensor -> the Qwen2ForCausalLM tensors it becomes."""
-    if name == "transformer.wte.weight":
-        return {"model.embed_tokens.weight": t}
-    if name == "transformer.ln_f.weight":
-        return {"model.norm.weight": t}
-    if name == "lm_head.weight":
-        return {"lm_head.weight": t}
-    if not name.startswith("transformer.h."):
+    found = lookup_hf(name)
+    if found is None:
+        if name.startswith(HF_PREFIX):
+            raise KeyError(name)  # a layer tensor outside the table
         return {}  # non-weight buffers such as rotary inv_freq
-    i, rest = name[len("transformer.h."):].split(".", 1)
-    p = f"model.layers.{i}."
-    if rest.startswith("attn.c_attn."):
-        kind = rest.rsplit(".", 1)[1]  # weight or bias: rows are q | k | v
-        q, k, v = t.split(hidden, dim=0)
-        return {p + f"self_attn.q_proj.{kind}": q, p + f"self_attn.k_proj.{kind}": k,
-                p + f"self_attn.v_proj.{kind}": v}
-    return {p + {"ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
-                 "attn.c_proj.weight": "self_attn.o_proj.weight", "mlp.w2.weight": "mlp.gate_proj.weight",
-                 "mlp.w1.weight": "mlp.up_proj.weight", "mlp.c_proj.weight": "mlp.down_proj.weight"}[rest]: t}
+    w, layer = found
+    if w.split == "qkv" and t.shape[0] != 3 * hidden:
+        raise ValueError(f"{name} has {t.shape[0]} rows, expected 3 * hidden = {3 * hidden}")
+    return qwen2_tensors(w, t, layer)  # c_attn rows q | k | v -> q_proj, k_proj, v_proj; w2 -> gate, w1 -> up
 
 
 def load_reference(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
