@@ -65,12 +65,12 @@ def read_line(interactive: bool) -> str | None:
 
 def answer(llm, ids: list[int], params, tokenizer, stops) -> str:
     """Stream one answer to stdout and return its text (what was shown, if Ctrl-C stopped it)."""
-    from qwen_trtllm.serving.openai_api import IncrementalText, stream_outputs
+    from qwen_trtllm.serving.openai_api import IncrementalText
 
     text, stop = IncrementalText(tokenizer, stops), threading.Event()
 
     async def stream() -> None:
-        async for out in stream_outputs(llm, ids, params):  # leaving early cancels the request
+        async for out in llm.generate_async(ids, params):  # leaving early cancels the request
             delta = text.update(out.token_ids, out.finished)
             if delta:
                 sys.stdout.write(delta)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from qwen_trtllm import QWenError
-from qwen_trtllm.models.qwen.model import ntk_alpha
+from qwen_trtllm.models.qwen.model import sequence_ntk_alpha
 
 DEFAULT_TOLERANCES = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -73,8 +73,7 @@ def engine_intermediates(engine, token_ids: Sequence[int]) -> dict[str, Tensor]:
     executor = Executor(engine, ExecutorConfig(max_batch_size=1, max_seq_len=T, kv_cache=kv, cuda_graphs=False))
     blocks: list[int] = []
     executor.kv_cache.grow(blocks, T)
-    alpha = ntk_alpha(T, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
-    plan = StepPlan(list(token_ids), list(range(T)), [T], [0], [blocks], [alpha], [0], num_decode=0)
+    plan = StepPlan.prefill([list(token_ids)], [blocks], [sequence_ntk_alpha(cfg, T)])
     capture: dict[str, Tensor] = {}
     try:
         executor.runner.forward_plan(plan, capture=capture, all_logits=True)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from qwen_trtllm import QWenError
-from qwen_trtllm.models.qwen.model import ntk_alpha
+from qwen_trtllm.models.qwen.model import sequence_ntk_alpha
 from qwen_trtllm.runtime.executor import Executor
 from qwen_trtllm.runtime.model_runner import StepPlan
 
@@ -26,7 +26,7 @@ def engine_logits(executor: Executor, prompts: Sequence[Sequence[int]], forced: 
     through the executor's KV cache blocks (returned to the pool at the end)."""
     kv, runner, cfg = executor.kv_cache, executor.runner, executor.engine.config
     lens, S = [len(p) for p in prompts], forced.shape[1]
-    alphas = [ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0 for n in lens]
+    alphas = [sequence_ntk_alpha(cfg, n) for n in lens]
     tables: list[list[int]] = [[] for _ in prompts]
     try:
         for t, n in zip(tables, lens, strict=True):
@@ -34,8 +34,7 @@ def engine_logits(executor: Executor, prompts: Sequence[Sequence[int]], forced: 
                 raise QWenError(f"{len(prompts)} prompts of up to {max(lens) + S} tokens exceed the KV cache: "
                                 "use a smaller batch")
             kv.grow(t, n + S)
-        plan = StepPlan([t for p in prompts for t in p], [i for n in lens for i in range(n)], lens,
-                        [0] * len(lens), tables, alphas, [0] * len(lens), num_decode=0)
+        plan = StepPlan.prefill(prompts, tables, alphas)
         out = [runner.logits(plan).clone()]
         for s in range(S - 1):
             plan = StepPlan(forced[:, s].tolist(), [n + s for n in lens], [1] * len(lens), [n + s for n in lens],

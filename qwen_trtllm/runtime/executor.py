@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from qwen_trtllm import QWenError
-from qwen_trtllm.models.qwen.model import ntk_alpha
+from qwen_trtllm.models.qwen.model import sequence_ntk_alpha
 from qwen_trtllm.runtime.engine import Engine
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig, KVCacheManager, pool_size_in_blocks
 from qwen_trtllm.runtime.model_runner import ModelRunner, StepPlan
@@ -116,9 +116,8 @@ class Executor:
         """Queue a request (validated first); on_output is called on this thread after each of its steps."""
         ids = [int(t) for t in prompt_token_ids]
         self.check_request(ids, params)
-        cfg = self.engine.config
         r = Request(ids, params, on_output)
-        r.ntk_alpha = ntk_alpha(len(ids), cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+        r.ntk_alpha = sequence_ntk_alpha(self.engine.config, len(ids))
         self.scheduler.add(r)
         return r
 
@@ -221,7 +220,7 @@ class Executor:
                     pass
 
     def _stop_reason(self, r: Request, token: int) -> str | None:
-        if token in r.params.stop_ids():
+        if token in r.stop_ids:
             return "stop"
         if r.params.stop and self.tokenizer is not None:
             text = self.tokenizer.decode(r.output_token_ids)

@@ -15,6 +15,7 @@ returns the outputs, the other ranks follow its steps and return [].
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -120,8 +121,6 @@ class LLM:
 
     def _generate_on_engine_thread(self, ids: list[list[int]], params: list[SamplingParams],
                                    on_output: Callable[[int, RequestOutput], None] | None) -> list[RequestOutput]:
-        import concurrent.futures
-
         done = threading.Semaphore(0)
 
         def callback(i: int):
@@ -132,12 +131,7 @@ class LLM:
                     done.release()
             return cb
 
-        futures = []
-        for n, (i, p) in enumerate(zip(ids, params, strict=True)):
-            fut: concurrent.futures.Future = concurrent.futures.Future()
-            self._inbox.put(((i, p, callback(n)), fut))
-            futures.append(fut)
-        self._wake.set()
+        futures = [self._submit(i, p, callback(n)) for n, (i, p) in enumerate(zip(ids, params, strict=True))]
         requests = [f.result() for f in futures]
         for _ in requests:
             done.acquire()
@@ -159,6 +153,14 @@ class LLM:
         return out
 
     # --- online ------------------------------------------------------------------------------------------
+    def _submit(self, ids: list[int], params: SamplingParams,
+                on_output: Callable[[RequestOutput], None]) -> concurrent.futures.Future:
+        """Hand a request to the engine thread; the future gives its Request once added (or the error)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(((ids, params, on_output), fut))
+        self._wake.set()
+        return fut
+
     def start(self) -> None:
         """Start the background engine thread (generate_async does it on first use)."""
         if self._thread is None:
@@ -201,15 +203,11 @@ class LLM:
                              ) -> AsyncIterator[RequestOutput]:
         """Stream one request: a RequestOutput after each step that gave it tokens, the last with finished=True.
         Raises QWenError (before the first output) when the request cannot run."""
-        import concurrent.futures
-
         self.start()
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         push = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, self._with_text(out))
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(((self.encode(prompt), sampling_params or SamplingParams(), push), fut))
-        self._wake.set()
+        fut = self._submit(self.encode(prompt), sampling_params or SamplingParams(), push)
         try:
             request: Request = await asyncio.wrap_future(fut)
         except asyncio.CancelledError:  # the engine may take it meanwhile: cancel it then

@@ -50,6 +50,14 @@ class StepPlan:
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
+    @classmethod
+    def prefill(cls, prompts: Sequence[Sequence[int]], block_tables: Sequence[Sequence[int]],
+                ntk_alphas: Sequence[float]) -> StepPlan:
+        """Whole prompts from position 0 with nothing cached: one prefill chunk each."""
+        lens = [len(p) for p in prompts]
+        return cls([t for p in prompts for t in p], [i for n in lens for i in range(n)], lens, [0] * len(lens),
+                   [list(t) for t in block_tables], list(ntk_alphas), [0] * len(lens), num_decode=0)
+
 
 class ModelRunner:
     """Runs StepPlans on one rank's model and KV cache."""
@@ -207,7 +215,8 @@ class ModelRunner:
         new_rows: (slot, token ids) of sequences whose repetition-penalty row starts afresh this step."""
         rank0 = self.engine.rank == 0
         st = SamplingTensors.build(params, self.device) if rank0 else None
-        seen_rows = self._seen_rows(st, new_rows, slots) if rank0 else None
+        slot_idx = self._tensor(list(slots), torch.int64) if rank0 and slots else None
+        seen_rows = self._seen_rows(st, new_rows, slot_idx) if rank0 else None
         counters = self._tensor(plan.counters, torch.int64) if rank0 else None
         steps = self.start(plan)
         out = []
@@ -224,11 +233,11 @@ class ModelRunner:
                 if step + 1 < plan.num_steps:
                     steps.advance(tokens)
         if rank0 and seen_rows is not None:
-            self.seen[self._tensor(list(slots), torch.int64)] = seen_rows
+            self.seen[slot_idx] = seen_rows
         return torch.stack(out).tolist() if rank0 else []
 
     def _seen_rows(self, st: SamplingTensors, new_rows: Sequence[tuple[int, list[int]]],
-                   slots: Sequence[int]) -> Tensor | None:
+                   slot_idx: Tensor | None) -> Tensor | None:
         """Each sequence's set of prompt and output tokens [S, vocab] bool, when any row has a penalty."""
         if not st.any_penalty and not new_rows:
             return None
@@ -240,7 +249,7 @@ class ModelRunner:
             self.seen[slot, self._tensor(ids, torch.int64)] = True
         if not st.any_penalty:
             return None
-        return self.seen[self._tensor(list(slots), torch.int64)]
+        return self.seen[slot_idx]
 
     def release(self) -> None:
         """Drop the CUDA graphs (they hold references through their captured steps)."""

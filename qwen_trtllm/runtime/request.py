@@ -112,6 +112,9 @@ class Request:
     text: str = ""  # detokenised output (engines with a tokenizer)
     _sent: int = 0  # output tokens already reported through on_output
 
+    def __post_init__(self) -> None:
+        self.stop_ids = self.params.stop_ids()  # checked for every generated token
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

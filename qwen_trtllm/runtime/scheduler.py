@@ -35,10 +35,6 @@ class SchedulerOutput:
     def requests(self) -> list[Request]:
         return self.decode + [r for r, _ in self.prefill]
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.decode) + sum(n for _, n in self.prefill)
-
     def __bool__(self) -> bool:
         return bool(self.decode or self.prefill)
 

@@ -5,24 +5,23 @@ extensions `top_k` and `repetition_penalty`. Responses, stream chunks, model car
 shapes the official `openai` client parses. The translation helpers need no web framework (examples/qwen/chat.py
 uses them too): `chat_prompt` (messages -> Qwen's chatml prompt via make_context, history trimmed to the window),
 `resolve_sampling` (request fields + generation_config.json defaults -> SamplingParams, as run.py resolves its
-flags), `stream_outputs` (llm.generate_async, safe to cancel at any point) and `IncrementalText` (streamed text
-that never splits a UTF-8 character and never shows a stop string, not even its first characters).
+flags) and `IncrementalText` (streamed text that never splits a UTF-8 character and never shows a stop string, not
+even its first characters).
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from qwen_trtllm import QWenError
-from qwen_trtllm.runtime.request import RequestOutput, SamplingParams
+from qwen_trtllm.runtime.request import SamplingParams
 from qwen_trtllm.runtime.runner import sampling_from_args
 from qwen_trtllm.tokenizer import DEFAULT_SYSTEM, make_context
 
@@ -349,48 +348,6 @@ def resolve_sampling(req: _GenerationRequest, defaults: dict, max_tokens: int, s
 
 
 # --- the runtime's streams ----------------------------------------------------------------------------------------
-_BACKGROUND: set = set()  # tasks that must outlive a cancelled caller (the event loop keeps only weak references)
-
-
-async def stream_outputs(llm, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-    """llm.generate_async(prompt_ids, params), safe to cancel or close at any point.
-
-    Cancelling generate_async while it waits for the engine thread to take the request cancels the
-    concurrent.futures.Future that the engine thread then resolves: set_result raises InvalidStateError there and
-    the engine thread dies (every later request hangs). So the wait for the first output is shielded: a caller
-    cancelled during it leaves a background task that closes the stream (cancelling the request, freeing its
-    blocks) as soon as the first output arrives. Closing this generator later cancels the request at once."""
-    stream = llm.generate_async(prompt_ids, params)
-    first = asyncio.ensure_future(anext(stream))
-    try:
-        out = await asyncio.shield(first)
-    except asyncio.CancelledError:
-        _close_when_started(stream, first)
-        raise
-    try:
-        while True:
-            yield out
-            if out.finished:
-                return
-            out = await anext(stream)
-    finally:
-        await stream.aclose()
-
-
-def _close_when_started(stream, first: asyncio.Future) -> None:
-    _BACKGROUND.add(first)
-
-    def started(f: asyncio.Future) -> None:
-        _BACKGROUND.discard(f)
-        if f.cancelled() or f.exception() is not None:  # never queued (or the loop is closing)
-            return
-        task = asyncio.ensure_future(stream.aclose())  # generate_async's finally cancels the request
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
-
-    first.add_done_callback(started)
-
-
 # --- streamed text -----------------------------------------------------------------------------------------------
 class IncrementalText:
     """The text of a growing list of output token ids, handed out in deltas that are safe to show.

@@ -63,7 +63,6 @@ from qwen_trtllm.serving.openai_api import (
     new_id,
     now,
     resolve_sampling,
-    stream_outputs,
     window_size,
 )
 from qwen_trtllm.tokenizer import stop_token_ids
@@ -364,7 +363,7 @@ class OpenAIServer:
         m.prompt_tokens.inc(len(ids))
         last, reason = None, "cancelled"
         try:
-            async with aclosing(stream_outputs(self.llm, ids, params)) as stream:
+            async with aclosing(self.llm.generate_async(ids, params)) as stream:
                 async for out in stream:
                     n = len(out.new_token_ids)
                     if n:

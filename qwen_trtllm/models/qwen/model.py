@@ -35,6 +35,11 @@ def ntk_alpha(prompt_len: int, seq_length: int) -> float:
     return float(max(2 ** math.ceil(context_value) - 1, 1))
 
 
+def sequence_ntk_alpha(config: QWenConfig, prompt_len: int) -> float:
+    """A sequence's NTK alpha, fixed by its prompt length for its whole life (1 without dynamic NTK)."""
+    return ntk_alpha(prompt_len, config.seq_length) if config.use_dynamic_ntk else 1.0
+
+
 def rotary_inv_freq(config: QWenConfig, alpha: Tensor) -> Tensor:
     """Per-sequence inverse frequencies [S, rotary_dim // 2] (float32) for NTK alphas [S]:
     base = rotary_emb_base * alpha^(d / (d - 2)), inv_freq = base^(-2i/d) (modeling_qwen.py's RotaryEmbedding)."""
