@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.runtime import LLM, Engine, SamplingParams
-from qwen_trtllm.serving.openai_api import IncrementalText
+from qwen_trtllm.runtime.detokenizer import IncrementalText
 from qwen_trtllm.tokenizer import DEFAULT_SYSTEM, QWenTokenizer, make_context, stop_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -65,7 +65,7 @@ def read_line(interactive: bool) -> str | None:
 
 def answer(llm, ids: list[int], params, tokenizer, stops) -> str:
     """Stream one answer to stdout and return its text (what was shown, if Ctrl-C stopped it)."""
-    from qwen_trtllm.serving.openai_api import IncrementalText
+    from qwen_trtllm.runtime.detokenizer import IncrementalText
 
     text, stop = IncrementalText(tokenizer, stops), threading.Event()
 

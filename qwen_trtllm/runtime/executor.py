@@ -224,9 +224,7 @@ class Executor:
             return "stop"
         if r.params.stop and self.tokenizer is not None:
             text = self.tokenizer.decode(r.output_token_ids)
-            hits = [i for i in (text.find(s) for s in r.params.stop) if i >= 0]
-            if hits:
-                r.text = text[: min(hits)]
+            if any(s in text for s in r.params.stop):  # the text itself is cut by the caller's IncrementalText
                 return "stop"
         if len(r.output_token_ids) >= r.params.max_tokens:
             return "length"

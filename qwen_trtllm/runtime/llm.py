@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_trtllm import QWenError
+from qwen_trtllm.runtime.detokenizer import IncrementalText
 from qwen_trtllm.runtime.engine import Engine
 from qwen_trtllm.runtime.executor import Executor, ExecutorConfig
 from qwen_trtllm.runtime.request import Request, RequestOutput, SamplingParams
@@ -62,7 +63,6 @@ class LLM:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._stopping = False
-        self._shown: dict[int, str] = {}  # request id -> text already handed out (new_text)
 
     @property
     def is_leader(self) -> bool:
@@ -105,28 +105,31 @@ class LLM:
         except QWenError:
             self.executor.end_of_work()
             raise
+        views = [self._text_view(p) for p in params]
         if self._thread is not None:  # the engine thread owns the executor: hand it the requests
-            return self._generate_on_engine_thread(ids, params, on_output)
-        callback = (lambda i: (lambda out: on_output(i, self._with_text(out)))) if on_output else (lambda i: None)
+            return self._generate_on_engine_thread(ids, params, views, on_output)
+        callback = (lambda i: (lambda out: on_output(i, views[i](out)))) if on_output else (lambda i: None)
         requests = [self.executor.add_request(i, p, callback(n))
                     for n, (i, p) in enumerate(zip(ids, params, strict=True))]
         self.executor.run_until_done()
-        return self._results(requests)
+        return self._results(requests, views)
 
-    def _results(self, requests: list[Request]) -> list[RequestOutput]:
+    @staticmethod
+    def _results(requests: list[Request], views: list[Callable[[RequestOutput], RequestOutput]]
+                 ) -> list[RequestOutput]:
         errors = [r.error for r in requests if r.finish_reason == "error"]
         if errors:
             raise QWenError(errors[0])
-        return [self._with_text(r.snapshot()) for r in requests]
+        return [view(r.snapshot()) for r, view in zip(requests, views, strict=True)]
 
-    def _generate_on_engine_thread(self, ids: list[list[int]], params: list[SamplingParams],
+    def _generate_on_engine_thread(self, ids: list[list[int]], params: list[SamplingParams], views: list,
                                    on_output: Callable[[int, RequestOutput], None] | None) -> list[RequestOutput]:
         done = threading.Semaphore(0)
 
         def callback(i: int):
             def cb(out: RequestOutput) -> None:
                 if on_output is not None:
-                    on_output(i, self._with_text(out))
+                    on_output(i, views[i](out))
                 if out.finished:
                     done.release()
             return cb
@@ -135,22 +138,22 @@ class LLM:
         requests = [f.result() for f in futures]
         for _ in requests:
             done.acquire()
-        return self._results(requests)
+        return self._results(requests, views)
 
-    def _with_text(self, out: RequestOutput) -> RequestOutput:
-        """Fill text (the output decoded, a final stop token left out) and new_text (what the previous output of
-        this request had not shown; a partial UTF-8 character waits for its next token unless the request ended)."""
+    def _text_view(self, params: SamplingParams) -> Callable[[RequestOutput], RequestOutput]:
+        """For one request: fills each RequestOutput's text (stop tokens left out, cut before a stop string) and
+        new_text (what earlier outputs had not shown; a partial UTF-8 character or the possible start of a stop
+        string waits for the next tokens unless the request ended). Identity without a tokenizer."""
         if self.tokenizer is None:
+            return lambda out: out
+        text = IncrementalText(self.tokenizer, params.stop_ids(), params.stop)
+
+        def view(out: RequestOutput) -> RequestOutput:
+            out.new_text = text.update(out.token_ids, out.finished)
+            out.text = text.text
             return out
-        ids = out.token_ids[:-1] if out.finish_reason == "stop" and out.token_ids else out.token_ids
-        text = out.text or self.decode(ids)  # out.text: already cut before a stop string
-        if not out.finished:
-            text = text.rstrip("\ufffd")
-        prev = self._shown.pop(out.request_id, "") if out.finished else self._shown.get(out.request_id, "")
-        if not out.finished:
-            self._shown[out.request_id] = text
-        out.text, out.new_text = text, text[len(prev):] if text.startswith(prev) else text
-        return out
+
+        return view
 
     # --- online ------------------------------------------------------------------------------------------
     def _submit(self, ids: list[int], params: SamplingParams,
@@ -206,8 +209,10 @@ class LLM:
         self.start()
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        push = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, self._with_text(out))
-        fut = self._submit(self.encode(prompt), sampling_params or SamplingParams(), push)
+        params = sampling_params or SamplingParams()
+        view = self._text_view(params)
+        push = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, view(out))
+        fut = self._submit(self.encode(prompt), params, push)
         try:
             request: Request = await asyncio.wrap_future(fut)
         except asyncio.CancelledError:  # the engine may take it meanwhile: cancel it then

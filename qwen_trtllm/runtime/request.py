@@ -109,7 +109,6 @@ class Request:
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # host time each output token was seen
     cancel_requested: bool = False
-    text: str = ""  # detokenised output (engines with a tokenizer)
     _sent: int = 0  # output tokens already reported through on_output
 
     def __post_init__(self) -> None:
@@ -140,4 +139,4 @@ class Request:
         new = self.output_token_ids[self._sent:]
         self._sent = len(self.output_token_ids)
         return RequestOutput(self.request_id, self.prompt_token_ids, list(self.output_token_ids), new,
-                             self.finished, self.finish_reason, self.error, self.text)
+                             self.finished, self.finish_reason, self.error)

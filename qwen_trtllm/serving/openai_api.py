@@ -5,8 +5,7 @@ extensions `top_k` and `repetition_penalty`. Responses, stream chunks, model car
 shapes the official `openai` client parses. The translation helpers need no web framework (examples/qwen/chat.py
 uses them too): `chat_prompt` (messages -> Qwen's chatml prompt via make_context, history trimmed to the window),
 `resolve_sampling` (request fields + generation_config.json defaults -> SamplingParams, as run.py resolves its
-flags) and `IncrementalText` (streamed text that never splits a UTF-8 character and never shows a stop string, not
-even its first characters).
+flags); streamed text comes from the runtime's `IncrementalText` (qwen_trtllm/runtime/detokenizer.py).
 """
 
 from __future__ import annotations
@@ -345,47 +344,3 @@ def resolve_sampling(req: _GenerationRequest, defaults: dict, max_tokens: int, s
         raise invalid(str(e)) from None
     params.stop_token_ids, params.end_id, params.stop = sorted(set(stop_ids)), end_id, stop_strings(req.stop)
     return params
-
-
-# --- the runtime's streams ----------------------------------------------------------------------------------------
-# --- streamed text -----------------------------------------------------------------------------------------------
-class IncrementalText:
-    """The text of a growing list of output token ids, handed out in deltas that are safe to show.
-
-    Held back until more tokens decide: a trailing partial UTF-8 character (U+FFFD from the decoder) and any
-    tail that could be the start of a stop string. A stop string ends the text before it (never returned). At
-    the end (finished) everything left is flushed."""
-
-    def __init__(self, tokenizer, skip_ids: Sequence[int] = (), stop: Sequence[str] = ()):
-        self.tokenizer, self.skip, self.stop = tokenizer, frozenset(skip_ids), list(stop)
-        self.text = ""  # the text so far, cut before a stop string once one appeared
-        self.sent = 0  # characters of self.text handed out
-        self.stopped = False  # a stop string was found
-
-    def update(self, token_ids: Sequence[int], finished: bool = False) -> str:
-        """The new text to show after the output grew to token_ids (all of them, not only the new ones)."""
-        if self.stopped:
-            return ""
-        text = self.tokenizer.decode([t for t in token_ids if t not in self.skip])
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            text, self.stopped, finished = text[: max(min(hits), self.sent)], True, True
-        self.text = text
-        end = len(text)
-        if not finished:
-            while end > self.sent and text[end - 1] == "\ufffd":  # a character whose bytes are still coming
-                end -= 1
-            hold = 0
-            for s in self.stop:  # the longest tail that a stop string starts with
-                for n in range(min(len(s) - 1, end - self.sent), hold, -1):
-                    if text.endswith(s[:n], 0, end):
-                        hold = n
-                        break
-            end -= hold
-        delta = text[self.sent: end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return delta
-
-    def finish_reason(self, runtime_reason: str | None) -> str:
-        """OpenAI's finish_reason: "stop" (stop token or string), "length" (max_tokens)."""
-        return "stop" if self.stopped or runtime_reason == "stop" else "length"

@@ -38,6 +38,7 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_trtllm import QWenError
+from qwen_trtllm.runtime.detokenizer import IncrementalText
 from qwen_trtllm.runtime.llm import LLM
 from qwen_trtllm.runtime.request import QWEN_EOD_ID, RequestOutput, SamplingParams
 from qwen_trtllm.serving.openai_api import (
@@ -53,7 +54,6 @@ from qwen_trtllm.serving.openai_api import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
-    IncrementalText,
     ModelCard,
     ModelList,
     UsageInfo,
