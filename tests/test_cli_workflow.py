@@ -70,6 +70,31 @@ def test_run_outputs_match_the_library_and_trtllm_layout(workdir):
         assert [[int(t) for t in row] for row in csv.reader(f)] == want
 
 
+def test_run_beam_search_outputs_every_beam(workdir):
+    """--num_beams 3: three outputs per prompt, npy [batch, beams, input + output], csv one row per beam, equal
+    to the library's beam search (the checkpoint's sampling defaults do not apply to it)."""
+    npy, out_csv = workdir / "beams.npy", workdir / "beams.csv"
+    r = sh(workdir, f"python3 examples/qwen/run.py --max_output_len 5 --num_beams 3 --input_text 你好 Hello "
+                    f"--output_npy {npy} --output_csv {out_csv}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Output [beam") == 6
+    tok = QWenTokenizer.from_dir(workdir / "qwen_outputs")
+    prompts = [make_context(tok, q)[1] for q in ("你好", "Hello")]
+    llm = LLM.from_engine(Engine.load(workdir / "qwen_outputs"))
+    params = SamplingParams(max_tokens=5, use_beam_search=True, n=3, stop_token_ids=sorted(stop_token_ids(tok)),
+                            end_id=EOD)
+    want = [o.beams for o in llm.generate(prompts, params)]
+    seqs = np.load(npy)
+    assert seqs.dtype == np.int32 and seqs.shape == (2, 3, max(map(len, prompts)) + 5)
+    for b, p in enumerate(prompts):
+        for i, ids in enumerate(want[b]):
+            row = seqs[b, i].tolist()
+            assert row[: len(p)] == p and row[len(p): len(p) + len(ids)] == ids
+            assert all(t == EOD for t in row[len(p) + len(ids):])
+    with out_csv.open() as f:
+        assert [[int(t) for t in row] for row in csv.reader(f)] == [ids for beams in want for ids in beams]
+
+
 def test_streaming_prints_the_answer_once(workdir):
     r = sh(workdir, "python3 examples/qwen/run.py --max_output_len 5 --top_k 1 --streaming")
     assert r.returncode == 0, r.stderr
@@ -93,7 +118,8 @@ def test_more_prompts_than_max_batch_size_queue(workdir):
 
 @pytest.mark.parametrize("args,message", [
     ("--engine_dir missing", "does not exist"),
-    ("--num_beams 2", "beam search"),
+    ("--num_beams 2 --streaming", "beam search"),
+    ("--num_beams 0", "--num_beams"),
 ])
 def test_run_bad_input(workdir, args, message):
     r = sh(workdir, f"python3 examples/qwen/run.py --max_output_len 4 {args}")

@@ -18,7 +18,9 @@ from qwen_trtllm.runtime.llm import output_sequences  # noqa: E402
 from qwen_trtllm.runtime.runner import (  # noqa: E402
     QWEN_EOD_ID,
     StreamPrinter,
+    add_beam_search_args,
     add_runtime_args,
+    beam_search_from_args,
     executor_config_from_args,
     generation_defaults,
     read_input_tokens,
@@ -44,26 +46,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--repetition_penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_beams", type=int, default=1)
     p.add_argument("--streaming", action="store_true", help="print tokens as they come")
     p.add_argument("--output_csv", default=None)
     p.add_argument("--output_npy", default=None)
     p.add_argument("--profile", default=None, metavar="TRACE_JSON",
                    help="write a torch profiler trace (open in Perfetto) and print a per-phase summary")
+    add_beam_search_args(p)
     add_runtime_args(p)
     return p.parse_args(argv)
 
 
 def main() -> int:
     args = parse_args()
-    if args.num_beams > 1:
-        raise QWenError("beam search (--num_beams > 1) is not supported by this engine: use sampling or greedy")
+    if args.num_beams > 1 and args.streaming:
+        raise QWenError("--streaming does not apply to beam search (--num_beams > 1): a beam is final only when "
+                        "the search ends; leave out one of the two")
     if args.max_output_len is not None and args.max_output_len < 1:
         raise QWenError(f"--max_output_len {args.max_output_len} must be >= 1")
     _, build = read_engine_config(args.engine_dir)
     max_new = args.max_output_len or min(512, build.max_output_len)
     defaults = generation_defaults(args.engine_dir)
-    sampling = sampling_from_args(args, defaults, max_new)
+    sampling = beam_search_from_args(args, sampling_from_args(args, defaults, max_new))
 
     from qwen_trtllm.tokenizer import QWenTokenizer, decode_response, make_context, stop_token_ids
 
@@ -97,17 +100,19 @@ def main() -> int:
         return 0
     if streamer:
         print('"')
-    output_ids = [o.token_ids for o in outputs]
-    for b, ids in enumerate(output_ids):
+    beams = args.num_beams > 1
+    for b, o in enumerate(outputs):
         if streamer and b == 0:
             continue
-        shown_in = texts[b] if texts else prompts[b]
-        out = decode_response(ids, tokenizer, args.chat_format) if tokenizer else ids
-        print(f'Input: "{shown_in}"\nOutput: "{out}"')
-    n = sum(len(ids) for ids in output_ids)
+        print(f'Input: "{texts[b] if texts else prompts[b]}"')
+        for i, ids in enumerate(o.beams if beams else [o.token_ids]):
+            out = decode_response(ids, tokenizer, args.chat_format) if tokenizer else ids
+            print(f'Output [beam {i}, score {o.beam_scores[i]:.4f}]: "{out}"' if beams else f'Output: "{out}"')
+    output_ids = [ids for o in outputs for ids in (o.beams if beams else [o.token_ids])]
+    n = sum(len(o.token_ids) for o in outputs)
     print(f"generated {n} tokens in {elapsed:.3f} s ({n / elapsed:.1f} tokens/s) on {engine.device}")
-    write_outputs(output_ids, output_sequences(prompts, outputs, QWEN_EOD_ID, max_new), args.output_csv,
-                  args.output_npy)
+    write_outputs(output_ids, output_sequences(prompts, outputs, QWEN_EOD_ID, max_new, args.num_beams),
+                  args.output_csv, args.output_npy)
     return 0
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -19,11 +20,12 @@ from qwen_trtllm import QWenError
 from qwen_trtllm.models.qwen.model import sequence_ntk_alpha
 from qwen_trtllm.runtime.engine import Engine
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig, KVCacheManager, pool_size_in_blocks
-from qwen_trtllm.runtime.model_runner import ModelRunner, StepPlan
-from qwen_trtllm.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
+from qwen_trtllm.runtime.model_runner import BeamGroup, ModelRunner, StepOutput, StepPlan
+from qwen_trtllm.runtime.request import Beam, Request, RequestOutput, RequestStatus, SamplingParams
 from qwen_trtllm.runtime.scheduler import Scheduler, SchedulerOutput
 
 _IDLE = "idle"  # what rank 0 broadcasts when a generate call ends (workers return from worker_loop)
+_BEAM_ROW = SamplingParams()  # a beam's row in the sampler: plain argmax (beam search reads the logits itself)
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,10 @@ class Executor:
         total = len(ids) + params.max_tokens
         if total > self.max_seq_len:
             raise QWenError(f"prompt + output ({total} tokens) exceed max_seq_len {self.max_seq_len}")
-        if self.kv_cache.blocks_for(total) > self.kv_cache.num_blocks - 1:
-            raise QWenError(f"prompt + output ({total} tokens) exceed the KV cache ({self.kv_cache.max_tokens} "
+        width = params.beam_width
+        if width * self.kv_cache.blocks_for(total) > self.kv_cache.num_blocks - 1:
+            beams = f" x {width} beams" if width > 1 else ""
+            raise QWenError(f"prompt + output ({total} tokens{beams}) exceed the KV cache ({self.kv_cache.max_tokens} "
                             "tokens): raise --kv_cache_free_gpu_mem_fraction or lower the lengths")
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
@@ -137,25 +141,40 @@ class Executor:
             self._release_slot(r)
         if not sched:
             return finished
-        plan, new_rows, slots = self._plan(sched)
+        plan, new_rows, slots, params, groups = self._plan(sched)
         self.stats["steps"] += plan.num_steps
         self.stats["max_blocks_used"] = max(self.stats["max_blocks_used"], self.kv_cache.pool.num_used)
         try:
             if self.engine.world_size > 1:
                 dist.broadcast_object_list([plan], src=0)
-            tokens = self.runner.execute(plan, [r.params for r in sched.requests], new_rows, slots)
+            out = self.runner.execute(plan, params, new_rows, slots, groups)
         except Exception as e:
             for r in sched.requests:
                 self._finish(r, "error", error=str(e))
             raise
-        return finished + self._update(sched, tokens)
+        return finished + self._update(sched, out)
 
-    def _plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list, list[int]]:
-        ids, pos, qlens, ctx, tables, alphas, counters, new_rows, slots = [], [], [], [], [], [], [], [], []
+    def _plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list, list[int], list[SamplingParams],
+                                                     list[BeamGroup]]:
+        """The step's rows (a beam search's decode: one per beam) and what rank 0 samples them with."""
+        ids, pos, qlens, ctx, tables, alphas, counters, new_rows, slots, params, groups = ([] for _ in range(11))
+
+        def row(r: Request, table: list[int]) -> None:
+            ctx.append(r.num_computed_tokens)
+            tables.append(list(table))
+            alphas.append(r.ntk_alpha)
+            counters.append(len(r.output_token_ids))
+            slots.append(self._slot[r.request_id])
+            params.append(_BEAM_ROW if r.is_beam_search else r.params)
+
         for r in sched.decode:
-            ids.append(r.output_token_ids[-1])
-            pos.append(r.num_tokens - 1)
-            qlens.append(1)
+            if r.beams:
+                groups.append(self._beam_group(r, len(ids), [b.logprob for b in r.beams]))
+            for tokens, table in [(b.token_ids, b.block_ids) for b in r.beams] or [(r.output_token_ids, r.block_ids)]:
+                ids.append(tokens[-1])
+                pos.append(r.num_tokens - 1)
+                qlens.append(1)
+                row(r, table)
         for r, n in sched.prefill:
             start = r.num_computed_tokens
             ids += r.all_token_ids[start: start + n]
@@ -163,30 +182,43 @@ class Executor:
             qlens.append(n)
             if r.request_id not in self._slot:
                 self._slot[r.request_id] = self._free_slots.pop()
-            if start + n == r.num_tokens and r.params.repetition_penalty != 1.0:
+            if start + n == r.num_tokens and r.is_beam_search:
+                groups.append(self._beam_group(r, len(qlens) - 1, [0.0]))
+            elif start + n == r.num_tokens and r.params.repetition_penalty != 1.0:
                 new_rows.append((self._slot[r.request_id], r.all_token_ids))
-        for r in sched.requests:
-            ctx.append(r.num_computed_tokens)
-            tables.append(r.block_ids)
-            alphas.append(r.ntk_alpha)
-            counters.append(len(r.output_token_ids))
-            slots.append(self._slot[r.request_id])
-        plan = StepPlan(ids, pos, qlens, ctx, [list(t) for t in tables], alphas, counters, len(sched.decode),
-                        sched.num_steps)
-        return plan, new_rows, slots
+            row(r, r.block_ids)
+        plan = StepPlan(ids, pos, qlens, ctx, tables, alphas, counters, len(qlens) - len(sched.prefill),
+                        sched.num_steps, sched.block_copies)
+        return plan, new_rows, slots, params, groups
 
-    def _update(self, sched: SchedulerOutput, tokens: list[list[int]]) -> list[Request]:
-        now, done = time.perf_counter(), []
+    def _beam_group(self, r: Request, first_row: int, logprobs: list[float]) -> BeamGroup:
+        return BeamGroup(first_row, logprobs, max(2, 1 + len(r.stop_ids)) * r.params.beam_width)
+
+    def _update(self, sched: SchedulerOutput, out: StepOutput) -> list[Request]:
+        now, done, row, group = time.perf_counter(), [], 0, 0
+        tokens = out.tokens
         for i, r in enumerate(sched.requests):
+            first = row
             if i < len(sched.decode):
-                new = [tokens[k][i] for k in range(len(tokens))]
+                row += max(len(r.beams), 1)
+                new = [tokens[k][first] for k in range(len(tokens))]
             else:
+                row += 1
                 n = sched.prefill[i - len(sched.decode)][1]
                 r.num_computed_tokens += n
                 if r.num_computed_tokens < r.num_tokens:  # a chunk inside the prompt: nothing sampled
                     continue
                 r.num_computed_tokens -= 1  # the newest token's K and V come with the next step
-                new = [tokens[0][i]]
+                new = [tokens[0][first]]
+            if r.first_token_time is None:
+                r.first_token_time = now
+            if r.is_beam_search:
+                reason = self._beam_step(r, out.beam_logprobs[group], out.beam_indices[group], now)
+                group += 1
+                if reason:
+                    self._finish(r, reason)
+                    done.append(r)
+                continue
             reason = None
             for t in new:
                 r.num_computed_tokens += 1
@@ -195,14 +227,48 @@ class Executor:
                 reason = self._stop_reason(r, t)
                 if reason:
                     break
-            if r.first_token_time is None:
-                r.first_token_time = now
             if reason:
                 self._finish(r, reason)
                 done.append(r)
             else:
                 self._notify(r)
         return done
+
+    def _beam_step(self, r: Request, logprobs: list[float], indices: list[int], now: float) -> str | None:
+        """One step of Hugging Face's beam search (transformers GenerationMixin._beam_search, early-stop
+        heuristic included) over the step's k best continuations of r's beams: candidates among the first
+        beam-width that end (stop id or max_tokens) become done hypotheses scored logprob / length **
+        length_penalty; the best beam-width that do not end run on, each taking a share of its parent's blocks.
+        Returns the finish reason when the search is over (r's outputs: its best hypotheses), else None."""
+        p, width, vocab = r.params, r.params.beam_width, self.engine.config.vocab_size
+        parents = r.beams or [Beam([], r.block_ids, 0.0)]
+        length = len(parents[0].token_ids) + 1
+        cands = [(v, parents[j // vocab], j % vocab) for v, j in zip(logprobs, indices, strict=True) if j >= 0]
+        ends = [length >= p.max_tokens or t in r.stop_ids for _, _, t in cands]
+        if r.beam_can_improve and not (p.early_stopping is True and len(r.beam_hyps) == width):
+            norm = np.float32(length ** p.length_penalty)
+            r.beam_hyps += [(float(np.float32(v) / norm), b.token_ids + [t])
+                            for (v, b, t), end in zip(cands[:width], ends[:width], strict=True) if end]
+            r.beam_hyps.sort(key=lambda h: -h[0])
+            del r.beam_hyps[width:]
+        running = [c for c, end in zip(cands, ends, strict=True) if not end][:width]
+        r.beams = []
+        for v, b, t in running:
+            self.kv_cache.pool.share(b.block_ids)
+            r.beams.append(Beam(b.token_ids + [t], list(b.block_ids), v))
+        for b in parents:
+            self.kv_cache.free(b.block_ids)
+        if running:
+            horizon = p.max_tokens if p.early_stopping == "never" and p.length_penalty > 0 else length
+            best = np.float32(running[0][0]) / np.float32(horizon ** p.length_penalty)
+            r.beam_can_improve &= len(r.beam_hyps) < width or bool(best > r.beam_hyps[-1][0])
+        r.num_computed_tokens += 1
+        r.token_times.append(now)
+        if r.beam_can_improve and running and not (p.early_stopping is True and len(r.beam_hyps) == width):
+            r.output_token_ids[:] = r.beams[0].token_ids
+            return None
+        r.output_token_ids[:] = r.beam_hyps[0][1]
+        return "stop" if r.output_token_ids[-1] in r.stop_ids else "length"
 
     def _notify(self, r: Request) -> None:
         """Hand r's snapshot to its on_output; a callback that raises fails that request alone."""

@@ -125,6 +125,34 @@ class KVCacheManager:
         if need > 0:
             blocks.extend(self.pool.allocate(need))
 
+    def append_cost(self, blocks: list[int], num_tokens: int) -> int:
+        """Free blocks that `append(blocks, num_tokens)` takes: new blocks, or one copy of a shared last block."""
+        need = self.blocks_for(num_tokens) - len(blocks)
+        if need > 0:
+            return need
+        return int(self.pool.ref_counts[blocks[(num_tokens - 1) // self.tokens_per_block]] > 1)
+
+    def append(self, blocks: list[int], num_tokens: int) -> list[tuple[int, int]]:
+        """Make the block table hold num_tokens tokens with the last one writable (call append_cost first):
+        new blocks as needed, and copy-on-write of the block that receives token num_tokens - 1 when another
+        table shares it (beam search). Returns the (source, destination) block copies to make on the device
+        before the step writes."""
+        self.grow(blocks, num_tokens)
+        i = (num_tokens - 1) // self.tokens_per_block
+        src = blocks[i]
+        if self.pool.ref_counts[src] == 1:
+            return []
+        blocks[i] = self.pool.allocate(1)[0]
+        self.pool.release([src])
+        return [(src, blocks[i])]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """K and V of each source block into its destination block, every layer (one gather per cache)."""
+        if copies:
+            src, dst = (torch.tensor(c, device=self.k_cache.device) for c in zip(*copies, strict=True))
+            for cache in (self.k_cache, self.v_cache):
+                cache[:, dst] = cache[:, src]
+
     def free(self, blocks: list[int]) -> None:
         """Return a block table's blocks to the pool and empty it."""
         self.pool.release(blocks)

@@ -232,11 +232,13 @@ class LLM:
 
 
 def output_sequences(prompts: Sequence[Sequence[int]], outputs: Sequence[RequestOutput], end_id: int,
-                     max_new_tokens: int) -> np.ndarray:
-    """TensorRT-LLM's output array: int32 [B, max_input + max_new_tokens], prompt then output, padded with end_id."""
+                     max_new_tokens: int, num_beams: int = 1) -> np.ndarray:
+    """TensorRT-LLM's output array: int32 [B, max_input + max_new_tokens] (beam search: [B, num_beams, ...], the
+    beams best first), prompt then output, padded with end_id."""
     width = max(len(p) for p in prompts) + max_new_tokens
-    seqs = np.full((len(prompts), width), end_id, dtype=np.int32)
+    seqs = np.full((len(prompts), num_beams, width), end_id, dtype=np.int32)
     for b, (p, out) in enumerate(zip(prompts, outputs, strict=True)):
-        seqs[b, : len(p)] = p
-        seqs[b, len(p): len(p) + len(out.token_ids)] = out.token_ids
-    return seqs
+        for i, ids in enumerate(out.beams or [out.token_ids]):
+            seqs[b, i, : len(p)] = p
+            seqs[b, i, len(p): len(p) + len(ids)] = ids
+    return seqs if num_beams > 1 else seqs[:, 0]

@@ -10,7 +10,7 @@ and the host reads all of them once at the end (blocks for every step were reser
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ from qwen_trtllm.profiling import nvtx_range
 from qwen_trtllm.runtime.engine import Engine
 from qwen_trtllm.runtime.kv_cache import NULL_BLOCK, KVCacheManager
 from qwen_trtllm.runtime.request import SamplingParams
-from qwen_trtllm.runtime.sampler import SamplingTensors, sample
+from qwen_trtllm.runtime.sampler import SamplingTensors, beam_candidates, sample
 
 PREFILL_GRAPH_TOKENS = 2048  # longer prefill chunks are GPU-bound and run eagerly
 PREFILL_GRAPH_STEP = 64  # prefill graph buckets: multiples of this many tokens
@@ -34,7 +34,8 @@ class StepPlan:
 
     input_ids / positions: [N] per token; query_lens [S] (1 for decode rows); context_lens [S]: tokens cached
     before the step; block_tables [S] lists of block ids; ntk_alphas [S]; counters [S]: each sequence's output
-    index (its random stream's position); num_steps: decode steps to run back to back (decode-only plans)."""
+    index (its random stream's position); num_steps: decode steps to run back to back (decode-only plans);
+    block_copies: (source, destination) KV cache blocks to copy before the step (beam search's copy-on-write)."""
 
     input_ids: list[int]
     positions: list[int]
@@ -45,6 +46,7 @@ class StepPlan:
     counters: list[int]
     num_decode: int
     num_steps: int = 1
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -57,6 +59,27 @@ class StepPlan:
         lens = [len(p) for p in prompts]
         return cls([t for p in prompts for t in p], [i for n in lens for i in range(n)], lens, [0] * len(lens),
                    [list(t) for t in block_tables], list(ntk_alphas), [0] * len(lens), num_decode=0)
+
+
+@dataclass
+class BeamGroup:
+    """The rows of one beam-search request in a step: `rows` consecutive sequences from `first_row`, their
+    cumulative log-probabilities, and how many best continuations to return (Hugging Face keeps
+    max(2, 1 + number of stop ids) x beam width)."""
+
+    first_row: int
+    logprobs: list[float]
+    k: int
+
+
+@dataclass
+class StepOutput:
+    """What a step gives the host (rank 0): tokens [num_steps][S]; per beam group, its k best continuations'
+    cumulative log-probabilities (float32 values) and indices `beam * vocab + token`, best first."""
+
+    tokens: list[list[int]]
+    beam_logprobs: list[list[float]] = field(default_factory=list)
+    beam_indices: list[list[int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -208,11 +231,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, params: Sequence[SamplingParams] | None = None,
-                new_rows: Sequence[tuple[int, list[int]]] = (), slots: Sequence[int] = ()) -> list[list[int]]:
-        """Run the plan's steps; returns the sampled tokens [num_steps][S] on rank 0 ([] on other ranks).
+                new_rows: Sequence[tuple[int, list[int]]] = (), slots: Sequence[int] = (),
+                beam_groups: Sequence[BeamGroup] = ()) -> StepOutput:
+        """Run the plan's steps; returns the sampled tokens [num_steps][S] and each beam group's candidates on
+        rank 0 (empty on other ranks).
 
         params [S] and slots [S] (each sequence's row in the repetition-penalty table) are rank 0's;
-        new_rows: (slot, token ids) of sequences whose repetition-penalty row starts afresh this step."""
+        new_rows: (slot, token ids) of sequences whose repetition-penalty row starts afresh this step;
+        beam_groups: the rows of each beam-search request (one-step plans)."""
+        self.kv.copy_blocks(plan.block_copies)
         rank0 = self.engine.rank == 0
         st = SamplingTensors.build(params, self.device) if rank0 else None
         slot_idx = self._tensor(list(slots), torch.int64) if rank0 and slots else None
@@ -228,13 +255,20 @@ class ModelRunner:
                 if self.engine.world_size > 1:  # every rank continues with rank 0's tokens
                     dist.broadcast(tokens, src=0)
                 out.append(tokens)
+                if rank0 and beam_groups:
+                    cands = beam_candidates(logits, beam_groups)
                 if rank0 and seen_rows is not None:
                     seen_rows.scatter_(1, tokens[:, None], True)
                 if step + 1 < plan.num_steps:
                     steps.advance(tokens)
         if rank0 and seen_rows is not None:
             self.seen[slot_idx] = seen_rows
-        return torch.stack(out).tolist() if rank0 else []
+        if not rank0:
+            return StepOutput([])
+        if not beam_groups:
+            return StepOutput(torch.stack(out).tolist())
+        values, indices = cands
+        return StepOutput(torch.stack(out).tolist(), values.tolist(), indices.tolist())
 
     def _seen_rows(self, st: SamplingTensors, new_rows: Sequence[tuple[int, list[int]]],
                    slot_idx: Tensor | None) -> Tensor | None:

@@ -29,6 +29,12 @@ class SamplingParams:
     stream (counter-based: the same tokens whatever else runs in the batch). stop_token_ids end the request and are
     kept in the output; end_id (None: none) ends it too unless ignore_eos, and pads TensorRT-LLM's output arrays;
     stop: strings that end the request (checked on the detokenised text, not returned).
+
+    Beam search (TensorRT-LLM's LLM-API fields): use_beam_search with beam width best_of (default n) returns the n
+    best of the beam-width hypotheses. It is deterministic: temperature, top-k, top-p, repetition penalty and seed
+    do not apply. Scores are Hugging Face's: sum of log-probabilities / generated_length ** length_penalty;
+    early_stopping True (stop when beam-width hypotheses are done), False (Hugging Face's heuristic: stop when the
+    best running beam cannot beat the worst done one at its current length) or "never".
     """
 
     max_tokens: int = 16
@@ -41,10 +47,20 @@ class SamplingParams:
     end_id: int | None = QWEN_EOD_ID
     ignore_eos: bool = False
     stop: Sequence[str] = ()
+    n: int = 1
+    best_of: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     @property
     def greedy(self) -> bool:
         return self.top_k == 1 or self.temperature == 0.0
+
+    @property
+    def beam_width(self) -> int:
+        """Hypotheses kept per step: best_of (default n) with beam search, else 1."""
+        return (self.best_of or self.n) if self.use_beam_search else 1
 
     def stop_ids(self) -> frozenset[int]:
         ids = set(self.stop_token_ids)
@@ -62,6 +78,17 @@ class SamplingParams:
                             ">= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise QWenError(f"max_tokens {self.max_tokens} must be a positive integer")
+        if not isinstance(self.n, int) or self.n < 1 or (self.best_of is not None and self.best_of < self.n):
+            raise QWenError(f"n={self.n}, best_of={self.best_of}: need 1 <= n <= best_of")
+        if self.beam_width == 1 and max(self.n, self.best_of or 1) > 1:
+            raise QWenError(f"n={self.n} / best_of={self.best_of} need use_beam_search (several sampled outputs per "
+                            "prompt are not supported): set use_beam_search=True or n=1")
+        if self.use_beam_search:
+            if self.early_stopping not in (True, False, "never") or not math.isfinite(self.length_penalty):
+                raise QWenError(f"early_stopping={self.early_stopping!r}, length_penalty={self.length_penalty}: "
+                                "need early_stopping True, False or 'never' and a finite length_penalty")
+            if self.stop:
+                raise QWenError("stop strings do not apply to beam search: use stop_token_ids")
 
 
 class RequestStatus(enum.Enum):
@@ -84,6 +111,20 @@ class RequestOutput:
     error: str | None = None
     text: str = ""  # the detokenised output, when the engine has a tokenizer
     new_text: str = ""
+    # beam search: the n best hypotheses' output ids, best first (beams[0] == token_ids), and their scores
+    beams: list[list[int]] = field(default_factory=list)
+    beam_scores: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Beam:
+    """One running hypothesis of a beam-search request: its output ids, its own block table (sharing the blocks
+    of the prompt and of common ancestors by reference count) and its cumulative log-probability (a float32
+    value, as Hugging Face accumulates it)."""
+
+    token_ids: list[int]
+    block_ids: list[int]
+    logprob: float
 
 
 _ids = itertools.count()
@@ -109,6 +150,9 @@ class Request:
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # host time each output token was seen
     cancel_requested: bool = False
+    beams: list[Beam] = field(default_factory=list)  # beam search: the running hypotheses (after the prompt)
+    beam_hyps: list[tuple[float, list[int]]] = field(default_factory=list)  # done hypotheses (score, ids), best first
+    beam_can_improve: bool = True  # Hugging Face's early-stop heuristic: a running beam may still beat a done one
     _sent: int = 0  # output tokens already reported through on_output
 
     def __post_init__(self) -> None:
@@ -131,6 +175,21 @@ class Request:
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    @property
+    def is_beam_search(self) -> bool:
+        return self.params.beam_width > 1
+
+    def block_tables(self) -> list[list[int]]:
+        """Every block table the request holds: its own (the prompt's) and its beams'."""
+        return [self.block_ids] + [b.block_ids for b in self.beams]
+
+    def restart(self) -> None:
+        """Back to the prompt alone (a preempted beam search starts again: being deterministic, it finds the
+        same beams; its outputs were never shown)."""
+        self.output_token_ids.clear()
+        self.token_times.clear()
+        self.beams, self.beam_hyps, self.beam_can_improve = [], [], True
+
     def cancel(self) -> None:
         """Ask the engine to stop this request; its blocks return to the pool at the next step."""
         self.cancel_requested = True
@@ -138,5 +197,7 @@ class Request:
     def snapshot(self) -> RequestOutput:
         new = self.output_token_ids[self._sent:]
         self._sent = len(self.output_token_ids)
+        hyps = self.beam_hyps[: self.params.n] if self.finished else []
         return RequestOutput(self.request_id, self.prompt_token_ids, list(self.output_token_ids), new,
-                             self.finished, self.finish_reason, self.error)
+                             self.finished, self.finish_reason, self.error, beams=[list(h) for _, h in hyps],
+                             beam_scores=[s for s, _ in hyps])

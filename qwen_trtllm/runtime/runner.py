@@ -4,6 +4,7 @@ files, streaming text to the terminal, and writing outputs in TensorRT-LLM's for
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,8 +17,9 @@ from qwen_trtllm.runtime.executor import ExecutorConfig
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig
 from qwen_trtllm.runtime.request import QWEN_EOD_ID, RequestOutput, SamplingParams
 
-__all__ = ["QWEN_EOD_ID", "StreamPrinter", "add_runtime_args", "executor_config_from_args", "generation_defaults",
-           "read_input_tokens", "sampling_from_args", "write_outputs"]
+__all__ = ["QWEN_EOD_ID", "StreamPrinter", "add_beam_search_args", "add_runtime_args", "beam_search_from_args",
+           "executor_config_from_args", "generation_defaults", "read_input_tokens", "sampling_from_args",
+           "write_outputs"]
 
 
 def generation_defaults(engine_dir: str | Path) -> dict:
@@ -40,6 +42,32 @@ def add_runtime_args(p) -> None:
                    help="tokens per step: decode tokens + prefill chunks (default: the engine's)")
     p.add_argument("--max_batch_size", type=int, default=None,
                    help="requests in flight at once (default: the engine's); more prompts wait in a queue")
+
+
+def add_beam_search_args(p) -> None:
+    """Beam search's flags (TensorRT-LLM's names), shared by run.py and summarize.py."""
+    p.add_argument("--num_beams", type=int, default=1,
+                   help="beam width; > 1 = beam search (deterministic: the sampling flags do not apply), which returns "
+                        "that many outputs per prompt, best first (default: %(default)s)")
+    p.add_argument("--length_penalty", type=float, default=1.0,
+                   help="beam scores are log-probability sums / output length ** this (default: %(default)s)")
+    p.add_argument("--early_stopping", type=int, default=0,
+                   help="beam search ends: 1 = once num_beams hypotheses are done; 0 = when no running beam can "
+                        "beat them any more (Hugging Face's default heuristic); other = never before the length "
+                        "limit (default: %(default)s)")
+
+
+def beam_search_from_args(args, sampling: SamplingParams) -> SamplingParams:
+    """sampling with add_beam_search_args' settings (unchanged for --num_beams 1); QWenError for a bad value."""
+    if args.num_beams < 1:
+        raise QWenError(f"--num_beams {args.num_beams} must be >= 1")
+    if args.num_beams == 1:
+        return sampling
+    early = {1: True, 0: False}.get(args.early_stopping, "never")
+    beams = dataclasses.replace(sampling, use_beam_search=True, n=args.num_beams, length_penalty=args.length_penalty,
+                                early_stopping=early)
+    beams.validate()
+    return beams
 
 
 def executor_config_from_args(args, engine_build: BuildConfig | None = None) -> ExecutorConfig:
@@ -94,8 +122,9 @@ def read_input_tokens(path: str | Path, end_id: int = QWEN_EOD_ID) -> list[list[
 
 def write_outputs(output_ids: list[list[int]], sequences: np.ndarray, output_csv: str | None,
                   output_npy: str | None) -> None:
-    """--output_csv: the generated ids, one row per sequence; --output_npy: int32 [B, input + output] sequences
-    padded with the end id (TensorRT-LLM's layout)."""
+    """--output_csv: the generated ids, one row per sequence (with beam search: per beam, prompt after prompt);
+    --output_npy: int32 [B, input + output] ([B, num_beams, input + output] with beam search) sequences padded
+    with the end id (TensorRT-LLM's layout)."""
     if output_csv:
         with open(output_csv, "w", newline="") as f:
             csv.writer(f).writerows(output_ids)

@@ -4,17 +4,22 @@ Per row: repetition penalty (Hugging Face's rule), then greedy argmax, or temper
 smallest set of most likely tokens whose probability reaches top_p, as Hugging Face's TopPLogitsWarper keeps) ->
 a draw by inverse CDF. The draw's uniform number is counter-based, a hash of (request seed, output index): a
 request gets the same tokens whatever else shares its batch, across preemption, and on every rank.
+Beam search takes each beam-search request's best continuations over all its beams instead (`beam_candidates`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from qwen_trtllm.runtime.request import SamplingParams
+
+if TYPE_CHECKING:
+    from qwen_trtllm.runtime.model_runner import BeamGroup
 
 _M64 = (1 << 64) - 1
 
@@ -96,3 +101,20 @@ def sample(logits: Tensor, st: SamplingTensors, counter: Tensor, seen: Tensor | 
     pick = torch.searchsorted(cdf, u[:, None], right=True).clamp_(max=V - 1)
     drawn = order.gather(1, pick)[:, 0]
     return torch.where(st.greedy, best, drawn)
+
+
+def beam_candidates(logits: Tensor, groups: Sequence[BeamGroup]) -> tuple[Tensor, Tensor]:
+    """Each beam group's k best continuations, as Hugging Face's beam search ranks them: log_softmax of each beam
+    row's float32 logits plus the beam's cumulative log-probability, top k over beams x vocab.
+
+    logits [S, V]; returns (cumulative log-probabilities float32, indices int64 = beam * V + token), both
+    [groups, max k], best first, padded with -inf / -1."""
+    k_max = max(g.k for g in groups)
+    values, indices = [], []
+    for g in groups:
+        rows = logits[g.first_row: g.first_row + len(g.logprobs)].float()
+        start = torch.tensor(g.logprobs, dtype=torch.float32).to(logits.device, non_blocking=True)
+        v, i = (torch.log_softmax(rows, dim=-1) + start[:, None]).flatten().topk(g.k)
+        values.append(torch.nn.functional.pad(v, (0, k_max - g.k), value=float("-inf")))
+        indices.append(torch.nn.functional.pad(i, (0, k_max - g.k), value=-1))
+    return torch.stack(values), torch.stack(indices)

@@ -10,6 +10,9 @@ First come, first served, as TensorRT-LLM's capacity scheduler with chunked cont
    and the pool has blocks for their first chunk.
 When nothing waits and every running request is in decode, one schedule covers up to `num_scheduler_steps`
 decode steps (blocks reserved ahead), which the model runner runs without returning to the host in between.
+A beam-search request decodes one row per beam; each beam's block table shares the blocks of its ancestors, and
+the block that receives a beam's next token is copied first when another beam shares it (copy-on-write). The
+host picks the beams after every step, so such requests run one step per schedule.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class SchedulerOutput:
     prefill: list[tuple[Request, int]] = field(default_factory=list)
     num_steps: int = 1
     preempted: list[Request] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination): before the step
 
     @property
     def requests(self) -> list[Request]:
@@ -63,11 +67,17 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request.block_ids)
+        self._free_blocks(request)
+
+    def _free_blocks(self, request: Request) -> None:
+        for table in request.block_tables():
+            self.kv.free(table)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.running.remove(request)
-        self.kv.free(request.block_ids)
+        self._free_blocks(request)
+        if request.is_beam_search:
+            request.restart()
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
@@ -79,7 +89,8 @@ class Scheduler:
         budget = self.max_num_tokens
         decoding = [r for r in self.running if not r.in_prefill]
         steps = 1
-        if not self.waiting and len(decoding) == len(self.running) and self.running:
+        beams = any(r.is_beam_search for r in self.running)
+        if not self.waiting and len(decoding) == len(self.running) and self.running and not beams:
             left = min(r.params.max_tokens - len(r.output_token_ids) for r in self.running)
             steps = max(1, min(self.num_scheduler_steps, left))
             need = sum(self.kv.blocks_for(r.num_tokens + steps - 1) - len(r.block_ids) for r in self.running)
@@ -89,15 +100,15 @@ class Scheduler:
         for r in list(self.running):
             if r.in_prefill or r not in self.running:
                 continue
-            while not self.kv.can_grow(r.block_ids, r.num_tokens + steps - 1):
+            while self._decode_cost(r, steps) > self.kv.pool.num_free:
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is r:
                     break
             if r in self.running:
-                self.kv.grow(r.block_ids, r.num_tokens + steps - 1)
+                out.block_copies += self._reserve_decode(r, steps)
                 out.decode.append(r)
-                budget -= 1
+                budget -= max(len(r.beams), 1)
         # 2. the next chunk of running requests still in prefill, then 3. admission of waiting requests
         for r in [r for r in self.running if r.in_prefill]:
             if budget <= 0:
@@ -118,6 +129,19 @@ class Scheduler:
             budget -= n
         out.num_steps = steps if not out.prefill else 1
         return out
+
+    def _decode_cost(self, r: Request, steps: int) -> int:
+        """Free blocks r's next decode step(s) take (a beam search: every beam's)."""
+        if r.beams:
+            return sum(self.kv.append_cost(b.block_ids, r.num_tokens) for b in r.beams)
+        return max(self.kv.blocks_for(r.num_tokens + steps - 1) - len(r.block_ids), 0)
+
+    def _reserve_decode(self, r: Request, steps: int) -> list[tuple[int, int]]:
+        """Blocks for r's decode step(s); the copy-on-write block copies its beams need first."""
+        if not r.beams:
+            self.kv.grow(r.block_ids, r.num_tokens + steps - 1)
+            return []
+        return [c for b in r.beams for c in self.kv.append(b.block_ids, r.num_tokens)]
 
     def _chunk(self, r: Request, budget: int) -> int:
         """Tokens of r's prompt to compute next (allocating their blocks), 0 when no block is free."""
