@@ -36,8 +36,11 @@ def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return exc.value.code, out, err
 
 
-def scores(stdout: str, backend: str) -> dict[str, float]:
-    return {k: float(v) for k, v in re.findall(rf"^\[{backend}\] (rouge\w+) : ([\d.]+)$", stdout, re.M)}
+def scores(stdout: str, backend: str, beam: int = 0) -> dict[str, float]:
+    """One beam's ROUGE from the report ("[engine] beam 0 result" then "[engine]   rouge1 : 12.3456" lines)."""
+    block = stdout.split(f"[{backend}] beam {beam} result\n", 1)[1]
+    return {k: float(v) for k, v in re.findall(rf"^\[{backend}\]   (rouge\w+) : ([\d.]+)$",
+                                               "\n".join(block.splitlines()[: len(sm.ROUGE_TYPES)]), re.M)}
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +81,23 @@ def test_engine_and_reference_agree(both):
     assert set(eng) == set(sm.ROUGE_TYPES) and eng == hf
     assert "[agreement] rouge1 of engine outputs against HF outputs: 100.0000 (3/3" in proc.stdout
     assert re.search(r"^\[engine\] total latency: [\d.]+ s, \d+ output tokens, [\d.]+ tokens/s$", proc.stdout, re.M)
+
+
+def test_beam_search_per_beam_equals_hugging_face(checkpoint, engine_dir, tmp_path, monkeypatch, capsys):
+    """--num_beams 2: every beam of the engine equals Hugging Face's generate(num_beams=2), and each beam's ROUGE is
+    reported as TensorRT-LLM's "beam i result"."""
+    out = tmp_path / "beams.jsonl"
+    code, stdout, err = run_in_process(monkeypatch, capsys, "--test_trt_llm", "--test_hf", "--hf_model_dir",
+                                       checkpoint, "--engine_dir", engine_dir, "--num_beams", "2", "--output_file",
+                                       out, *COMMON, "--max_ite", "2")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["engine_beam_ids"]) == 2 for r in rows)
+    assert [r["engine_beam_ids"] for r in rows] == [r["hf_beam_ids"] for r in rows]
+    assert all(r["engine_beam_ids"][0] != r["engine_beam_ids"][1] for r in rows)
+    for beam in (0, 1):
+        assert set(scores(stdout, "engine", beam)) == set(sm.ROUGE_TYPES)
+        assert scores(stdout, "engine", beam) == scores(stdout, "hf", beam)
 
 
 def test_planted_weight_bug_fails_the_check(checkpoint, tmp_path, monkeypatch, capsys):

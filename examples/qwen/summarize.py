@@ -17,7 +17,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from qwen_trtllm.cli import run_cli  # noqa: E402
 from qwen_trtllm.evaluation.summarize import DEFAULT_SYSTEM, SummarizeOptions, run_summarize  # noqa: E402
-from qwen_trtllm.runtime.runner import add_runtime_args  # noqa: E402
+from qwen_trtllm.runtime.runner import add_beam_search_args, add_runtime_args  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_file", default=None, help="write one json line per example (texts and ids)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_beam_search_args(p)
     add_runtime_args(p)
     return p.parse_args(argv)
 

@@ -157,10 +157,21 @@ def check_token_ids(prompts: Sequence[Sequence[int]], stop_ids: set[int], vocab_
 # --- the two backends --------------------------------------------------------------------------------------
 @dataclass
 class BackendResult:
+    """One backend's outputs: beams[i][e] = beam i's output ids for example e (one beam without beam search),
+    each cut after its first stop id (inclusive); texts alike."""
+
     name: str
-    output_ids: list[list[int]] = field(default_factory=list)  # cut after the first stop id (inclusive)
-    texts: list[str] = field(default_factory=list)
+    beams: list[list[list[int]]] = field(default_factory=lambda: [[]])
+    beam_texts: list[list[str]] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def output_ids(self) -> list[list[int]]:
+        return self.beams[0]
+
+    @property
+    def texts(self) -> list[str]:
+        return self.beam_texts[0]
 
     @property
     def tokens(self) -> int:
@@ -172,38 +183,46 @@ def run_engine(llm, prompts: list[list[int]], batch_size: int, output_len: int, 
     """Generate with the engine (an LLM), batch_size prompts per call (as TensorRT-LLM's summarize.py iterates;
     prompts beyond the runtime's max_batch_size wait in its queue). Each output ends at its first stop id
     (inclusive). Under tensor parallelism every rank calls this; the other ranks' result has no outputs."""
-    res = BackendResult("engine")
     params = replace(sampling, max_tokens=output_len, stop_token_ids=sorted(stop_ids), end_id=end_id,
                      ignore_eos=False)
+    res = BackendResult("engine", [[] for _ in range(params.n)])
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
     for batch in tqdm(batches, desc="engine", disable=not (progress and llm.is_leader), file=sys.stderr):
         t0 = time.perf_counter()
         outputs = llm.generate(batch, params)
         res.seconds += time.perf_counter() - t0
-        res.output_ids.extend(out.token_ids for out in outputs)
+        for out in outputs:
+            for i, ids in enumerate(out.beams or [out.token_ids]):
+                res.beams[i].append(ids)
     return res
 
 
 @torch.inference_mode()
 def run_reference(model, prompts: list[list[int]], output_len: int, sampling: SamplingParams, stop_ids: set[int],
                   end_id: int = QWEN_EOD_ID, progress: bool = True) -> BackendResult:
-    """Generate with the Hugging Face model one prompt at a time (no padding: exact, see the module doc)."""
-    res = BackendResult("hf")
+    """Generate with the Hugging Face model one prompt at a time (no padding: exact, see the module doc); beam
+    search as generate(num_beams=N, num_return_sequences=N)."""
+    res = BackendResult("hf", [[] for _ in range(sampling.n)])
     device = next(model.parameters()).device
     kw: dict = dict(max_new_tokens=output_len, eos_token_id=sorted(stop_ids), pad_token_id=end_id)
-    if sampling.greedy:
+    if sampling.greedy or sampling.use_beam_search:
         kw.update(do_sample=False, top_k=None, top_p=None, temperature=None)
     else:
         kw.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None,
                   top_p=sampling.top_p)
-    if sampling.repetition_penalty != 1.0:
+    if sampling.use_beam_search:
+        kw.update(num_beams=sampling.beam_width, num_return_sequences=sampling.n,
+                  length_penalty=sampling.length_penalty, early_stopping=sampling.early_stopping,
+                  repetition_penalty=1.0)
+    elif sampling.repetition_penalty != 1.0:
         kw["repetition_penalty"] = sampling.repetition_penalty
     for i, p in enumerate(tqdm(prompts, desc="hf", disable=not progress, file=sys.stderr)):
         torch.manual_seed(sampling.seed + i)
         t0 = time.perf_counter()
         out = model.generate(torch.tensor([p], device=device), **kw)
         res.seconds += time.perf_counter() - t0
-        res.output_ids.append(cut_after_stop(out[0, len(p):].tolist(), stop_ids))
+        for b, seq in enumerate(out):  # shorter beams are padded with end_id, a stop id: cut there
+            res.beams[b].append(cut_after_stop(seq[len(p):].tolist(), stop_ids))
     return res
 
 
@@ -284,6 +303,9 @@ class SummarizeOptions:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: int = 0
     output_file: str | None = None
     progress: bool = True
     # the runtime's flags (qwen_trtllm.runtime.runner.add_runtime_args; None: the engine's)
@@ -304,11 +326,14 @@ def _find_tokenizer_dir(opts: SummarizeOptions) -> Path:
     raise QWenError(f"no qwen.tiktoken in {' or '.join(map(str, candidates))}: pass --tokenizer_dir")
 
 
-def _print_result(label: str, res: BackendResult, scores: dict[str, float]) -> None:
+def _print_result(label: str, res: BackendResult, beam_scores: list[dict[str, float]]) -> None:
+    """TensorRT-LLM's summarize.py report: the latency, then each beam's ROUGE ("beam i result")."""
     rate = res.tokens / res.seconds if res.seconds else 0.0
     print(f"[{label}] total latency: {res.seconds:.3f} s, {res.tokens} output tokens, {rate:.1f} tokens/s")
-    for k in ROUGE_TYPES:
-        print(f"[{label}] {k} : {scores[k]:.4f}")
+    for i, scores in enumerate(beam_scores):
+        print(f"[{label}] beam {i} result")
+        for k in ROUGE_TYPES:
+            print(f"[{label}]   {k} : {scores[k]:.4f}")
 
 
 def run_summarize(opts: SummarizeOptions) -> int:
@@ -323,9 +348,12 @@ def run_summarize(opts: SummarizeOptions) -> int:
     for name in ("max_ite", "batch_size", "output_len", "max_input_length"):
         if getattr(opts, name) < 1:
             raise QWenError(f"--{name} must be >= 1, got {getattr(opts, name)}")
+    from qwen_trtllm.runtime.runner import beam_search_from_args
+
     sampling = SamplingParams(opts.output_len, opts.temperature, opts.top_k, opts.top_p, opts.repetition_penalty,
                               opts.seed)
     sampling.validate()
+    sampling = beam_search_from_args(opts, sampling)
     examples = load_examples(opts.dataset_path)[: opts.max_ite * opts.batch_size]
 
     max_input, device, rank = opts.max_input_length, None, 0
@@ -368,8 +396,8 @@ def run_summarize(opts: SummarizeOptions) -> int:
             torch.cuda.empty_cache()
         if rank:
             return 0
-        engine_res.texts = [response_text(ids, tokenizer) for ids in engine_res.output_ids]
-        engine_scores = rouge_scores(engine_res.texts, refs)
+        engine_res.beam_texts = [[response_text(ids, tokenizer) for ids in beam] for beam in engine_res.beams]
+        engine_scores = [rouge_scores(texts, refs) for texts in engine_res.beam_texts]
     if opts.test_hf:
         from qwen_trtllm.models.qwen.reference import load_reference
 
@@ -384,8 +412,8 @@ def run_summarize(opts: SummarizeOptions) -> int:
             print(f"note: prompt + output may exceed the checkpoint's seq_length {seq_length}; beyond it Qwen applies "
                   "dynamic NTK/logn scaling that the Hugging Face reference lacks", file=sys.stderr)
         hf_res = run_reference(model, prompts, opts.output_len, sampling, stops, end_id, opts.progress)
-        hf_res.texts = [response_text(ids, tokenizer) for ids in hf_res.output_ids]
-        hf_scores = rouge_scores(hf_res.texts, refs)
+        hf_res.beam_texts = [[response_text(ids, tokenizer) for ids in beam] for beam in hf_res.beams]
+        hf_scores = [rouge_scores(texts, refs) for texts in hf_res.beam_texts]
         del model
 
     if engine_res is not None:
@@ -400,8 +428,8 @@ def run_summarize(opts: SummarizeOptions) -> int:
     if opts.output_file:
         _write_outputs(opts.output_file, examples, prompts, engine_res, hf_res)
     if opts.check_accuracy:
-        reason = accuracy_failure(engine_scores, hf_scores, agreement, opts.tensorrt_llm_rouge1_threshold,
-                                  opts.agreement_threshold)
+        reason = accuracy_failure(engine_scores and engine_scores[0], hf_scores and hf_scores[0], agreement,
+                                  opts.tensorrt_llm_rouge1_threshold, opts.agreement_threshold)
         if reason:
             print(f"accuracy check failed: {reason}", file=sys.stderr)
             return 1
@@ -418,4 +446,7 @@ def _write_outputs(path: str, examples: list[Example], prompts: list[list[int]],
             for res in (engine, hf):
                 if res is not None:
                     row.update({f"{res.name}_output": res.texts[i], f"{res.name}_ids": res.output_ids[i]})
+                    if len(res.beams) > 1:
+                        row.update({f"{res.name}_beam_outputs": [t[i] for t in res.beam_texts],
+                                    f"{res.name}_beam_ids": [b[i] for b in res.beams]})
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
