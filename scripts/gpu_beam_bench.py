@@ -1,0 +1,88 @@
+"""GPU (issue 14): beam search, 8 prompts x 4 beams, beside greedy batch 32, 128 in / 128 out, random 7B fp16.
+
+PYTHONPATH=$PWD python3 scripts/gpu_beam_bench.py [OUT_JSON]
+
+Both runs compute 32 rows x 128 positions. Each is timed end to end (prefill included) after a warm-up that
+compiles the kernels and captures the CUDA graphs; KV blocks in use are read after every step. Greedy runs twice:
+16 decode steps per host sync (the default) and 1 (what beam search does: the host picks the beams each step).
+A check first: one prompt's beams alone equal its beams in the batch of 8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from qwen_trtllm.evaluation.benchmark import random_engine
+from qwen_trtllm.runtime import LLM, ExecutorConfig, SamplingParams
+
+IN, OUT = int(os.environ.get("IN", 128)), int(os.environ.get("OUT", 128))
+PROMPTS, BEAMS = 8, 4
+PRESET, DEVICE = os.environ.get("PRESET", "qwen-7b"), os.environ.get("DEVICE", "cuda")  # a CPU dry run: tiny, cpu
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
+    ex = llm.executor
+    requests = [ex.add_request(p, params) for p in prompts]
+    blocks = []
+    sync()
+    t0 = time.perf_counter()
+    while ex.has_work:
+        ex.step()
+        blocks.append(ex.kv_cache.pool.num_used)
+    sync()
+    dt = time.perf_counter() - t0
+    rows = len(prompts) * params.beam_width
+    out = {"seconds": dt, "ms_per_position": 1e3 * dt / OUT, "row_tokens_per_s": rows * OUT / dt,
+           "returned_tokens_per_s": sum(len(b) for r in requests for b in (r.snapshot().beams or [r.output_token_ids]))
+           / dt, "kv_blocks_max": max(blocks), "kv_blocks_after_first_decode": blocks[1] if len(blocks) > 1 else None,
+           "kv_blocks_last": blocks[-2] if len(blocks) > 1 else None, "host_syncs": len(blocks)}
+    assert ex.kv_cache.pool.num_used == 0, "blocks leaked"
+    return out
+
+
+def main() -> None:
+    engine = random_engine(PRESET, "float16" if DEVICE == "cuda" else "float32", DEVICE, max_batch_size=64,
+                           max_input_len=2048, max_output_len=1024)
+    vocab = engine.config.vocab_size
+    prompts = torch.randint(0, vocab, (32, IN), generator=torch.Generator().manual_seed(0)).tolist()
+    beam = SamplingParams(max_tokens=OUT, use_beam_search=True, n=BEAMS, end_id=None)
+    greedy = SamplingParams(max_tokens=OUT, ignore_eos=True)
+    llms = {s: LLM.from_engine(engine, config=ExecutorConfig(max_batch_size=64, num_scheduler_steps=s))
+            for s in (16, 1)}
+    for llm in llms.values():  # warm-up: Triton compilation, CUDA graphs
+        llm.generate(prompts[:8], SamplingParams(max_tokens=8, ignore_eos=True))
+        llm.executor.runner.capture_graphs(64)
+    llm = llms[16]
+    short = SamplingParams(max_tokens=32, use_beam_search=True, n=BEAMS, end_id=None)
+    alone = llm.generate([prompts[0]], short)[0]
+    together = llm.generate(prompts[:PROMPTS], short)[0]
+    check = {"beams_alone_equal_batched": alone.beams == together.beams,
+             "max_score_diff": max(abs(a - b) for a, b in zip(alone.beam_scores, together.beam_scores, strict=True))}
+    print(json.dumps(check), flush=True)
+    report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "check": check,
+              "kv_tokens_per_block": llm.executor.kv_cache.tokens_per_block,
+              "beam 8x4": run(llm, prompts[:PROMPTS], beam),
+              "greedy 32 (16 steps/sync)": run(llm, prompts, greedy),
+              "greedy 32 (1 step/sync)": run(llms[1], prompts, greedy)}
+    print(f"{'run':28s} {'s':>6s} {'ms/pos':>7s} {'row tok/s':>10s} {'kv max':>7s} {'kv 1st':>7s} {'syncs':>6s}")
+    for name, r in report.items():
+        if isinstance(r, dict) and "seconds" in r:
+            print(f"{name:28s} {r['seconds']:6.3f} {r['ms_per_position']:7.2f} {r['row_tokens_per_s']:10.0f} "
+                  f"{r['kv_blocks_max']:7d} {r['kv_blocks_after_first_decode']!s:>7s} {r['host_syncs']:6d}")
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
