@@ -20,7 +20,7 @@ import torch
 from qwen_trtllm.evaluation.benchmark import random_engine
 from qwen_trtllm.runtime import LLM, ExecutorConfig, SamplingParams
 
-IN, OUT = int(os.environ.get("IN", 128)), int(os.environ.get("OUT", 128))
+IN, OUT = int(os.environ.get("BENCH_IN", 128)), int(os.environ.get("BENCH_OUT", 128))
 PROMPTS, BEAMS = 8, 4
 PRESET, DEVICE = os.environ.get("PRESET", "qwen-7b"), os.environ.get("DEVICE", "cuda")  # a CPU dry run: tiny, cpu
 
