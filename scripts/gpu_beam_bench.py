@@ -33,6 +33,7 @@ def sync() -> None:
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
     ex = llm.executor
     requests = [ex.add_request(p, params) for p in prompts]
+    ex.stats["block_copies"] = 0
     blocks = []
     sync()
     t0 = time.perf_counter()
@@ -45,7 +46,8 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
     out = {"seconds": dt, "ms_per_position": 1e3 * dt / OUT, "row_tokens_per_s": rows * OUT / dt,
            "returned_tokens_per_s": sum(len(b) for r in requests for b in (r.snapshot().beams or [r.output_token_ids]))
            / dt, "kv_blocks_max": max(blocks), "kv_blocks_after_first_decode": blocks[1] if len(blocks) > 1 else None,
-           "kv_blocks_last": blocks[-2] if len(blocks) > 1 else None, "host_syncs": len(blocks)}
+           "kv_blocks_last": blocks[-2] if len(blocks) > 1 else None, "host_syncs": len(blocks),
+           "block_copies": ex.stats["block_copies"]}
     assert ex.kv_cache.pool.num_used == 0, "blocks leaked"
     return out
 
@@ -74,11 +76,13 @@ def main() -> None:
               "beam 8x4": run(llm, prompts[:PROMPTS], beam),
               "greedy 32 (16 steps/sync)": run(llm, prompts, greedy),
               "greedy 32 (1 step/sync)": run(llms[1], prompts, greedy)}
-    print(f"{'run':28s} {'s':>6s} {'ms/pos':>7s} {'row tok/s':>10s} {'kv max':>7s} {'kv 1st':>7s} {'syncs':>6s}")
+    print(f"{'run':28s} {'s':>6s} {'ms/pos':>7s} {'row tok/s':>10s} {'kv max':>7s} {'kv 1st':>7s} {'syncs':>6s} "
+          f"{'copies':>7s}")
     for name, r in report.items():
         if isinstance(r, dict) and "seconds" in r:
             print(f"{name:28s} {r['seconds']:6.3f} {r['ms_per_position']:7.2f} {r['row_tokens_per_s']:10.0f} "
-                  f"{r['kv_blocks_max']:7d} {r['kv_blocks_after_first_decode']!s:>7s} {r['host_syncs']:6d}")
+                  f"{r['kv_blocks_max']:7d} {r['kv_blocks_after_first_decode']!s:>7s} {r['host_syncs']:6d} "
+                  f"{r['block_copies']:7d}")
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(report, f, indent=1)

@@ -73,7 +73,7 @@ class Executor:
         self.runner = ModelRunner(engine, self.kv_cache, self.max_batch_size, self.max_seq_len, config.cuda_graphs)
         self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
         self._slot: dict[int, int] = {}
-        self.stats = {"steps": 0, "preemptions": 0, "max_blocks_used": 0}
+        self.stats = {"steps": 0, "preemptions": 0, "max_blocks_used": 0, "block_copies": 0}
 
     def activation_bytes(self) -> int:
         """An upper estimate of one step's transient memory, kept free of the KV cache: per token of
@@ -143,6 +143,7 @@ class Executor:
             return finished
         plan, new_rows, slots, params, groups = self._plan(sched)
         self.stats["steps"] += plan.num_steps
+        self.stats["block_copies"] += len(plan.block_copies)
         self.stats["max_blocks_used"] = max(self.stats["max_blocks_used"], self.kv_cache.pool.num_used)
         try:
             if self.engine.world_size > 1:
@@ -243,7 +244,8 @@ class Executor:
         p, width, vocab = r.params, r.params.beam_width, self.engine.config.vocab_size
         parents = r.beams or [Beam([], r.block_ids, 0.0)]
         length = len(parents[0].token_ids) + 1
-        cands = [(v, parents[j // vocab], j % vocab) for v, j in zip(logprobs, indices, strict=True) if j >= 0]
+        k = self._beam_group(r, 0, []).k  # the step's candidates: the first k (the batch's widest may be more)
+        cands = [(v, parents[j // vocab], j % vocab) for v, j in zip(logprobs[:k], indices[:k], strict=True)]
         ends = [length >= p.max_tokens or t in r.stop_ids for _, _, t in cands]
         if r.beam_can_improve and not (p.early_stopping is True and len(r.beam_hyps) == width):
             norm = np.float32(length ** p.length_penalty)

@@ -105,16 +105,15 @@ def sample(logits: Tensor, st: SamplingTensors, counter: Tensor, seen: Tensor | 
 
 def beam_candidates(logits: Tensor, groups: Sequence[BeamGroup]) -> tuple[Tensor, Tensor]:
     """Each beam group's k best continuations, as Hugging Face's beam search ranks them: log_softmax of each beam
-    row's float32 logits plus the beam's cumulative log-probability, top k over beams x vocab.
+    row's float32 logits plus the beam's cumulative log-probability, top k over beams x vocab. All groups in one
+    batched pass (groups padded to the widest with -inf beams, which are never picked).
 
     logits [S, V]; returns (cumulative log-probabilities float32, indices int64 = beam * V + token), both
-    [groups, max k], best first, padded with -inf / -1."""
-    k_max = max(g.k for g in groups)
-    values, indices = [], []
-    for g in groups:
-        rows = logits[g.first_row: g.first_row + len(g.logprobs)].float()
-        start = torch.tensor(g.logprobs, dtype=torch.float32).to(logits.device, non_blocking=True)
-        v, i = (torch.log_softmax(rows, dim=-1) + start[:, None]).flatten().topk(g.k)
-        values.append(torch.nn.functional.pad(v, (0, k_max - g.k), value=float("-inf")))
-        indices.append(torch.nn.functional.pad(i, (0, k_max - g.k), value=-1))
-    return torch.stack(values), torch.stack(indices)
+    [groups, max k], best first."""
+    width, k = max(len(g.logprobs) for g in groups), max(g.k for g in groups)
+    rows = [[g.first_row + min(i, len(g.logprobs) - 1) for i in range(width)] for g in groups]
+    start = [g.logprobs + [float("-inf")] * (width - len(g.logprobs)) for g in groups]
+    rows_t = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+    start_t = torch.tensor(start, dtype=torch.float32).to(logits.device, non_blocking=True)
+    scores = torch.log_softmax(logits[rows_t].float(), dim=-1) + start_t[..., None]  # [G, width, V]
+    return scores.flatten(1).topk(k, dim=-1)
