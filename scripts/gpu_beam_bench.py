@@ -83,6 +83,13 @@ def main() -> None:
             print(f"{name:28s} {r['seconds']:6.3f} {r['ms_per_position']:7.2f} {r['row_tokens_per_s']:10.0f} "
                   f"{r['kv_blocks_max']:7d} {r['kv_blocks_after_first_decode']!s:>7s} {r['host_syncs']:6d} "
                   f"{r['block_copies']:7d}")
+    if os.environ.get("PROFILE"):  # where a beam step's time goes: 16 prompts' first 16 positions
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            llm.generate(prompts[:PROMPTS], SamplingParams(max_tokens=16, use_beam_search=True, n=BEAMS, end_id=None))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(report, f, indent=1)
