@@ -132,26 +132,25 @@ class KVCacheManager:
             return need
         return int(self.pool.ref_counts[blocks[(num_tokens - 1) // self.tokens_per_block]] > 1)
 
-    def append(self, blocks: list[int], num_tokens: int) -> list[tuple[int, int]]:
+    def append(self, blocks: list[int], num_tokens: int) -> list[tuple[int, int, int]]:
         """Make the block table hold num_tokens tokens with the last one writable (call append_cost first):
         new blocks as needed, and copy-on-write of the block that receives token num_tokens - 1 when another
-        table shares it (beam search). Returns the (source, destination) block copies to make on the device
-        before the step writes."""
+        table shares it (beam search). Returns the block copies to make on the device before the step writes:
+        (source, destination, number of leading tokens to copy)."""
         self.grow(blocks, num_tokens)
-        i = (num_tokens - 1) // self.tokens_per_block
+        i, used = divmod(num_tokens - 1, self.tokens_per_block)
         src = blocks[i]
         if self.pool.ref_counts[src] == 1:
             return []
         blocks[i] = self.pool.allocate(1)[0]
         self.pool.release([src])
-        return [(src, blocks[i])]
+        return [(src, blocks[i], used)] if used else []
 
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """K and V of each source block into its destination block, every layer (one gather per cache)."""
-        if copies:
-            src, dst = (torch.tensor(c, device=self.k_cache.device) for c in zip(*copies, strict=True))
+    def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        """The first n tokens' K and V of each source block into its destination block, every layer."""
+        for src, dst, n in copies:
             for cache in (self.k_cache, self.v_cache):
-                cache[:, dst] = cache[:, src]
+                cache[:, dst, :, :n].copy_(cache[:, src, :, :n])
 
     def free(self, blocks: list[int]) -> None:
         """Return a block table's blocks to the pool and empty it."""

@@ -35,7 +35,8 @@ class StepPlan:
     input_ids / positions: [N] per token; query_lens [S] (1 for decode rows); context_lens [S]: tokens cached
     before the step; block_tables [S] lists of block ids; ntk_alphas [S]; counters [S]: each sequence's output
     index (its random stream's position); num_steps: decode steps to run back to back (decode-only plans);
-    block_copies: (source, destination) KV cache blocks to copy before the step (beam search's copy-on-write)."""
+    block_copies: (source, destination, leading tokens) KV cache blocks to copy before the step (beam search's
+    copy-on-write)."""
 
     input_ids: list[int]
     positions: list[int]
@@ -46,7 +47,7 @@ class StepPlan:
     counters: list[int]
     num_decode: int
     num_steps: int = 1
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    block_copies: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:

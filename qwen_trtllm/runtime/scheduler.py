@@ -33,7 +33,7 @@ class SchedulerOutput:
     prefill: list[tuple[Request, int]] = field(default_factory=list)
     num_steps: int = 1
     preempted: list[Request] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination): before the step
+    block_copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src, dst, tokens) before the step
 
     @property
     def requests(self) -> list[Request]:
@@ -136,7 +136,7 @@ class Scheduler:
             return sum(self.kv.append_cost(b.block_ids, r.num_tokens) for b in r.beams)
         return max(self.kv.blocks_for(r.num_tokens + steps - 1) - len(r.block_ids), 0)
 
-    def _reserve_decode(self, r: Request, steps: int) -> list[tuple[int, int]]:
+    def _reserve_decode(self, r: Request, steps: int) -> list[tuple[int, int, int]]:
         """Blocks for r's decode step(s); the copy-on-write block copies its beams need first."""
         if not r.beams:
             self.kv.grow(r.block_ids, r.num_tokens + steps - 1)
