@@ -67,8 +67,14 @@ def main() -> None:
     llm = llms[16]
     short = SamplingParams(max_tokens=32, use_beam_search=True, n=BEAMS, end_id=None)
     alone = llm.generate([prompts[0]], short)[0]
-    together = llm.generate(prompts[:PROMPTS], short)[0]
+    together = llm.generate(prompts[:PROMPTS], short)
+    llms[1].executor.kv_cache.triton_kernels = False  # block copies through the PyTorch reference
+    reference_copies = llms[1].generate(prompts[:PROMPTS], short)
+    llms[1].executor.kv_cache.triton_kernels = True
+    same_with_reference_copies = [a.beams == b.beams for a, b in zip(together, reference_copies, strict=True)]
+    together = together[0]
     check = {"beams_alone_equal_batched": alone.beams == together.beams,
+             "copy kernel = reference copies": f"{sum(same_with_reference_copies)}/{PROMPTS}",
              "max_score_diff": max(abs(a - b) for a, b in zip(alone.beam_scores, together.beam_scores, strict=True))}
     print(json.dumps(check), flush=True)
     report = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "check": check,

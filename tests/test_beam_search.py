@@ -15,6 +15,7 @@ from qwen_trtllm.runtime import LLM, Engine, ExecutorConfig, KvCacheConfig, Samp
 
 EOD = 151643
 MAX_NEW = 10
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +144,22 @@ def test_beam_search_settings_are_checked(engine):
         llm.generate([[1, 2]], SamplingParams(n=2, use_beam_search=True, stop=["x"]))
     with pytest.raises(QWenError, match="beams"):
         make_llm(engine, max_tokens=64).generate([[1] * 40], SamplingParams(max_tokens=16, n=4, use_beam_search=True))
+
+
+@pytest.mark.parametrize("tokens_per_block,head_dim", [(16, 16), (64, 128)])
+def test_copy_kv_blocks_kernel_equals_reference(tokens_per_block, head_dim):
+    """The copy-on-write kernel (Triton; its interpreter on the CPU) copies exactly the first n tokens of every
+    layer and head, K and V, and nothing else."""
+    from qwen_trtllm.kernels import copy_kv_blocks, copy_kv_blocks_reference, triton_available
+
+    if not triton_available(DEVICE):
+        pytest.skip("Triton cannot run here")
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 7, 3, tokens_per_block, head_dim)
+    k, v = (torch.randn(shape, generator=g).to(DEVICE) for _ in range(2))
+    copies = torch.tensor([[1, 4, 5], [2, 5, tokens_per_block], [6, 3, 1]], dtype=torch.int64)
+    want_k, want_v = k.clone(), v.clone()
+    copy_kv_blocks_reference(want_k, want_v, copies)
+    copy_kv_blocks(k, v, copies.to(DEVICE))
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    assert torch.equal(want_k[:, 4, :, :5], want_k[:, 1, :, :5]) and not torch.equal(want_k[:, 4], want_k[:, 1])

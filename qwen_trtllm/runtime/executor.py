@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from qwen_trtllm import QWenError
 from qwen_trtllm.models.qwen.model import sequence_ntk_alpha
-from qwen_trtllm.runtime.engine import Engine
+from qwen_trtllm.runtime.engine import Engine, use_triton_kernels
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig, KVCacheManager, pool_size_in_blocks
 from qwen_trtllm.runtime.model_runner import BeamGroup, ModelRunner, StepOutput, StepPlan
 from qwen_trtllm.runtime.request import Beam, Request, RequestOutput, RequestStatus, SamplingParams
@@ -67,7 +67,7 @@ class Executor:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             blocks = int(t.item())
         self.kv_cache = KVCacheManager(cfg.num_hidden_layers, heads, cfg.kv_channels, blocks, kv.tokens_per_block,
-                                       engine.dtype, engine.device)
+                                       engine.dtype, engine.device, use_triton_kernels(build, engine.device))
         self.scheduler = Scheduler(self.kv_cache, self.max_batch_size, self.max_num_tokens,
                                    config.num_scheduler_steps)
         self.runner = ModelRunner(engine, self.kv_cache, self.max_batch_size, self.max_seq_len, config.cuda_graphs)

@@ -88,11 +88,12 @@ class KVCacheManager:
     """The K and V cache tensors of one rank and the block pool that hands their blocks to requests."""
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int, tokens_per_block: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, triton_kernels: bool = False):
         if num_blocks < 2:
             raise QWenError("the KV cache has room for no block: lower --max_batch_size or the model's memory "
                             "use, or raise --kv_cache_free_gpu_mem_fraction")
         self.tokens_per_block = tokens_per_block
+        self.triton_kernels = triton_kernels  # copy_blocks through the Triton kernel, else its PyTorch reference
         self.pool = BlockPool(num_blocks)
         shape = (num_layers, num_blocks, num_heads, tokens_per_block, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -147,10 +148,16 @@ class KVCacheManager:
         return [(src, blocks[i], used)] if used else []
 
     def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
-        """The first n tokens' K and V of each source block into its destination block, every layer."""
-        for src, dst, n in copies:
-            for cache in (self.k_cache, self.v_cache):
-                cache[:, dst, :, :n].copy_(cache[:, src, :, :n])
+        """The first n tokens' K and V of each (source, destination, n) block copy, every layer, in one launch."""
+        if not copies:
+            return
+        from qwen_trtllm.kernels import copy_kv_blocks, copy_kv_blocks_reference
+
+        rows = torch.tensor(copies, dtype=torch.int64)
+        if self.triton_kernels:
+            copy_kv_blocks(self.k_cache, self.v_cache, rows.to(self.k_cache.device, non_blocking=True))
+        else:
+            copy_kv_blocks_reference(self.k_cache, self.v_cache, rows)
 
     def free(self, blocks: list[int]) -> None:
         """Return a block table's blocks to the pool and empty it."""
