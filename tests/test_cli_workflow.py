@@ -25,6 +25,13 @@ def sh(cwd: Path, command: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+def check_sequence(row: np.ndarray, prompt: list[int], output: list[int]) -> None:
+    """One row of TensorRT-LLM's output array: the prompt, the output, then the end id to the end."""
+    row = row.tolist()
+    assert row[: len(prompt)] == prompt and row[len(prompt): len(prompt) + len(output)] == output
+    assert all(t == EOD for t in row[len(prompt) + len(output):])
+
+
 @pytest.fixture(scope="module")
 def workdir(make_checkpoint, tiktoken_file, tmp_path_factory) -> Path:
     ckpt = make_checkpoint(vocab_size=151936, seq_length=2048, tokenizer_file=tiktoken_file, seed=5)
@@ -63,9 +70,7 @@ def test_run_outputs_match_the_library_and_trtllm_layout(workdir):
     seqs = np.load(npy)
     assert seqs.dtype == np.int32 and seqs.shape == (2, max(map(len, prompts)) + 6)
     for b, (p, ids) in enumerate(zip(prompts, want, strict=True)):
-        row = seqs[b].tolist()
-        assert row[: len(p)] == p and row[len(p): len(p) + len(ids)] == ids
-        assert all(t == EOD for t in row[len(p) + len(ids):])  # padded with the end id
+        check_sequence(seqs[b], p, ids)
     with out_csv.open() as f:
         assert [[int(t) for t in row] for row in csv.reader(f)] == want
 
@@ -88,9 +93,7 @@ def test_run_beam_search_outputs_every_beam(workdir):
     assert seqs.dtype == np.int32 and seqs.shape == (2, 3, max(map(len, prompts)) + 5)
     for b, p in enumerate(prompts):
         for i, ids in enumerate(want[b]):
-            row = seqs[b, i].tolist()
-            assert row[: len(p)] == p and row[len(p): len(p) + len(ids)] == ids
-            assert all(t == EOD for t in row[len(p) + len(ids):])
+            check_sequence(seqs[b, i], p, ids)
     with out_csv.open() as f:
         assert [[int(t) for t in row] for row in csv.reader(f)] == [ids for beams in want for ids in beams]
 
