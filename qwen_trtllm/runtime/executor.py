@@ -20,7 +20,8 @@ from qwen_trtllm.models.qwen.model import sequence_ntk_alpha
 from qwen_trtllm.runtime.engine import Engine
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig, KVCacheManager, pool_size_in_blocks
 from qwen_trtllm.runtime.model_runner import ModelRunner, StepPlan
-from qwen_trtllm.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
+from qwen_trtllm.runtime.request import NON_FINITE_LOGITS, Request, RequestOutput, RequestStatus, SamplingParams
+from qwen_trtllm.runtime.sampler import NON_FINITE
 from qwen_trtllm.runtime.scheduler import Scheduler, SchedulerOutput
 
 _IDLE = "idle"  # what rank 0 broadcasts when a generate call ends (workers return from worker_loop)
@@ -189,6 +190,9 @@ class Executor:
                 new = [tokens[0][i]]
             reason = None
             for t in new:
+                if t == NON_FINITE:  # the sampler's mark: this request's logits overflowed; the others go on
+                    reason = "error"
+                    break
                 r.num_computed_tokens += 1
                 r.output_token_ids.append(t)
                 r.token_times.append(now)
@@ -197,12 +201,23 @@ class Executor:
                     break
             if r.first_token_time is None:
                 r.first_token_time = now
-            if reason:
+            if reason == "error":
+                self._finish(r, reason, self.non_finite_message(len(r.output_token_ids) + 1), NON_FINITE_LOGITS)
+            elif reason:
                 self._finish(r, reason)
+            if reason:
                 done.append(r)
             else:
                 self._notify(r)
         return done
+
+    def non_finite_message(self, index: int) -> str:
+        """The error of a request whose logits held NaN or inf at its index-th output token (1-based)."""
+        if self.engine.dtype == torch.float16:
+            return (f"non-finite logits (fp16 overflow?) at output token {index}: rebuild the engine with "
+                    "--dtype bfloat16")
+        return (f"non-finite logits at output token {index} of a {str(self.engine.dtype)[6:]} engine: the weights "
+                "hold NaN/inf or overflow; check them with examples/qwen/compare_layers.py")
 
     def _notify(self, r: Request) -> None:
         """Hand r's snapshot to its on_output; a callback that raises fails that request alone."""
@@ -230,12 +245,12 @@ class Executor:
             return "length"
         return None
 
-    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, r: Request, reason: str, error: str | None = None, error_code: str | None = None) -> None:
         if r.finished:
             return
         self.scheduler.finish(r)
         self._release_slot(r)
-        r.status, r.finish_reason, r.error = RequestStatus.FINISHED, reason, error
+        r.status, r.finish_reason, r.error, r.error_code = RequestStatus.FINISHED, reason, error, error_code
         self._notify(r)
 
     def _release_slot(self, r: Request) -> None:

@@ -4,6 +4,7 @@ Per row: repetition penalty (Hugging Face's rule), then greedy argmax, or temper
 smallest set of most likely tokens whose probability reaches top_p, as Hugging Face's TopPLogitsWarper keeps) ->
 a draw by inverse CDF. The draw's uniform number is counter-based, a hash of (request seed, output index): a
 request gets the same tokens whatever else shares its batch, across preemption, and on every rank.
+`sample_checked` also marks the rows whose logits hold NaN or inf (an fp16 overflow) in the tokens the host reads.
 """
 
 from __future__ import annotations
@@ -96,3 +97,16 @@ def sample(logits: Tensor, st: SamplingTensors, counter: Tensor, seen: Tensor | 
     pick = torch.searchsorted(cdf, u[:, None], right=True).clamp_(max=V - 1)
     drawn = order.gather(1, pick)[:, 0]
     return torch.where(st.greedy, best, drawn)
+
+
+NON_FINITE = -1  # the token reported to the host for a row whose logits held NaN or inf
+
+
+def sample_checked(logits: Tensor, st: SamplingTensors, counter: Tensor, seen: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """sample() that never fails on NaN / inf logits: (tokens to feed the next step, tokens to report) [S].
+    A row with a non-finite logit is sampled from zeros (a valid id for the next step and the other ranks) and
+    reported as NON_FINITE, so its request can be stopped; all on the device, read with the tokens (no sync)."""
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    tokens = sample(logits.masked_fill(bad[:, None], 0.0), st, counter, seen)
+    return tokens, tokens.masked_fill(bad, NON_FINITE)
