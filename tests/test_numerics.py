@@ -81,8 +81,11 @@ def test_sample_checked_marks_non_finite_rows_and_never_raises(greedy):
 
 # --- the executor: only the request that overflowed stops ------------------------------------------------------
 def greedy_runs(engine_dir: Path, prompts, max_tokens: int, steps: int = 16):
+    """(the requests, run to the end together, greedy; their executor, whose plans' num_steps are in .windows)."""
     llm = LLM.from_engine(Engine.load(engine_dir), config=ExecutorConfig(num_scheduler_steps=steps))
     ex = llm.executor
+    ex.windows, execute = [], ex.runner.execute
+    ex.runner.execute = lambda plan, *a: ex.windows.append(plan.num_steps) or execute(plan, *a)
     reqs = [ex.add_request(p, SamplingParams(max_tokens=max_tokens, top_k=1, ignore_eos=True)) for p in prompts]
     ex.run_until_done()
     return reqs, ex
@@ -115,6 +118,7 @@ def test_one_overflowing_request_stops_and_the_others_finish(token_x, steps):
     assert rb.output_token_ids == want_b[:3]
     assert (rc.finish_reason, rc.error, rc.output_token_ids) == ("error", message(1), [])
     assert ex.kv_cache.pool.num_used == 0 and not ex.has_work
+    assert ex.windows[:2] == ([1, 9] if steps == 16 else [1, 1])  # B failed inside a window of 9 decode steps
 
 
 # --- the LLM API, run.py, chat.py --------------------------------------------------------------------------------
@@ -151,6 +155,14 @@ def test_run_py_exits_2_with_one_line(overflow_engine, flags):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {message(1)}"] and "Traceback" not in r.stderr
     assert "!!!" not in r.stdout and "tokens/s" not in r.stdout
+
+
+def test_summarize_py_exits_2_with_one_line(overflow_engine):
+    r = script("summarize.py", "--test_trt_llm", "--engine_dir", str(overflow_engine), "--max_ite", "1",
+               "--output_len", "4", "--max_input_length", "60", "--no_progress")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [f"error: {message(1)}"]
+    assert "Traceback" not in r.stderr and "rouge" not in r.stdout
 
 
 def test_run_py_under_torchrun_fails_once_without_hanging(checkpoint, tmp_path):
