@@ -1,8 +1,10 @@
 """Qwen (v1) tokenizer on tiktoken, and the chat prompt / response helpers of Qwen's qwen_generation_utils.
 
 The BPE ranks come from the checkpoint's qwen.tiktoken; special tokens (<|endoftext|>, <|im_start|>, <|im_end|>,
-<|extra_0..204|>) follow the 151643 regular ranks. Literal special-token text in user input is encoded as plain text
-unless allowed_special asks otherwise, so a prompt cannot inject chat-control tokens.
+<|extra_0..204|>) follow the 151643 regular ranks. Chat content (make_context's chatml turns) encodes literal
+special-token text as plain text, so a user cannot inject chat-control tokens; a raw prompt (`encode_raw`:
+run.py --chat_format raw, /v1/completions, LLM.generate on a string) spells them as the special ids, as Qwen's own
+tokenizer does by default (people pre-format chatml themselves).
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ class QWenTokenizer:
         return self.encoding.encode(unicodedata.normalize("NFC", text), allowed_special=allowed,
                                     disallowed_special=())
 
+    def encode_raw(self, text: str) -> list[int]:
+        """A raw prompt's ids as Qwen's tokenization_qwen encodes them (allowed_special="all" by default): special
+        token text, e.g. a prompt pre-formatted as chatml, becomes the special ids. Never for chat content."""
+        return self.encode(text, allowed_special="all")
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False, errors: str = "replace") -> str:
         """Text of ids; bytes that do not form whole UTF-8 characters are handled per `errors`. Ids the tokenizer
         does not have (Qwen's embedding has 151936 rows, the tokenizer 151851 ids: a model can sample the padding
@@ -120,7 +127,7 @@ def make_context(tokenizer: QWenTokenizer, query: str, history: Sequence[tuple[s
                  chat_format: str = "chatml") -> tuple[str, list[int]]:
     """(raw_text, context_tokens) of a chat prompt; the oldest history turns are dropped to fit max_window_size."""
     if chat_format == "raw":
-        return query, tokenizer.encode(query)
+        return query, tokenizer.encode_raw(query)
     if chat_format != "chatml":
         raise QWenError(f"unknown chat format {chat_format!r}: use 'chatml' or 'raw'")
     start, end, nl = [tokenizer.im_start_id], [tokenizer.im_end_id], [NEWLINE_ID]

@@ -3,7 +3,9 @@ flagged first at the tensor where they enter (tiny random checkpoint, real vocab
 
 from __future__ import annotations
 
+import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 
 from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.checkpoint.random_checkpoint import swap_mlp_weights
-from qwen_trtllm.evaluation.compare_layers import compare_layers, first_flagged, tensor_names
+from qwen_trtllm.evaluation.compare_layers import compare_layers, engine_tolerance, first_flagged, tensor_names
 from qwen_trtllm.kernels import rotary as rotary_mod
 from qwen_trtllm.models.qwen.reference import load_reference
 from qwen_trtllm.runtime import Engine
@@ -81,17 +83,47 @@ def test_fp16_engine_within_its_default_tolerance(checkpoint, reference, tmp_pat
         "embedding"  # fp16 storage of the embedding table is the first rounding
 
 
+def test_tolerance_follows_the_ft_storage_type(checkpoint, reference, tmp_path, monkeypatch, capsys):
+    """A float32 engine built from float16 FT files: the rounding of its stored weights is no bug (the float32
+    tolerance blamed the embedding); the storage type is recorded in config.json, older engines still load."""
+    from qwen_trtllm.checkpoint.ft_format import convert_checkpoint
+
+    ft = convert_checkpoint(checkpoint, tmp_path / "ft", tp=1, storage_type="float16")
+    eng = build_engine(tmp_path / "engine", ft_dir=ft, dtype="float32", max_batch_size=1, max_input_len=64,
+                       max_output_len=4)
+    config = json.loads((eng / "config.json").read_text())
+    assert config["build"]["dtype"] == "float32" and config["build"]["source"]["storage_dtype"] == "float16"
+    engine = Engine.load(eng, device="cpu")
+    assert engine_tolerance(engine) == 2e-2
+    diffs = compare_layers(engine, reference, TOKENS)
+    assert diffs[0].tol == 2e-2 and first_flagged(diffs) is None, [(d.name, d.rel_err) for d in diffs]
+    assert 1e-4 < diffs[0].rel_err < 1e-3  # the fp16 rounding of the embedding table: over float32's tolerance
+    code, out, err = run_script(monkeypatch, capsys, "--engine_dir", str(eng), "--hf_model_dir", str(checkpoint),
+                                "--device", "cpu", "--input_tokens", ",".join(map(str, TOKENS)))
+    assert code == 0 and "from float16 FT files" in out and "relative error 0.02" in out, out + err
+    old = tmp_path / "old_engine"  # an engine directory written before the record
+    shutil.copytree(eng, old)
+    del config["build"]["source"]["storage_dtype"]
+    (old / "config.json").write_text(json.dumps(config))
+    assert engine_tolerance(Engine.load(old, device="cpu")) == 1e-4
+    engine.dtype = torch.float64  # run in another dtype: the built dtype's rounding still counts
+    assert engine_tolerance(engine) == 2e-2
+
+
+def run_script(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """examples/qwen/compare_layers.py run in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    script = ROOT / "examples/qwen/compare_layers.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(script), run_name="__main__")
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
 def test_cli(engine_dir, checkpoint, tmp_path, monkeypatch, capsys):
     """The script, run in this process (no interpreter start-up): correct engine, planted bug, bad input."""
-    script = ROOT / "examples/qwen/compare_layers.py"
     flags = ["--engine_dir", str(engine_dir), "--hf_model_dir", str(checkpoint), "--device", "cpu"]
-
-    def in_process(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", [str(script), *args])
-        with pytest.raises(SystemExit) as exc:
-            runpy.run_path(str(script), run_name="__main__")
-        out, err = capsys.readouterr()
-        return exc.value.code, out, err
+    in_process = lambda *args: run_script(monkeypatch, capsys, *args)
 
     code, out, err = in_process(*flags, "--input_text", "Hello, world!", "--reference_dtype", "float64")
     assert code == 0, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -104,11 +105,15 @@ def test_sampling_is_seeded_and_respects_stops(engines):
     llm = make_llm(engines["float32"])
     prompts = random_prompts(llm.engine.config.vocab_size, seed=4)
     cfg = SamplingParams(max_tokens=12, temperature=0.9, top_k=0, top_p=0.8, repetition_penalty=1.1, seed=5,
-                         stop_token_ids=[3], end_id=None)  # stop on 3 only
-    a = [o.token_ids for o in llm.generate(prompts, cfg)]
-    assert a == [o.token_ids for o in llm.generate(prompts, cfg)]
-    for ids in a:
-        assert 3 not in ids[:-1]
+                         end_id=None)  # no stop at all: each request's whole random stream
+    raw = [o.token_ids for o in llm.generate(prompts, cfg)]
+    assert raw == [o.token_ids for o in llm.generate(prompts, cfg)] and all(len(ids) == 12 for ids in raw)
+    assert raw != [o.token_ids for o in llm.generate(prompts, replace(cfg, seed=6))]  # the seed is used
+    # stop on the 5th token of each raw stream: the same stream, cut right after that token's first occurrence
+    stops = [ids[4] for ids in raw]
+    outs = llm.generate(prompts, [replace(cfg, stop_token_ids=[t]) for t in stops])
+    for ids, t, out in zip(raw, stops, outs, strict=True):
+        assert out.finish_reason == "stop" and out.token_ids == ids[: ids.index(t) + 1]
 
 
 # --- long context: dynamic NTK and logn attention against a direct implementation of Qwen's formulas ---

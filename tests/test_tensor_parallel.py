@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.evaluation.teacher_forced import engine_logits
+from qwen_trtllm.models.qwen.reference import load_reference
 from qwen_trtllm.runtime import LLM, Engine, ExecutorConfig, KvCacheConfig, SamplingParams
 from qwen_trtllm.runtime.distributed import leave_distributed
 
@@ -31,6 +32,7 @@ def _prompts(vocab: int) -> tuple[list[list[int]], torch.Tensor]:
 # a block per sequence: the CPU default pool, max_batch_size x max_seq_len = 84 tokens, is only 2 blocks
 CONFIG = ExecutorConfig(kv_cache=KvCacheConfig(max_tokens=3 * 64))
 SAMPLED = SamplingParams(max_tokens=10, temperature=0.8, top_k=0, top_p=0.9, seed=0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=10, top_k=1, ignore_eos=True)
 
 
 def _worker(rank: int, world: int, engine_dir: str, init_file: str, out_file: str) -> None:
@@ -42,7 +44,9 @@ def _worker(rank: int, world: int, engine_dir: str, init_file: str, out_file: st
     # every rank calls generate; rank 0 samples (the other ranks' settings, here another seed, are not used) and
     # returns the outputs, the others follow its steps with its tokens and return []
     outputs = llm.generate(prompts, replace(SAMPLED, seed=rank))
-    torch.save({"logits": logits, "ids": [o.token_ids for o in outputs]}, f"{out_file}.{rank}")
+    greedy = llm.generate(prompts, GREEDY)
+    torch.save({"logits": logits, "ids": [o.token_ids for o in outputs], "greedy": [o.token_ids for o in greedy]},
+               f"{out_file}.{rank}")
     leave_distributed()  # barrier, then destroy: a rank tearing down while its peer still sends can abort
 
 
@@ -59,7 +63,7 @@ def tp_engines(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_tp_logits_and_tokens_match_tp1(tp_engines, world, tmp_path):
+def test_tp_logits_and_tokens_match_tp1(tp_engines, tiny_checkpoint, world, tmp_path):
     llm = LLM.from_engine(Engine.load(tp_engines[1], device="cpu"), config=CONFIG)
     prompts, forced = _prompts(llm.engine.config.vocab_size)
     want = engine_logits(llm.executor, prompts, forced)
@@ -72,8 +76,11 @@ def test_tp_logits_and_tokens_match_tp1(tp_engines, world, tmp_path):
     assert all(res["ids"] == [] for res in results[1:])
     assert results[0]["ids"] == [o.token_ids for o in llm.generate(prompts, SAMPLED)]
     assert all(len(ids) == 10 for ids in results[0]["ids"])
-    greedy_tp1 = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=10, top_k=1, ignore_eos=True))]
-    assert (want.argmax(-1)[:, 0].tolist() == [ids[0] for ids in greedy_tp1])
+    # greedy ids against an independent implementation: the Hugging Face reference's own greedy search
+    reference = load_reference(tiny_checkpoint, dtype=torch.float32)
+    assert results[1]["greedy"] == [] and results[0]["greedy"] == [
+        reference.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
+                           eos_token_id=None)[0, len(p):].tolist() for p in prompts]
 
 
 def test_rank_files_hold_only_their_shard(tp_engines):

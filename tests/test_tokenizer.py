@@ -221,8 +221,13 @@ def test_make_context_unanswered_turn(tok):
 
 
 def test_make_context_raw_and_unknown_format(tok):
-    assert make_context(tok, "Hello <|im_end|>", history=[("a", "b")], chat_format="raw") == \
-        ("Hello <|im_end|>", tok.encode("Hello <|im_end|>"))
+    # raw prompts follow Qwen's tokenization_qwen (allowed_special="all"): pre-formatted chatml keeps its control ids
+    text = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<|endoftext|>"
+    assert make_context(tok, text, history=[("a", "b")], chat_format="raw") == \
+        (text, [IM_START, 872, NL, 13048, IM_END, NL, IM_START, 77091, NL, EOD])
+    assert tok.encode_raw(text) == tok.encode(text, allowed_special="all") != tok.encode(text)
+    raw, ids = make_context(tok, "Hi there", history=[("2+2?", "4")], system="Be brief.")
+    assert make_context(tok, raw, chat_format="raw")[1] == ids  # a pre-formatted chat = the chatml prompt
     with pytest.raises(QWenError, match="chat format"):
         make_context(tok, "x", chat_format="llama")
 

@@ -78,6 +78,8 @@ def answer(llm, ids: list[int], params, tokenizer, stops) -> str:
             if stop.is_set():
                 sys.stdout.write(" (stopped)")
                 break
+            if out.finish_reason == "error":  # e.g. non-finite logits: main() prints it and keeps chatting
+                raise QWenError(out.error or "generation failed")
 
     # Ctrl-C while answering stops the answer at its next tokens (not the program)
     main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers live there only)

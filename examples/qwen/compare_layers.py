@@ -86,8 +86,10 @@ def main() -> int:
         raise QWenError(f"the engine's vocabulary ({engine.config.vocab_size}) differs from the checkpoint's "
                         f"({reference.config.vocab_size}): was the engine built from --hf_model_dir?")
     diffs = compare_layers(engine, reference, ids, args.rtol)
-    print(f"{len(ids)} tokens; engine {str(engine.dtype)[6:]} vs reference {args.reference_dtype} on {device}; "
-          f"tolerance: relative error {diffs[0].tol:g}")
+    storage = engine.build.source.get("storage_dtype")  # the weights' precision sets the tolerance too
+    built = engine.build.dtype + (f" from {storage} FT files" if storage else "")
+    print(f"{len(ids)} tokens; engine {str(engine.dtype)[6:]} (built {built}) vs reference {args.reference_dtype} "
+          f"on {device}; tolerance: relative error {diffs[0].tol:g}")
     print(format_table(diffs))
     bad = first_flagged(diffs)
     if bad is None:

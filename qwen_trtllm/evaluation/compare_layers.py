@@ -13,6 +13,11 @@ vs a float32 reference; measured on CPU with a random 12-layer, hidden-1024 mode
                  layers' errors: measured <= 2.8e-3 on any tensor, growing slowly with depth. 2e-2 is ~7x that.
   bfloat16 5e-2  unit roundoff 3.9e-3, eight times fp16's: measured <= 2.2e-2 (logits 1.6e-2), so 5e-2 (~2x).
 A bug still shows as a jump at one tensor; trained models with outlier activations may need --rtol.
+The weights' precision counts as well as the compute dtype: an engine's tolerance is that of the coarsest of its
+dtype, the dtype it was built with (its weights are stored so, whatever --engine_dtype runs them in) and the
+storage type of the FT files it was built from (recorded in config.json's build.source.storage_dtype): a float32
+engine built from float16 FT files gets float16's, since the rounding of its stored weights (2-3e-4 on the
+embedding already) is no bug.
 """
 
 from __future__ import annotations
@@ -32,6 +37,15 @@ DEFAULT_TOLERANCES = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2
 def default_tolerance(dtype: torch.dtype) -> float:
     """The relative-error tolerance for an engine running in dtype (see the module doc)."""
     return DEFAULT_TOLERANCES[dtype]
+
+
+def engine_tolerance(engine) -> float:
+    """The tolerance of the coarsest of the engine's running dtype, its build dtype and the storage type of the FT
+    files it was built from (engines built from a Hugging Face checkpoint, or before that record: the dtypes)."""
+    from qwen_trtllm.builder.engine_format import DTYPES
+
+    names = (engine.build.dtype, engine.build.source.get("storage_dtype"))
+    return max([default_tolerance(engine.dtype)] + [default_tolerance(DTYPES[n]) for n in names if n in DTYPES])
 
 
 def tensor_names(num_layers: int) -> list[str]:
@@ -125,7 +139,7 @@ def compare_layers(engine, reference_model, token_ids: Sequence[int], tol: float
     if len(token_ids) > cfg.seq_length:
         raise QWenError(f"{len(token_ids)} tokens exceed the trained context seq_length {cfg.seq_length}: beyond it "
                         "Qwen applies dynamic NTK and logn scaling, which the Qwen2 reference lacks")
-    tol = default_tolerance(engine.dtype) if tol is None else tol
+    tol = engine_tolerance(engine) if tol is None else tol
     got, want = engine_intermediates(engine, token_ids), reference_intermediates(reference_model, token_ids)
     return [diff(n, got[n], want[n], tol) for n in tensor_names(cfg.num_hidden_layers)]
 

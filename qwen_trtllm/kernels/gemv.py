@@ -51,9 +51,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.con
         tl.store(y_ptr + m * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _config(N: int, K: int) -> tuple[int, int, int, int]:
+def _config(N: int, K: int, on_cuda: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): the best of scripts/gpu_gemv_tune.py on an H100 for the Qwen-7B
-    shapes (1 KiB-wide K tiles; narrow outputs want wider row blocks to keep enough loads in flight)."""
+    shapes (1 KiB-wide K tiles; narrow outputs want wider row blocks to keep enough loads in flight). Off CUDA
+    (Triton's interpreter, in the tests) programs run one after another: fewer, larger ones, K tiles no wider
+    than K."""
+    if not on_cuda:
+        return 64, min(1024, triton.next_power_of_2(K)), 8, 3
     return (16 if N <= 4096 else 8), 1024, 8, 3
 
 
@@ -65,7 +69,7 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = Fa
     M = x2.shape[0]
     assert M <= MAX_ROWS and weight.is_contiguous() and x2.stride(1) == 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = _config(N, K)
+    bn, bk, warps, stages = _config(N, K, x.is_cuda)
     pdl = pdl_enabled(x.device)
     row_bytes = K * weight.element_size()
     prefetch = l2_prefetch_bytes(x.device, PREFETCH_BYTES, row_bytes, row_bytes)
@@ -77,12 +81,13 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = Fa
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = False) -> Tensor:
-    """F.linear with the GEMV kernel for decode-sized inputs on CUDA; gated as in gemv()."""
-    rows = x.numel() // x.shape[-1]
-    if x.is_cuda and rows <= MAX_ROWS and weight.is_contiguous():
+    """F.linear with the GEMV kernel for decode-sized inputs wherever the Triton kernels run (CUDA, or the CPU
+    under Triton's interpreter, as in the tests); gated as in gemv()."""
+    from qwen_trtllm.kernels import silu_mul, silu_mul_reference, triton_available
+
+    kernels = triton_available(x.device)
+    if kernels and x.numel() // x.shape[-1] <= MAX_ROWS and weight.is_contiguous():
         return gemv(x, weight, bias, gated)
     if gated:
-        from qwen_trtllm.kernels import silu_mul, silu_mul_reference, triton_available
-
-        x = silu_mul(x) if triton_available(x.device) else silu_mul_reference(x)
+        x = silu_mul(x) if kernels else silu_mul_reference(x)
     return torch.nn.functional.linear(x, weight, bias)

@@ -21,7 +21,15 @@ from qwen_trtllm.models.qwen.model import sequence_ntk_alpha
 from qwen_trtllm.runtime.engine import Engine, use_triton_kernels
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig, KVCacheManager, pool_size_in_blocks
 from qwen_trtllm.runtime.model_runner import BeamGroup, ModelRunner, StepOutput, StepPlan
-from qwen_trtllm.runtime.request import Beam, Request, RequestOutput, RequestStatus, SamplingParams
+from qwen_trtllm.runtime.request import (
+    NON_FINITE_LOGITS,
+    Beam,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+)
+from qwen_trtllm.runtime.sampler import NON_FINITE
 from qwen_trtllm.runtime.scheduler import Scheduler, SchedulerOutput
 
 _IDLE = "idle"  # what rank 0 broadcasts when a generate call ends (workers return from worker_loop)
@@ -214,26 +222,47 @@ class Executor:
             if r.first_token_time is None:
                 r.first_token_time = now
             if r.is_beam_search:
-                reason = self._beam_step(r, out.beam_logprobs[group], out.beam_indices[group], now)
+                reason = self._update_beams(r, [tokens[0][j] for j in range(first, row)], out.beam_logprobs[group],
+                                            out.beam_indices[group], now)
                 group += 1
-                if reason:
-                    self._finish(r, reason)
-                    done.append(r)
-                continue
-            reason = None
-            for t in new:
-                r.num_computed_tokens += 1
-                r.output_token_ids.append(t)
-                r.token_times.append(now)
-                reason = self._stop_reason(r, t)
-                if reason:
-                    break
+            else:
+                reason = self._update_tokens(r, new, now)
+            if reason:
+                done.append(r)
+        return done
+
+    def _update_tokens(self, r: Request, new: list[int], now: float) -> str | None:
+        """Append a request's new tokens up to a stop; finish it (its reason returned) or report its progress."""
+        reason = None
+        for t in new:
+            if t == NON_FINITE:  # the sampler's mark: this request's logits overflowed; the others go on
+                reason = "error"
+                break
+            r.num_computed_tokens += 1
+            r.output_token_ids.append(t)
+            r.token_times.append(now)
+            reason = self._stop_reason(r, t)
+            if reason:
+                break
+        if reason == "error":
+            self._finish(r, reason, self.non_finite_message(len(r.output_token_ids) + 1), NON_FINITE_LOGITS)
+        elif reason:
+            self._finish(r, reason)
+        else:
+            self._notify(r)
+        return reason
+
+    def _update_beams(self, r: Request, tokens: list[int], logprobs: list[float], indices: list[int],
+                      now: float) -> str | None:
+        """A beam-search request after a step (tokens: its rows' sampler marks); its finish reason when done."""
+        if NON_FINITE in tokens:
+            reason = "error"
+            self._finish(r, reason, self.non_finite_message(len(r.output_token_ids) + 1), NON_FINITE_LOGITS)
+        else:
+            reason = self._beam_step(r, logprobs, indices, now)
             if reason:
                 self._finish(r, reason)
-                done.append(r)
-            else:
-                self._notify(r)
-        return done
+        return reason
 
     def _beam_step(self, r: Request, logprobs: list[float], indices: list[int], now: float) -> str | None:
         """One step of Hugging Face's beam search (transformers GenerationMixin._beam_search, early-stop
@@ -272,6 +301,14 @@ class Executor:
         r.output_token_ids[:] = r.beam_hyps[0][1]
         return "stop" if r.output_token_ids[-1] in r.stop_ids else "length"
 
+    def non_finite_message(self, index: int) -> str:
+        """The error of a request whose logits held NaN or inf at its index-th output token (1-based)."""
+        if self.engine.dtype == torch.float16:
+            return (f"non-finite logits (fp16 overflow?) at output token {index}: rebuild the engine with "
+                    "--dtype bfloat16")
+        return (f"non-finite logits at output token {index} of a {str(self.engine.dtype)[6:]} engine: the weights "
+                "hold NaN/inf or overflow; check them with examples/qwen/compare_layers.py")
+
     def _notify(self, r: Request) -> None:
         """Hand r's snapshot to its on_output; a callback that raises fails that request alone."""
         if r.on_output is None:
@@ -298,12 +335,12 @@ class Executor:
             return "length"
         return None
 
-    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, r: Request, reason: str, error: str | None = None, error_code: str | None = None) -> None:
         if r.finished:
             return
         self.scheduler.finish(r)
         self._release_slot(r)
-        r.status, r.finish_reason, r.error = RequestStatus.FINISHED, reason, error
+        r.status, r.finish_reason, r.error, r.error_code = RequestStatus.FINISHED, reason, error, error_code
         self._notify(r)
 
     def _release_slot(self, r: Request) -> None:

@@ -72,7 +72,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise QWenError("this engine directory has no qwen.tiktoken: pass token ids or --tokenizer_dir")
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode_raw(prompt)  # a raw prompt: <|im_start|> etc. as the special ids, as Qwen
         return [int(t) for t in prompt]
 
     def decode(self, ids: Sequence[int]) -> str:

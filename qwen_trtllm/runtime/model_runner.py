@@ -21,7 +21,7 @@ from qwen_trtllm.profiling import nvtx_range
 from qwen_trtllm.runtime.engine import Engine
 from qwen_trtllm.runtime.kv_cache import NULL_BLOCK, KVCacheManager
 from qwen_trtllm.runtime.request import SamplingParams
-from qwen_trtllm.runtime.sampler import SamplingTensors, beam_candidates, sample
+from qwen_trtllm.runtime.sampler import SamplingTensors, beam_candidates, sample_checked
 
 PREFILL_GRAPH_TOKENS = 2048  # longer prefill chunks are GPU-bound and run eagerly
 PREFILL_GRAPH_STEP = 64  # prefill graph buckets: multiples of this many tokens
@@ -234,8 +234,9 @@ class ModelRunner:
     def execute(self, plan: StepPlan, params: Sequence[SamplingParams] | None = None,
                 new_rows: Sequence[tuple[int, list[int]]] = (), slots: Sequence[int] = (),
                 beam_groups: Sequence[BeamGroup] = ()) -> StepOutput:
-        """Run the plan's steps; returns the sampled tokens [num_steps][S] and each beam group's candidates on
-        rank 0 (empty on other ranks).
+        """Run the plan's steps; returns the sampled tokens [num_steps][S], with NON_FINITE (-1) for a sequence
+        whose logits held NaN or inf at that step, and each beam group's candidates, on rank 0 (empty on other
+        ranks).
 
         params [S] and slots [S] (each sequence's row in the repetition-penalty table) are rank 0's;
         new_rows: (slot, token ids) of sequences whose repetition-penalty row starts afresh this step;
@@ -251,11 +252,13 @@ class ModelRunner:
         for step in range(plan.num_steps):
             with nvtx_range(f"step {step}"):
                 logits = self._mixed(plan) if steps is None else steps.run()
-                tokens = sample(logits, st, counters + step, seen_rows) if rank0 else \
-                    torch.empty(plan.num_seqs, dtype=torch.int64, device=self.device)
+                if rank0:  # reported: NON_FINITE where a row's logits overflowed (its request then fails)
+                    tokens, reported = sample_checked(logits, st, counters + step, seen_rows)
+                    out.append(reported)
+                else:
+                    tokens = torch.empty(plan.num_seqs, dtype=torch.int64, device=self.device)
                 if self.engine.world_size > 1:  # every rank continues with rank 0's tokens
                     dist.broadcast(tokens, src=0)
-                out.append(tokens)
                 if rank0 and beam_groups:
                     cands = beam_candidates(logits, beam_groups)
                 if rank0 and seen_rows is not None:

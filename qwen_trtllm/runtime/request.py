@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from qwen_trtllm import QWenError
 
 QWEN_EOD_ID = 151643  # <|endoftext|>
+NON_FINITE_LOGITS = "non_finite_logits"  # error_code of a request stopped by NaN / inf logits
 
 
 @dataclass
@@ -100,7 +101,8 @@ class RequestStatus(enum.Enum):
 @dataclass
 class RequestOutput:
     """A snapshot of one request: every token id generated so far, the newest since the last snapshot, and why
-    it finished (None while it runs; "stop", "length", "cancelled" or "error")."""
+    it finished (None while it runs; "stop", "length", "cancelled" or "error"). An error's error_code
+    NON_FINITE_LOGITS marks a message meant for users (it names the fix); other errors are internal."""
 
     request_id: int
     prompt_token_ids: list[int]
@@ -111,6 +113,7 @@ class RequestOutput:
     error: str | None = None
     text: str = ""  # the detokenised output, when the engine has a tokenizer
     new_text: str = ""
+    error_code: str | None = None
     # beam search: the n best hypotheses' output ids, best first (beams[0] == token_ids), and their scores
     beams: list[list[int]] = field(default_factory=list)
     beam_scores: list[float] = field(default_factory=list)
@@ -142,6 +145,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str | None = None
     block_ids: list[int] = field(default_factory=list)  # the block table
     num_computed_tokens: int = 0  # tokens whose K and V are in the cache
     ntk_alpha: float = 1.0  # from the prompt length, fixed for the request's life (preemption included)
@@ -199,5 +203,5 @@ class Request:
         self._sent = len(self.output_token_ids)
         hyps = self.beam_hyps[: self.params.n] if self.finished else []
         return RequestOutput(self.request_id, self.prompt_token_ids, list(self.output_token_ids), new,
-                             self.finished, self.finish_reason, self.error, beams=[list(h) for _, h in hyps],
-                             beam_scores=[s for s, _ in hyps])
+                             self.finished, self.finish_reason, self.error, error_code=self.error_code,
+                             beams=[list(h) for _, h in hyps], beam_scores=[s for s, _ in hyps])

@@ -5,6 +5,7 @@ smallest set of most likely tokens whose probability reaches top_p, as Hugging F
 a draw by inverse CDF. The draw's uniform number is counter-based, a hash of (request seed, output index): a
 request gets the same tokens whatever else shares its batch, across preemption, and on every rank.
 Beam search takes each beam-search request's best continuations over all its beams instead (`beam_candidates`).
+`sample_checked` also marks the rows whose logits hold NaN or inf (an fp16 overflow) in the tokens the host reads.
 """
 
 from __future__ import annotations
@@ -117,3 +118,14 @@ def beam_candidates(logits: Tensor, groups: Sequence[BeamGroup]) -> tuple[Tensor
     start_t = torch.tensor(start, dtype=torch.float32).to(logits.device, non_blocking=True)
     scores = torch.log_softmax(logits[rows_t].float(), dim=-1) + start_t[..., None]  # [G, width, V]
     return scores.flatten(1).topk(k, dim=-1)
+NON_FINITE = -1  # the token reported to the host for a row whose logits held NaN or inf
+
+
+def sample_checked(logits: Tensor, st: SamplingTensors, counter: Tensor, seen: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """sample() that never fails on NaN / inf logits: (tokens to feed the next step, tokens to report) [S].
+    A row with a non-finite logit is sampled from zeros (a valid id for the next step and the other ranks) and
+    reported as NON_FINITE, so its request can be stopped; all on the device, read with the tokens (no sync)."""
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    tokens = sample(logits.masked_fill(bad[:, None], 0.0), st, counter, seen)
+    return tokens, tokens.masked_fill(bad, NON_FINITE)

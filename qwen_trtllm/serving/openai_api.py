@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from qwen_trtllm import QWenError
-from qwen_trtllm.runtime.request import SamplingParams
+from qwen_trtllm.runtime.request import NON_FINITE_LOGITS, RequestOutput, SamplingParams
 from qwen_trtllm.runtime.runner import sampling_from_args
 from qwen_trtllm.tokenizer import DEFAULT_SYSTEM, make_context
 
@@ -43,6 +43,14 @@ class APIError(Exception):
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
+
+
+def generation_error(out: RequestOutput) -> APIError:
+    """The 500 of a request the engine ended with an error: its own one-line message where it names the fix
+    (non-finite logits: rebuild with --dtype bfloat16), else a generic one (the detail belongs in the log)."""
+    if out.error_code == NON_FINITE_LOGITS:
+        return APIError(500, out.error or "non-finite logits", "server_error", None, out.error_code)
+    return APIError(500, "internal error while generating", "server_error", None, "internal_error")
 
 
 # --- errors ----------------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from qwen_trtllm.serving.openai_api import (
     UsageInfo,
     chat_prompt,
     check_unsupported,
+    generation_error,
     invalid,
     new_id,
     now,
@@ -323,7 +324,7 @@ class OpenAIServer:
                               "request (they are batched in flight anyway)", "prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode_raw(prompt)  # raw, as Qwen encodes it: special token text -> special ids
         else:
             ids = [int(t) for t in prompt]
             vocab = self.llm.engine.config.vocab_size
@@ -353,7 +354,7 @@ class OpenAIServer:
             raise APIError(503, "the request was cancelled: the server is shutting down", "server_error")
         if final.finish_reason == "error":
             logger.error("generation failed: %s", final.error)
-            raise APIError(500, "internal error while generating", "server_error", None, "internal_error")
+            raise generation_error(final)
         usage = UsageInfo.of(len(ids), len(final.token_ids))
         return JSONResponse(shape.response(text.text, text.finish_reason(final.finish_reason), usage))
 
@@ -424,7 +425,7 @@ class OpenAIServer:
                     error = APIError(503, "the request was cancelled: the server is shutting down", "server_error")
                 elif final.finish_reason == "error":
                     logger.error("generation failed: %s", final.error)
-                    error = APIError(500, "internal error while generating", "server_error", None, "internal_error")
+                    error = generation_error(final)
             if error is not None:
                 yield sse(json.dumps(error.body(), ensure_ascii=False))
             else:
