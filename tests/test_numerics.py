@@ -126,7 +126,8 @@ def test_llm_generate_raises_and_generate_async_ends_with_the_error(overflow_eng
     import asyncio
 
     llm = LLM(overflow_engine)
-    for params in (SamplingParams(max_tokens=4, top_k=1), SamplingParams(max_tokens=4, top_k=0, top_p=0.8)):
+    for params in (SamplingParams(max_tokens=4, top_k=1), SamplingParams(max_tokens=4, top_k=0, top_p=0.8),
+                   SamplingParams(max_tokens=4, use_beam_search=True, n=2)):
         with pytest.raises(QWenError) as e:
             llm.generate(["Hello", [1, 2, 3]], params)
         assert str(e.value) == message(1)
