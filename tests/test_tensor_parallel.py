@@ -33,6 +33,7 @@ def _prompts(vocab: int) -> tuple[list[list[int]], torch.Tensor]:
 CONFIG = ExecutorConfig(kv_cache=KvCacheConfig(max_tokens=3 * 64))
 SAMPLED = SamplingParams(max_tokens=10, temperature=0.8, top_k=0, top_p=0.9, seed=0, ignore_eos=True)
 GREEDY = SamplingParams(max_tokens=10, top_k=1, ignore_eos=True)
+BEAMS = SamplingParams(max_tokens=10, use_beam_search=True, n=2, end_id=None)  # beams share blocks: copy-on-write
 
 
 def _worker(rank: int, world: int, engine_dir: str, init_file: str, out_file: str) -> None:
@@ -45,8 +46,9 @@ def _worker(rank: int, world: int, engine_dir: str, init_file: str, out_file: st
     # returns the outputs, the others follow its steps with its tokens and return []
     outputs = llm.generate(prompts, replace(SAMPLED, seed=rank))
     greedy = llm.generate(prompts, GREEDY)
-    torch.save({"logits": logits, "ids": [o.token_ids for o in outputs], "greedy": [o.token_ids for o in greedy]},
-               f"{out_file}.{rank}")
+    beams = llm.generate(prompts, BEAMS)
+    torch.save({"logits": logits, "ids": [o.token_ids for o in outputs], "greedy": [o.token_ids for o in greedy],
+                "beams": [o.beams for o in beams]}, f"{out_file}.{rank}")
     leave_distributed()  # barrier, then destroy: a rank tearing down while its peer still sends can abort
 
 
@@ -81,6 +83,10 @@ def test_tp_logits_and_tokens_match_tp1(tp_engines, tiny_checkpoint, world, tmp_
     assert results[1]["greedy"] == [] and results[0]["greedy"] == [
         reference.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
                            eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+    # beam search (every rank copies the blocks rank 0's plan names) against the reference's beam search
+    assert results[1]["beams"] == [] and results[0]["beams"] == [
+        reference.generate(torch.tensor([p]), max_new_tokens=10, num_beams=2, num_return_sequences=2, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)[:, len(p):].tolist() for p in prompts]
 
 
 def test_rank_files_hold_only_their_shard(tp_engines):
