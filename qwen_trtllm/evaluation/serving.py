@@ -82,12 +82,14 @@ def parse_rates(text: str, default_n: int) -> list[tuple[float, int]]:
 
 
 def warm_up(llm: LLM) -> int:
-    """Before timing: 64 short requests at once (Triton compilation), then every decode CUDA graph captured;
-    returns how many graphs exist."""
+    """Before timing: 64 short requests at once and 32 prompts of the chat mix's lengths (16..1024 tokens) with 8
+    output tokens (Triton compilation for the prefill shapes), then every decode CUDA graph captured; returns how
+    many graphs exist."""
     ex = llm.executor
-    work = make_workload(f"{min(128, ex.max_input_len)},{min(16, ex.max_output_len)}", 64,
-                         llm.engine.config.vocab_size, seed=99)
-    run_load(llm, work)
+    vocab, out = llm.engine.config.vocab_size, min(16, ex.max_output_len)
+    run_load(llm, make_workload(f"{min(128, ex.max_input_len)},{out}", 64, vocab, seed=99))
+    chat = make_workload("chat", 32, vocab, seed=98)
+    run_load(llm, Workload([p[: ex.max_input_len] for p in chat.prompts], [min(8, out)] * 32, [0.0] * 32))
     return ex.runner.capture_graphs()
 
 
