@@ -4,7 +4,9 @@ official `openai` client and raw httpx, on a tiny random engine with the real to
 Checked: models / health / page / metrics; greedy answers equal run.py's; 16 concurrent clients with mixed
 settings each equal to its single run; stop strings split across tokens (never returned, streamed or not);
 every bad request's status and OpenAI error body (and 500 without a traceback); a disconnect frees the request's
-KV cache blocks; 429 at --max_queue; a bounded load test (loopback only); SIGTERM drains and exits 0.
+KV cache blocks; 429 at --max_queue; a bounded load test (loopback only); token ids without a tokenizer;
+ignore_eos; benchmark_serving.py --base_url's HTTP load generator against the server and the in-process run;
+SIGTERM drains and exits 0.
 """
 
 from __future__ import annotations
@@ -566,6 +568,136 @@ def test_load_200_requests_at_concurrency_8(server):
                if k.startswith("qwen_trtllm_requests_finished_total"))
     assert done == n
     print(f"{n} requests at concurrency {concurrency} in {elapsed:.1f} s")
+
+
+# --- token ids without a tokenizer, ignore_eos, the HTTP load generator --------------------------------------------
+def test_without_a_tokenizer_token_ids_in_and_out(llm):
+    """An engine without qwen.tiktoken (serve.py --model): /v1/completions on token ids, answered with token ids
+    and empty text; whatever needs text is a clear 400."""
+    from fastapi.testclient import TestClient
+
+    from qwen_trtllm.serving.server import create_app
+
+    ids = [11, 22, 33, 44, 55]
+    want = llm.generate([ids], SamplingParams(max_tokens=6, top_k=1, stop_token_ids=[EOD], end_id=EOD))[0].token_ids
+    with TestClient(create_app(LLM.from_engine(llm.engine), model_name=MODEL)) as tc:
+        r = tc.post("/v1/completions", json={"prompt": ids, "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert (choice["text"], choice["token_ids"]) == ("", want)
+        r = tc.post("/v1/completions", json={"prompt": [ids], "max_tokens": 6, "temperature": 0, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+        data = sse_data(r.text.splitlines())
+        assert r.status_code == 200 and data[-1] == "[DONE]"
+        events = [json.loads(d) for d in data[:-1]]
+        chunks = [e["choices"][0] for e in events if e["choices"]]
+        assert all(c["token_ids"] and c["text"] == "" for c in chunks[:-1])  # a chunk for every step's tokens
+        assert sum((c["token_ids"] for c in chunks), []) == want and chunks[-1]["finish_reason"] == "length"
+        assert events[-1]["usage"]["completion_tokens"] == len(want)
+        for path, body, param in [("/v1/chat/completions", {"messages": [USER]}, "messages"),
+                                  ("/v1/completions", {"prompt": "hello"}, "prompt"),
+                                  ("/v1/completions", {"prompt": ids, "stop": ["x"]}, "stop"),
+                                  ("/v1/completions", {"prompt": ids, "echo": True}, "echo")]:
+            r = tc.post(path, json=body)
+            err = r.json()["error"]
+            assert r.status_code == 400 and "tokenizer" in err["message"] and err["param"] == param, r.text
+
+
+def test_ignore_eos_runs_to_max_tokens(engine_dir, tok):
+    """vLLM's ignore_eos: the stop tokens (here <|endoftext|>, made the greedy first token) end nothing."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from qwen_trtllm.serving.server import create_app
+
+    engine = Engine.load(engine_dir, device="cpu")
+    prompt = tok.encode("The weather today is")
+    first = LLM.from_engine(engine).generate([prompt], SamplingParams(max_tokens=1, top_k=1))[0].token_ids[0]
+    with torch.no_grad():  # <|endoftext|>'s logit: twice the greedy token's
+        engine.model.lm_head.weight[EOD] = 2 * engine.model.lm_head.weight[first]
+    body = {"prompt": prompt, "max_tokens": 6, "temperature": 0}
+    with TestClient(create_app(LLM.from_engine(engine, tokenizer=tok), model_name=MODEL)) as tc:
+        r = tc.post("/v1/completions", json=body).json()
+        assert (r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"]) == ("stop", 1)
+        assert "token_ids" not in r["choices"][0]  # only when asked, on a server with a tokenizer
+        r = tc.post("/v1/completions", json={**body, "ignore_eos": True, "return_token_ids": True}).json()
+        choice = r["choices"][0]
+        assert (choice["finish_reason"], r["usage"]["completion_tokens"]) == ("length", 6)
+        assert len(choice["token_ids"]) == 6 and choice["token_ids"][0] == EOD
+        assert choice["text"] == text_of(tok, choice["token_ids"], [EOD])  # stop tokens never become text
+        r = tc.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 5, "temperature": 0,
+                                                  "ignore_eos": True, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+        events = [json.loads(d) for d in sse_data(r.text.splitlines())[:-1]]
+        assert events[-1]["usage"]["completion_tokens"] == 5
+        assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+
+
+def test_http_load_generator_against_the_server(server, llm):
+    """benchmark_serving.py --base_url's client: 20 requests at 5 requests/s, each exactly its max_tokens, the
+    same greedy tokens as the in-process LLM; its row prints beside run_load's."""
+    import numpy as np
+
+    from qwen_trtllm.evaluation import http_load
+    from qwen_trtllm.evaluation import serving as sv
+
+    wait_idle(server)
+    rng = np.random.default_rng(11)
+    n, rate = 20, 5.0
+    prompts = [rng.integers(0, 151936, int(rng.integers(4, 48))).tolist() for _ in range(n)]
+    outs = [int(m) for m in rng.integers(1, 9, n)]
+    work = sv.Workload(prompts, outs, [i / rate for i in range(n)])
+    row, results = http_load.run_http_load(server.url + "/v1", work, "http", model=MODEL, timeout_s=120)
+    assert row.errors == 0, http_load.first_error(results)
+    assert [r.completion_tokens for r in results] == outs
+    assert [len(r.token_ids) for r in results] == outs and [len(r.token_times) for r in results] == outs
+    assert all(r.finish_reason == "length" for r in results)
+    assert (row.requests, row.output_tokens) == (n, sum(outs)) and row.duration_s >= (n - 1) / rate
+    for r in results:
+        assert r.token_times[0] > r.arrival and r.token_times == sorted(r.token_times)
+    assert 0 < row.ttft_p50_ms <= row.ttft_p99_ms < 120e3
+    assert 0 <= row.itl_p50_ms <= row.itl_p99_ms and row.itl_p99_ms > 0
+    assert row.output_tok_s == pytest.approx(sum(outs) / row.duration_s)
+    want = llm.generate(prompts, [SamplingParams(max_tokens=m, top_k=1, ignore_eos=True) for m in outs])
+    assert [r.token_ids for r in results] == [w.token_ids for w in want]
+    engine_row, requests = sv.run_load(llm, work)
+    assert [len(q.output_token_ids) for q in requests] == outs and engine_row.output_tokens == row.output_tokens
+    row.request_rate = engine_row.request_rate = rate
+    table = sv.format_results([engine_row, row]).splitlines()
+    assert table[-1].startswith("http ") and table[-1].split()[-1] == "0"
+    overhead = sv.format_overhead([row], [engine_row]).splitlines()
+    assert len(overhead) == 3 and overhead[-1].split()[0] == "5"
+    assert sv.results_from_json(json.loads(json.dumps(sv.results_to_json([row])))) == [row]
+    # a server that is not there: every request an error, counted
+    dead = sv.Workload(prompts[:2], outs[:2], [0.0, 0.0])
+    row, results = http_load.run_http_load(f"http://127.0.0.1:{free_port()}/v1", dead, timeout_s=5)
+    assert row.errors == 2 and row.output_tokens == 0 and "ConnectError" in http_load.first_error(results)
+
+
+def test_parse_rates_and_serve_model_flags(engine_dir):
+    import importlib.util
+
+    import torch
+
+    from qwen_trtllm import QWenError
+    from qwen_trtllm.evaluation.serving import parse_rates
+
+    assert parse_rates("4, 8:200,inf", 300) == [(4.0, 300), (8.0, 200), (float("inf"), 300)]
+    for bad in ("fast", "0", "4:0", "4:x"):
+        with pytest.raises(QWenError, match="request_rates"):
+            parse_rates(bad, 10)
+    spec = importlib.util.spec_from_file_location("serve_script", ROOT / "examples/qwen/serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    with pytest.raises(QWenError, match="exclude each other"):
+        serve.parse_args(["--model", "qwen-7b", "--engine_dir", str(engine_dir)])
+    args = serve.parse_args(["--model", "tiny", "--max_batch_size", "4"])
+    assert (args.model, args.dtype, args.max_batch_size) == ("tiny", "float16", 4)
+    if not torch.cuda.is_available():
+        with pytest.raises(QWenError, match="on one GPU"):
+            serve.random_model_llm(args, 1)
+    with pytest.raises(QWenError, match="choose one of"):
+        serve.random_model_llm(serve.parse_args(["--model", "qwen-3b"]), 1)
 
 
 # --- shutdown (last: it stops the module's server) ----------------------------------------------------------------

@@ -3,6 +3,9 @@
 python3 examples/qwen/benchmark_serving.py --model qwen-7b --num_requests 2048 --dataset 128,128
 python3 examples/qwen/benchmark_serving.py --model qwen-7b --num_requests 1000 --dataset chat --compare_hf
 python3 examples/qwen/benchmark_serving.py --model qwen-7b --interference --max_num_tokens 512
+python3 examples/qwen/benchmark_serving.py --model qwen-7b --dataset chat --request_rates 4,8,16,inf
+python3 examples/qwen/benchmark_serving.py --model qwen-7b --dataset chat --request_rates 4,8,16,inf \
+    --base_url http://127.0.0.1:8000/v1      # the same workloads sent to `serve.py --model qwen-7b` over HTTP
 """
 
 import argparse
@@ -41,16 +44,32 @@ def main() -> int:
                    "the streams' inter-token latency (run with --num_scheduler_steps 1)")
     p.add_argument("--json_output", default=None)
     add_runtime_args(p)
+    p.add_argument("--base_url", default=None, help="send the workload to a running OpenAI-compatible server (such "
+                   "as http://127.0.0.1:8000/v1 of serve.py) as streaming /v1/completions requests with token-id "
+                   "prompts, ignore_eos and greedy sampling, after 64 warm-up requests, instead of running an engine "
+                   "here; --model / --engine_dir then only name the model's vocabulary (default: none, in-process)")
+    p.add_argument("--request_rates", default=None, help='one run per request rate, each its own workload from '
+                   '--seed, on the same engine or server: "4,8:200,inf" (RATE[:N]: N requests, default '
+                   '--num_requests); replaces --request_rate (default: none)')
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise QWenError("benchmark_serving.py needs an NVIDIA GPU")
+    if args.base_url is None and not torch.cuda.is_available() and not args.engine_dir:
+        raise QWenError("benchmark_serving.py needs an NVIDIA GPU (without one: --engine_dir runs on the CPU as a "
+                        "functional check, its numbers say nothing about a GPU; --base_url loads a server)")
+    if args.request_rates and (args.compare_hf or args.interference):
+        raise QWenError("--request_rates does not combine with --compare_hf / --interference: give --request_rate")
     if args.json_output:
         Path(args.json_output).parent.mkdir(parents=True, exist_ok=True)
+    from qwen_trtllm.evaluation import serving as sv
+
+    rates = sv.parse_rates(args.request_rates, args.num_requests) if args.request_rates else \
+        [(args.request_rate, args.num_requests)]
+    name = lambda backend, rate: f"{backend} rate={rate:g}" if args.request_rates else backend
+    if args.base_url:
+        return load_server(args, rates, name)
 
     from dataclasses import replace
 
     from qwen_trtllm.evaluation import benchmark as bm
-    from qwen_trtllm.evaluation import serving as sv
     from qwen_trtllm.runtime.engine import Engine
     from qwen_trtllm.runtime.llm import LLM
 
@@ -64,16 +83,19 @@ def main() -> int:
     print(llm.executor.kv_cache_report(), f"max_batch_size {llm.executor.max_batch_size}, max_num_tokens "
           f"{llm.executor.max_num_tokens}", flush=True)
     vocab = engine.config.vocab_size
-    sv.run_load(llm, sv.make_workload("128,16", 64, vocab, seed=99))  # warm-up: Triton compilation
-    print(f"{llm.executor.runner.capture_graphs()} decode CUDA graphs captured", flush=True)
-    report: dict = {"device": torch.cuda.get_device_name()}
+    print(f"{sv.warm_up(llm)} decode CUDA graphs captured after the warm-up", flush=True)  # + Triton compilation
+    report: dict = {"device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
+                    "num_scheduler_steps": args.num_scheduler_steps}
     if args.interference:
         report["interference"] = sv.interference(llm, vocab)
         print(json.dumps(report["interference"], indent=1))
     else:
-        work = sv.make_workload(args.dataset, args.num_requests, vocab, args.request_rate, args.seed)
-        rows = [sv.run_load(llm, work)[0]]
-        print(sv.format_results(rows[-1:]), flush=True)
+        rows = []
+        for rate, n in rates:
+            work = sv.make_workload(args.dataset, n, vocab, rate, args.seed)
+            rows.append(sv.run_load(llm, work, name("engine", rate))[0])
+            rows[-1].request_rate = rate
+            print(sv.format_results(rows[-1:]), flush=True)
         if args.compare_hf:
             n = args.hf_num_requests
             sub = sv.Workload(work.prompts[:n], work.output_lens[:n], [0.0] * min(n, len(work.prompts)))
@@ -95,6 +117,45 @@ def main() -> int:
         print(sv.format_results(rows))
         report["rows"] = sv.results_to_json(rows)
     if args.json_output:
+        Path(args.json_output).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def load_server(args, rates: list[tuple[float, int]], name) -> int:
+    """--base_url: the same workloads over HTTP (qwen_trtllm/evaluation/http_load.py), after a warm-up."""
+    from qwen_trtllm.evaluation import http_load
+    from qwen_trtllm.evaluation import serving as sv
+
+    if args.compare_hf or args.interference:
+        raise QWenError("--compare_hf and --interference run an engine in this process: leave out --base_url")
+    if args.engine_dir:
+        from qwen_trtllm.runtime.engine import read_engine_config
+
+        vocab = read_engine_config(args.engine_dir)[0].vocab_size
+    else:
+        from qwen_trtllm.checkpoint.random_checkpoint import PRESETS
+
+        if args.model not in PRESETS:
+            raise QWenError(f"--model {args.model}: choose one of {', '.join(PRESETS)}")
+        vocab = PRESETS[args.model]["vocab_size"]
+    warm, results = http_load.run_http_load(args.base_url, sv.make_workload("128,16", 64, vocab, seed=99), "warm-up")
+    if warm.errors == warm.requests:
+        raise QWenError(f"{args.base_url}: every warm-up request failed, the first with {results[0].error}")
+    print(sv.format_results([warm]), flush=True)
+    rows = []
+    for rate, n in rates:
+        row, results = http_load.run_http_load(args.base_url, sv.make_workload(args.dataset, n, vocab, rate,
+                                                                               args.seed), name("http", rate))
+        row.request_rate = rate
+        rows.append(row)
+        print(sv.format_results([row]), flush=True)
+        if row.errors:
+            print(f"{row.errors} of {n} requests failed, the first with: {http_load.first_error(results)}", flush=True)
+    print()
+    print(sv.format_results(rows))
+    if args.json_output:
+        report = {"base_url": args.base_url, "warm_up": sv.results_to_json([warm])[0],
+                  "rows": sv.results_to_json(rows)}
         Path(args.json_output).write_text(json.dumps(report, indent=2))
     return 0
 

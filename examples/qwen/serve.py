@@ -1,4 +1,5 @@
 """OpenAI-compatible server for a Qwen engine: python3 examples/qwen/serve.py --engine_dir qwen_outputs --port 8000
+Random 7B-shaped weights made on the GPU, for load tests (token-id prompts only): serve.py --model qwen-7b
 
 Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics (Prometheus), and a chat page at
 /. One engine loop (in-flight batching) serves every connection. Under torchrun with a tensor-parallel engine,
@@ -45,7 +46,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "generation_config.json's max_window_size or 6144, at most the engine's max_input_len)")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_runtime_args(p)
+    p.add_argument("--model", default=None, help="instead of --engine_dir: random weights of a named shape (tiny, "
+                   "qwen-1.8b, qwen-7b, qwen-14b) made on the GPU as benchmark_serving.py makes them (max_input_len "
+                   "2048, max_output_len 1024, max_batch_size 512 unless --max_batch_size), warmed up with every "
+                   "decode CUDA graph captured before serving; greedy sampling defaults. No tokenizer unless "
+                   "--tokenizer_dir: then only /v1/completions with token-id prompts works (default: none, "
+                   "--engine_dir)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="--model's weight dtype "
+                   "(default: %(default)s)")
     args = p.parse_args(argv)
+    if args.model is not None:  # --engine_dir has a default: was it given?
+        probe = argparse.ArgumentParser(add_help=False)
+        probe.add_argument("--engine_dir")
+        if probe.parse_known_args(argv)[0].engine_dir is not None:
+            raise QWenError("--model and --engine_dir exclude each other: random weights or an engine directory")
     if not 0 <= args.port <= 65535:
         raise QWenError(f"--port {args.port} must be in 0..65535")
     for name in ("max_queue", "num_scheduler_steps", "max_window_size"):
@@ -70,13 +84,41 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def random_model_llm(args, world: int):
+    """--model: benchmark_serving.py's random engine on the GPU, warmed up, every decode CUDA graph captured."""
+    import torch
+
+    from qwen_trtllm.checkpoint.random_checkpoint import PRESETS
+    from qwen_trtllm.evaluation import benchmark as bm
+    from qwen_trtllm.evaluation import serving as sv
+    from qwen_trtllm.runtime import LLM
+
+    if args.model not in PRESETS:
+        raise QWenError(f"--model {args.model}: choose one of {', '.join(PRESETS)}")
+    if not torch.cuda.is_available() or world > 1:
+        raise QWenError("--model makes random weights on one GPU: run it on a GPU machine without torchrun, or "
+                        "serve an --engine_dir")
+    tokenizer = None
+    if args.tokenizer_dir:
+        from qwen_trtllm.tokenizer import QWenTokenizer
+
+        tokenizer = QWenTokenizer.from_dir(args.tokenizer_dir)
+    engine = bm.random_engine(args.model, args.dtype, "cuda", max_batch_size=args.max_batch_size or 512,
+                              max_input_len=2048, max_output_len=1024)
+    config = replace(executor_config_from_args(args, engine.build), num_scheduler_steps=args.num_scheduler_steps)
+    llm = LLM.from_engine(engine, tokenizer, config)
+    print(f"random {args.model} ({args.dtype}): {sv.warm_up(llm)} CUDA graphs captured after the warm-up",
+          file=sys.stderr, flush=True)
+    return llm
+
+
 def main() -> int:
     args = parse_args()
     from qwen_trtllm.runtime import LLM
     from qwen_trtllm.runtime.distributed import all_ranks_agree, init_distributed
     from qwen_trtllm.runtime.engine import read_engine_config
 
-    rank, _ = init_distributed(timeout_s=DIST_TIMEOUT_S)
+    rank, world = init_distributed(timeout_s=DIST_TIMEOUT_S)
     error, sock = None, None
     if rank == 0:
         try:
@@ -84,15 +126,18 @@ def main() -> int:
         except QWenError as e:
             error = str(e)
     all_ranks_agree(error)
-    _, build = read_engine_config(args.engine_dir)
-    config = replace(executor_config_from_args(args, build), num_scheduler_steps=args.num_scheduler_steps)
-    llm = LLM(args.engine_dir, args.tokenizer_dir, config)
+    if args.model is not None:
+        llm, defaults = random_model_llm(args, world), {}
+    else:
+        _, build = read_engine_config(args.engine_dir)
+        config = replace(executor_config_from_args(args, build), num_scheduler_steps=args.num_scheduler_steps)
+        llm, defaults = LLM(args.engine_dir, args.tokenizer_dir, config), generation_defaults(args.engine_dir)
     app, error = None, None
     if llm.is_leader:
         from qwen_trtllm.serving.server import create_app
 
         try:
-            app = create_app(llm, model_name=args.served_model_name, defaults=generation_defaults(args.engine_dir),
+            app = create_app(llm, model_name=args.served_model_name or args.model, defaults=defaults,
                              max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout,
                              max_window_size=args.max_window_size)
         except QWenError as e:

@@ -6,7 +6,8 @@ engine runs them through its in-flight batching executor on the caller's thread;
 host time at which the executor handed it over. Reported: output tokens/s, requests/s, time to first token
 (TTFT) and inter-token latency (ITL: gaps between consecutive tokens of a request, as a client sees them)
 p50/p99, and KV cache blocks in use. Hugging Face transformers' continuous batching (`generate_batch`, paged
-cache) runs the same requests on the same weights for comparison.
+cache) runs the same requests on the same weights for comparison; http_load.py sends the same workload to a
+running server (the same LoadResult rows).
 """
 
 from __future__ import annotations
@@ -59,13 +60,46 @@ class LoadResult:
     ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
-    kv_blocks_max: int
+    kv_blocks_max: int  # -1: not known (an HTTP client does not see them)
     kv_blocks_total: int
     preemptions: int
+    request_rate: float | None = None  # the workload's requests/s (None: not recorded; inf: all at once)
+    errors: int = 0  # requests that failed (HTTP: non-200, an error event, a cut stream, a wrong token count)
+
+
+def parse_rates(text: str, default_n: int) -> list[tuple[float, int]]:
+    """--request_rates "4,8:200,inf" -> [(4.0, default_n), (8.0, 200), (inf, default_n)] (RATE[:N])."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        try:
+            rate, _, n = item.partition(":")
+            out.append((float(rate), int(n) if n else default_n))
+        except ValueError:
+            raise QWenError(f'--request_rates "{text}": give RATE[:N] items such as "4,8:200,inf"') from None
+        if not out[-1][0] > 0 or out[-1][1] < 1:
+            raise QWenError(f'--request_rates "{text}": rates must be > 0 and request counts >= 1')
+    return out
+
+
+def warm_up(llm: LLM) -> int:
+    """Before timing: 64 short requests at once and 32 prompts of the chat mix's lengths (16..1024 tokens) with 8
+    output tokens (Triton compilation for the prefill shapes), then every decode CUDA graph captured; returns how
+    many graphs exist."""
+    ex = llm.executor
+    vocab, out = llm.engine.config.vocab_size, min(16, ex.max_output_len)
+    run_load(llm, make_workload(f"{min(128, ex.max_input_len)},{out}", 64, vocab, seed=99))
+    chat = make_workload("chat", 32, vocab, seed=98)
+    run_load(llm, Workload([p[: ex.max_input_len] for p in chat.prompts], [min(8, out)] * 32, [0.0] * 32))
+    return ex.runner.capture_graphs()
 
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
+
+
+def token_gaps_ms(token_times: list[float]) -> list[float]:
+    """ITL samples of one request: gaps between consecutive tokens (tokens that arrived together: 0)."""
+    return [(b - a) * 1e3 for a, b in zip(token_times, token_times[1:], strict=False)]
 
 
 def run_load(llm: LLM, work: Workload, backend: str = "engine") -> tuple[LoadResult, list[Request]]:
@@ -90,7 +124,7 @@ def run_load(llm: LLM, work: Workload, backend: str = "engine") -> tuple[LoadRes
     duration = time.perf_counter() - t0
     ex.end_of_work()
     ttft = [(r.first_token_time - r.arrival_time) * 1e3 for r in requests]
-    itl = [(b - a) * 1e3 for r in requests for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
+    itl = [g for r in requests for g in token_gaps_ms(r.token_times)]
     n_out = sum(len(r.output_token_ids) for r in requests)
     return LoadResult(backend, len(requests), n_out, duration, n_out / duration, len(requests) / duration,
                       pct(ttft, 50), pct(ttft, 99), pct(itl, 50), pct(itl, 99), blocks_max,
@@ -165,16 +199,41 @@ def batch1_latency(llm: LLM, vocab: int, input_len: int = 128, output_len: int =
 
 def format_results(rows: list[LoadResult]) -> str:
     head = (f"{'backend':<24} {'reqs':>5} {'out tok':>8} {'sec':>7} {'out tok/s':>10} {'req/s':>7} "
-            f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'KV blk max':>10} {'preempt':>7}")
+            f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'KV blk max':>10} {'preempt':>7} "
+            f"{'errors':>6}")
     lines = [head, "-" * len(head)]
+    known = lambda v: "-" if v < 0 else v
     for r in rows:
         lines.append(f"{r.backend:<24} {r.requests:>5} {r.output_tokens:>8} {r.duration_s:>7.2f} "
                      f"{r.output_tok_s:>10.1f} {r.requests_s:>7.2f} {r.ttft_p50_ms:>9.1f} {r.ttft_p99_ms:>9.1f} "
-                     f"{r.itl_p50_ms:>8.2f} {r.itl_p99_ms:>8.2f} {r.kv_blocks_max:>5}/{r.kv_blocks_total:<5} "
-                     f"{r.preemptions:>7}")
+                     f"{r.itl_p50_ms:>8.2f} {r.itl_p99_ms:>8.2f} {known(r.kv_blocks_max):>5}/"
+                     f"{known(r.kv_blocks_total):<5} {known(r.preemptions):>7} {r.errors:>6}")
+    return "\n".join(lines)
+
+
+def format_overhead(http: list[LoadResult], engine: list[LoadResult]) -> str:
+    """HTTP rows against the in-process rows of the same request rates: output tok/s of each and the HTTP
+    overhead (1 - HTTP / in-process, in %); TTFT and ITL p50/p99 (ms) of each; failed requests of both."""
+    by_rate = {r.request_rate: r for r in engine}
+    pair = lambda a, b, f: f"{a:{f}}/{b:{f}}"
+    head = (f"{'rate':>5} | {'HTTP tok/s':>10} {'in-proc':>8} {'overhead':>8} | {'TTFT HTTP':>11} {'in-proc':>11} | "
+            f"{'ITL HTTP':>13} {'in-proc':>13} | {'errors':>6}")
+    lines = [head, "-" * len(head)]
+    for h in http:
+        e = by_rate.get(h.request_rate)
+        if e is None:
+            continue
+        ttft = [pair(r.ttft_p50_ms, r.ttft_p99_ms, ".0f") for r in (h, e)]
+        itl = [pair(r.itl_p50_ms, r.itl_p99_ms, ".2f") for r in (h, e)]
+        lines.append(f"{h.request_rate:>5g} | {h.output_tok_s:>10.1f} {e.output_tok_s:>8.1f} "
+                     f"{100 * (1 - h.output_tok_s / e.output_tok_s):>7.1f}% | {ttft[0]:>11} {ttft[1]:>11} | "
+                     f"{itl[0]:>13} {itl[1]:>13} | {h.errors + e.errors:>6}")
     return "\n".join(lines)
 
 
 def results_to_json(rows: list[LoadResult]) -> list[dict]:
     return [asdict(r) for r in rows]
 
+
+def results_from_json(rows: list[dict]) -> list[LoadResult]:
+    return [LoadResult(**r) for r in rows]

@@ -13,7 +13,8 @@ class IncrementalText:
 
     Held back until more tokens decide: a trailing partial UTF-8 character (U+FFFD from the decoder) and any
     tail that could be the start of a stop string. A stop string ends the text before it (never returned). At
-    the end (finished) everything left is flushed."""
+    the end (finished) everything left is flushed. Without a tokenizer (a server on token ids alone) the text
+    stays empty."""
 
     def __init__(self, tokenizer, skip_ids: Sequence[int] = (), stop: Sequence[str] = ()):
         self.tokenizer, self.skip, self.stop = tokenizer, frozenset(skip_ids), list(stop)
@@ -23,7 +24,7 @@ class IncrementalText:
 
     def update(self, token_ids: Sequence[int], finished: bool = False) -> str:
         """The new text to show after the output grew to token_ids (all of them, not only the new ones)."""
-        if self.stopped:
+        if self.stopped or self.tokenizer is None:
             return ""
         text = self.tokenizer.decode([t for t in token_ids if t not in self.skip])
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]

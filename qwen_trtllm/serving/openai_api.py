@@ -1,11 +1,12 @@
 """OpenAI's API shapes (pydantic) and their translation into the runtime's terms.
 
 Requests: `ChatCompletionRequest` (/v1/chat/completions) and `CompletionRequest` (/v1/completions), with the
-extensions `top_k` and `repetition_penalty`. Responses, stream chunks, model cards and the error body are in the
-shapes the official `openai` client parses. The translation helpers need no web framework (examples/qwen/chat.py
-uses them too): `chat_prompt` (messages -> Qwen's chatml prompt via make_context, history trimmed to the window),
-`resolve_sampling` (request fields + generation_config.json defaults -> SamplingParams, as run.py resolves its
-flags); streamed text comes from the runtime's `IncrementalText` (qwen_trtllm/runtime/detokenizer.py).
+extensions `top_k`, `repetition_penalty` and `ignore_eos`, and on completions `return_token_ids` (vLLM's names).
+Responses, stream chunks, model cards and the error body are in the shapes the official `openai` client parses.
+The translation helpers need no web framework (examples/qwen/chat.py uses them too): `chat_prompt` (messages ->
+Qwen's chatml prompt via make_context, history trimmed to the window), `resolve_sampling` (request fields +
+generation_config.json defaults -> SamplingParams, as run.py resolves its flags); streamed text comes from the
+runtime's `IncrementalText` (qwen_trtllm/runtime/detokenizer.py).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class _GenerationRequest(_Request):
     # extensions (vLLM's and TensorRT-LLM's names)
     top_k: int | None = None  # 0 = off, 1 = greedy
     repetition_penalty: float | None = None  # 1 = off
+    ignore_eos: bool | None = None  # True: stop tokens end nothing; exactly max_tokens tokens (stop strings still end)
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -120,6 +122,9 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    # each choice also carries the generated token ids (`token_ids`; in a stream: those new in the chunk, and a chunk
+    # goes out for every step that gave tokens). None: on when the server has no tokenizer (there is no text then)
+    return_token_ids: bool | None = None
 
 
 # --- responses -------------------------------------------------------------------------------------------------
@@ -194,6 +199,14 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None  # return_token_ids only
+
+    @model_serializer(mode="wrap")
+    def _token_ids_when_asked(self, handler):
+        data = handler(self)
+        if data.get("token_ids", 0) is None:
+            data.pop("token_ids")
+        return data
 
 
 class CompletionResponse(BaseModel):
@@ -342,7 +355,8 @@ def resolve_sampling(req: _GenerationRequest, defaults: dict, max_tokens: int, s
                      end_id: int) -> SamplingParams:
     """SamplingParams of a request: its own values win, the rest come from generation_config.json as run.py
     resolves its flags (runner.sampling_from_args; Qwen-7B-Chat: top_p 0.8, top_k 0, repetition_penalty 1.1).
-    temperature 0 is greedy. No seed: a random one (OpenAI's nondeterminism). Bad values: 400."""
+    temperature 0 is greedy. No seed: a random one (OpenAI's nondeterminism). ignore_eos: the stop ids (the
+    end-of-text and chatml stop tokens) end nothing, as vLLM's ignore_eos drops the model's EOS ids. Bad values: 400."""
     seed = req.seed if req.seed is not None else random.getrandbits(63)
     args = SimpleNamespace(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                            repetition_penalty=req.repetition_penalty, seed=seed)
@@ -350,5 +364,7 @@ def resolve_sampling(req: _GenerationRequest, defaults: dict, max_tokens: int, s
         params = sampling_from_args(args, defaults, max_tokens)
     except QWenError as e:
         raise invalid(str(e)) from None
-    params.stop_token_ids, params.end_id, params.stop = sorted(set(stop_ids)), end_id, stop_strings(req.stop)
+    params.ignore_eos = bool(req.ignore_eos)
+    params.stop_token_ids = [] if params.ignore_eos else sorted(set(stop_ids))
+    params.end_id, params.stop = end_id, stop_strings(req.stop)
     return params

@@ -9,6 +9,8 @@ GET /metrics (Prometheus), GET / (the chat page, static/index.html). Each reques
 which frees its KV cache blocks at the next step. Errors are answered in OpenAI's shape
 {"error": {"message", "type", "param", "code"}}: 400 bad input (FastAPI's 422 included), 404 unknown model or
 route, 429 --max_queue requests in flight, 503 shutting down, 500 (no traceback; it goes to the log).
+Without a tokenizer (an engine directory without qwen.tiktoken, or serve.py --model) only /v1/completions with
+token-id prompts works: the text is empty and every choice carries its token ids (return_token_ids).
 """
 
 from __future__ import annotations
@@ -189,6 +191,8 @@ class _Slot:
 class _Chat:
     """OpenAI's chat shapes of one request."""
 
+    token_ids = False  # whether each chunk / choice carries its token ids (completions' return_token_ids)
+
     def __init__(self, rid: str, created: int, model: str):
         self.rid, self.created, self.model = rid, created, model
 
@@ -199,7 +203,7 @@ class _Chat:
     def first(self) -> str | None:
         return self._chunk(DeltaMessage(role="assistant", content=""))
 
-    def delta(self, text: str) -> str:
+    def delta(self, text: str, token_ids: list[int]) -> str:
         return self._chunk(DeltaMessage(content=text))
 
     def last(self, finish_reason: str) -> str:
@@ -209,38 +213,40 @@ class _Chat:
         return ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[],
                                    usage=usage).model_dump_json()
 
-    def response(self, text: str, finish_reason: str, usage: UsageInfo) -> dict:
+    def response(self, text: str, finish_reason: str, usage: UsageInfo, token_ids: list[int]) -> dict:
         return ChatCompletionResponse(id=self.rid, created=self.created, model=self.model, usage=usage, choices=[
             ChatCompletionChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)]).model_dump()
 
 
 class _Completion(_Chat):
-    """OpenAI's (legacy) completion shapes of one request; echo puts the prompt's text first."""
+    """OpenAI's (legacy) completion shapes of one request; echo puts the prompt's text first; token_ids: each
+    choice carries its token ids (return_token_ids)."""
 
-    def __init__(self, rid: str, created: int, model: str, echo: str = ""):
+    def __init__(self, rid: str, created: int, model: str, echo: str = "", token_ids: bool = False):
         super().__init__(rid, created, model)
-        self.echo = echo
+        self.echo, self.token_ids = echo, token_ids
 
-    def _chunk(self, text: str, finish_reason: str | None = None) -> str:
+    def _chunk(self, text: str, finish_reason: str | None = None, token_ids: list[int] | None = None) -> str:
         return CompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[
-            CompletionChoice(text=text, finish_reason=finish_reason)]).model_dump_json()
+            CompletionChoice(text=text, finish_reason=finish_reason, token_ids=token_ids)]).model_dump_json()
 
     def first(self) -> str | None:
-        return self._chunk(self.echo) if self.echo else None
+        return self._chunk(self.echo, token_ids=[] if self.token_ids else None) if self.echo else None
 
-    def delta(self, text: str) -> str:
-        return self._chunk(text)
+    def delta(self, text: str, token_ids: list[int]) -> str:
+        return self._chunk(text, token_ids=list(token_ids) if self.token_ids else None)
 
     def last(self, finish_reason: str) -> str:
-        return self._chunk("", finish_reason)
+        return self._chunk("", finish_reason, [] if self.token_ids else None)
 
     def usage(self, usage: UsageInfo) -> str:
         return CompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[],
                                usage=usage).model_dump_json()
 
-    def response(self, text: str, finish_reason: str, usage: UsageInfo) -> dict:
+    def response(self, text: str, finish_reason: str, usage: UsageInfo, token_ids: list[int]) -> dict:
         return CompletionResponse(id=self.rid, created=self.created, model=self.model, usage=usage, choices=[
-            CompletionChoice(text=self.echo + text, finish_reason=finish_reason)]).model_dump()
+            CompletionChoice(text=self.echo + text, finish_reason=finish_reason,
+                             token_ids=list(token_ids) if self.token_ids else None)]).model_dump()
 
 
 class ClientGone(Exception):
@@ -253,18 +259,17 @@ class OpenAIServer:
 
     def __init__(self, llm: LLM, model_name: str | None = None, defaults: dict | None = None,
                  max_queue: int | None = None, shutdown_timeout: float = 10.0, max_window_size: int | None = None):
-        if llm.tokenizer is None:
-            raise QWenError("serving needs the tokenizer: the engine directory has no qwen.tiktoken; pass "
-                            "--tokenizer_dir")
         if max_queue is not None and max_queue < 1:
             raise QWenError(f"--max_queue must be >= 1, got {max_queue}")
         self.llm, self.tokenizer, self.executor = llm, llm.tokenizer, llm.executor
-        self.model_name = model_name or Path(llm.engine.engine_dir).resolve().name
+        engine_dir = llm.engine.engine_dir
+        self.model_name = model_name or (Path(engine_dir).resolve().name if engine_dir is not None else "qwen")
         self.defaults = dict(defaults or {})
         self.max_queue, self.shutdown_timeout = max_queue, shutdown_timeout
         self.window = window_size(self.defaults, self.executor.max_input_len, max_window_size)
-        self.chat_stops = sorted(stop_token_ids(self.tokenizer, "chatml"))
-        self.raw_stops = sorted(stop_token_ids(self.tokenizer, "raw"))
+        tok = self.tokenizer  # None: token ids in and out (/v1/completions only), <|endoftext|> ends a request
+        self.chat_stops = sorted(stop_token_ids(tok, "chatml")) if tok is not None else []
+        self.raw_stops = sorted(stop_token_ids(tok, "raw")) if tok is not None else [QWEN_EOD_ID]
         self.in_flight = 0
         self.stopping = False
         self.created = now()
@@ -307,11 +312,14 @@ class OpenAIServer:
         t0 = time.perf_counter()
         self.check_model(req.model)
         check_unsupported(req)
+        if self.tokenizer is None:
+            raise invalid("chat needs a tokenizer and this server has none (an engine without qwen.tiktoken, or "
+                          "serve.py --model without --tokenizer_dir): send token ids to /v1/completions", "messages")
         _, ids = chat_prompt(self.tokenizer, req.messages, self.window)
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         params = self.sampling(req, ids, max_tokens, self.chat_stops)
         shape = _Chat(new_id("chatcmpl"), now(), self.model_name)
-        return await self._respond(req, raw, ids, params, t0, shape)
+        return await self._respond(req, raw, ids, params, t0, shape, self.chat_stops)
 
     async def completion(self, req: CompletionRequest, raw: Request) -> Response:
         t0 = time.perf_counter()
@@ -323,6 +331,11 @@ class OpenAIServer:
                 raise invalid(f"{len(prompt)} prompts in one request are not supported: send one prompt per "
                               "request (they are batched in flight anyway)", "prompt")
             prompt = prompt[0]
+        if self.tokenizer is None:
+            for name, bad in (("prompt", isinstance(prompt, str)), ("stop", bool(req.stop)), ("echo", req.echo)):
+                if bad:
+                    raise invalid(f"{'a text prompt' if name == 'prompt' else name} needs a tokenizer and this "
+                                  "server has none: token ids in (the prompt) and out (token_ids) only", name)
         if isinstance(prompt, str):
             ids = self.tokenizer.encode_raw(prompt)  # raw, as Qwen encodes it: special token text -> special ids
         else:
@@ -334,13 +347,15 @@ class OpenAIServer:
             raise invalid("the prompt is empty: give at least one token", "prompt")
         params = self.sampling(req, ids, req.max_tokens, self.raw_stops)
         echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if req.echo else ""
-        shape = _Completion(new_id("cmpl"), now(), self.model_name, echo)
-        return await self._respond(req, raw, ids, params, t0, shape)
+        with_ids = req.return_token_ids if req.return_token_ids is not None else self.tokenizer is None
+        shape = _Completion(new_id("cmpl"), now(), self.model_name, echo, with_ids)
+        return await self._respond(req, raw, ids, params, t0, shape, self.raw_stops)
 
     async def _respond(self, req, raw: Request, ids: list[int], params: SamplingParams, t0: float,
-                       shape: _Chat) -> Response:
+                       shape: _Chat, stops: list[int]) -> Response:
+        """stops: the format's stop ids, never part of the text (with ignore_eos too, where they end nothing)."""
         slot = self.admit()
-        text = IncrementalText(self.tokenizer, params.stop_token_ids, params.stop)
+        text = IncrementalText(self.tokenizer, stops, params.stop)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return SSEResponse(self._events(ids, params, t0, shape, text, include_usage, slot), slot.release)
@@ -356,7 +371,8 @@ class OpenAIServer:
             logger.error("generation failed: %s", final.error)
             raise generation_error(final)
         usage = UsageInfo.of(len(ids), len(final.token_ids))
-        return JSONResponse(shape.response(text.text, text.finish_reason(final.finish_reason), usage))
+        return JSONResponse(shape.response(text.text, text.finish_reason(final.finish_reason), usage,
+                                           final.token_ids))
 
     async def _outputs(self, ids: list[int], params: SamplingParams, t0: float) -> AsyncIterator[RequestOutput]:
         """llm.generate_async with the metrics; closing this generator cancels the request."""
@@ -409,8 +425,8 @@ class OpenAIServer:
                 async with aclosing(self._outputs(ids, params, t0)) as outs:
                     async for out in outs:
                         delta = text.update(out.token_ids, out.finished)
-                        if delta:
-                            yield sse(shape.delta(delta))
+                        if delta or (shape.token_ids and out.new_token_ids):
+                            yield sse(shape.delta(delta, out.new_token_ids))
                         final = out
                         if out.finished or text.stopped:
                             break
