@@ -19,7 +19,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qwen_trtllm import QWenError  # noqa: E402
-from qwen_trtllm.cli import run_cli  # noqa: E402
+from qwen_trtllm.cli import parser, run_cli  # noqa: E402
 from qwen_trtllm.runtime.runner import add_runtime_args, executor_config_from_args, generation_defaults  # noqa: E402
 
 # An idle server broadcasts nothing to the other tensor-parallel ranks, which wait in a collective meanwhile:
@@ -28,11 +28,11 @@ DIST_TIMEOUT_S = 30 * 24 * 3600.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine_dir", default="qwen_outputs")
+    p = parser(__doc__)
+    p.add_argument("--engine_dir", default="qwen_outputs", help="the engine directory written by build.py")
     p.add_argument("--tokenizer_dir", default=None, help="directory with qwen.tiktoken (default: the engine dir)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port)")
     p.add_argument("--served_model_name", default=None, help="the model id of the API (default: the engine dir's "
                    "name)")
     p.add_argument("--max_queue", type=int, default=None, help="requests in flight (running + waiting) at most; "
@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "finish after SIGTERM before they are cancelled")
     p.add_argument("--max_window_size", type=int, default=None, help="chat history window in tokens (default: "
                    "generation_config.json's max_window_size or 6144, at most the engine's max_input_len)")
-    p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     add_runtime_args(p)
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
