@@ -164,6 +164,8 @@ def test_help_says_what_every_flag_does_and_its_default(name):
     help_text = parser.format_help()
     for line in (parser.description or "").strip().splitlines():  # the description's commands stay on their lines
         assert line.rstrip() in help_text, (name, line)
+        if "examples/qwen/" in line and "python3 " in line:  # and prose does not run into them
+            assert line.lstrip().startswith(("python3 ", "printf ")), (name, line)
 
 
 @pytest.mark.parametrize("name,args,dest", [
@@ -345,6 +347,9 @@ def test_engine_without_tokenizer_names_tokenizer_dir(workdir, tmp_path, tiktoke
     code, _, err = run_script("run.py", "--engine_dir", engine, "--max_output_len", 2)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "has no qwen.tiktoken" in err, err
     assert "--tokenizer_dir" in err
+    for script, args in (("chat.py", []), ("serve.py", ["--port", 0])):  # these need it: said before any loading
+        code, _, err = run_script(script, "--engine_dir", engine, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--tokenizer_dir" in err, (script, err)
     code, _, err = run_script("run.py", "--engine_dir", engine, "--tokenizer_dir", tmp_path, "--max_output_len", 2)
     assert code == 2 and f"--tokenizer_dir {tmp_path} has no qwen.tiktoken" in err, err
     code, out, err = run_script("run.py", "--engine_dir", engine, "--tokenizer_dir", tiktoken_file.parent,

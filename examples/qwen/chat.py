@@ -1,9 +1,13 @@
-"""Chat with a Qwen engine in the terminal: python3 examples/qwen/chat.py --engine_dir qwen_outputs
+"""Chat with a Qwen engine in the terminal:
+
+python3 examples/qwen/chat.py --engine_dir qwen_outputs
 
 Multi-turn: the history goes into every prompt (chatml, make_context) and the oldest turns are dropped to fit the
 window, as Qwen's chat() does. Answers stream as they are generated. Commands: `:clear` (forget the
 conversation), `:system <text>` (a new system prompt; `:system` alone shows it), `:help`, `:quit` (or end of
-input). Ctrl-C stops an answer. Reads lines from a pipe too: `printf 'Hello\\n:quit\\n' | python3 .../chat.py`.
+input). Ctrl-C stops an answer. Reads lines from a pipe too:
+
+printf 'Hello\\n:quit\\n' | python3 examples/qwen/chat.py
 """
 
 import argparse
@@ -26,6 +30,7 @@ from qwen_trtllm.runtime.runner import (  # noqa: E402
     executor_config_from_args,
     generation_defaults,
     sampling_from_args,
+    tokenizer_path,
 )
 from qwen_trtllm.tokenizer import DEFAULT_SYSTEM  # noqa: E402
 
@@ -112,6 +117,7 @@ def main() -> int:
         raise QWenError(f"--max_output_len {args.max_output_len} must be >= 1")
     params = sampling_from_args(args, defaults, args.max_output_len or min(512, build.max_output_len))
     config = replace(executor_config_from_args(args, build), num_scheduler_steps=args.num_scheduler_steps)
+    tokenizer_path(args.engine_dir, args.tokenizer_dir)  # chat needs one: say so before the engine loads
     llm = LLM(args.engine_dir, args.tokenizer_dir, config)
     if not llm.is_leader:  # tensor parallelism: follow rank 0's steps until it quits
         llm.executor.worker_loop()

@@ -11,6 +11,8 @@ the other presets have the released models' shapes (tens of GB: --device cuda wr
 1024-token vocabulary and no tokenizer (prompts as token ids: run.py --input_tokens).
 """
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,10 +70,17 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             raise QWenError("--device cuda but no CUDA GPU is available: use --device cpu")
-    ckpt = write_random_checkpoint(out, args.preset, generation=args.generation, layout=args.layout,
-                                   dtype=torch_dtype(args.dtype), seed=args.seed, tokenizer_file=tokenizer_file,
-                                   device=args.device)
-    print(f"random Qwen (v1) checkpoint ({args.preset}, {args.dtype}, tokenizer: {tokenizer}) written to {ckpt} "
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # complete before it appears under its name
+    try:
+        write_random_checkpoint(tmp, args.preset, generation=args.generation, layout=args.layout,
+                                dtype=torch_dtype(args.dtype), seed=args.seed, tokenizer_file=tokenizer_file,
+                                device=args.device)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise QWenError(f"writing {out} failed: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"random Qwen (v1) checkpoint ({args.preset}, {args.dtype}, tokenizer: {tokenizer}) written to {out} "
           "(RANDOM weights: answers will be gibberish)")
     return 0
 

@@ -1,4 +1,6 @@
-"""Quickstart with Hugging Face transformers: python3 examples/qwen/quickstart.py --hf_model_dir Qwen/Qwen-7B-Chat
+"""Quickstart with Hugging Face transformers:
+
+python3 examples/qwen/quickstart.py --hf_model_dir Qwen/Qwen-7B-Chat
 
 Loads the checkpoint into the library's reference (transformers' Qwen2ForCausalLM with the Qwen (v1) weights
 mapped; exact for contexts up to seq_length), prints the model structure and answers one chat question.

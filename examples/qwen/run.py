@@ -1,4 +1,7 @@
-"""Chat with a Qwen engine: python3 examples/qwen/run.py --max_output_len 8"""
+"""Chat with a Qwen engine (one or more prompts, or token ids), TensorRT-LLM's run.py:
+
+python3 examples/qwen/run.py --max_output_len 8
+"""
 
 import argparse
 import sys

@@ -1,4 +1,6 @@
-"""OpenAI-compatible server for a Qwen engine: python3 examples/qwen/serve.py --engine_dir qwen_outputs --port 8000
+"""OpenAI-compatible server for a Qwen engine:
+
+python3 examples/qwen/serve.py --engine_dir qwen_outputs --port 8000
 
 Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics (Prometheus), and a chat page at
 /. One engine loop (in-flight batching) serves every connection. Under torchrun with a tensor-parallel engine,
@@ -20,7 +22,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from qwen_trtllm import QWenError  # noqa: E402
 from qwen_trtllm.cli import parser, run_cli  # noqa: E402
-from qwen_trtllm.runtime.runner import add_runtime_args, executor_config_from_args, generation_defaults  # noqa: E402
+from qwen_trtllm.runtime.runner import (  # noqa: E402
+    add_runtime_args,
+    executor_config_from_args,
+    generation_defaults,
+    tokenizer_path,
+)
 
 # An idle server broadcasts nothing to the other tensor-parallel ranks, which wait in a collective meanwhile:
 # their process group must not time out in between (a day without a request restarts nothing either).
@@ -86,6 +93,7 @@ def main() -> int:
             error = str(e)
     all_ranks_agree(error)
     _, build = read_engine_config(args.engine_dir)
+    tokenizer_path(args.engine_dir, args.tokenizer_dir)  # serving needs one: say so before the engine loads
     config = replace(executor_config_from_args(args, build), num_scheduler_steps=args.num_scheduler_steps)
     llm = LLM(args.engine_dir, args.tokenizer_dir, config)
     app, error = None, None

@@ -17,7 +17,7 @@ from qwen_trtllm.runtime.kv_cache import KvCacheConfig
 from qwen_trtllm.runtime.request import QWEN_EOD_ID, RequestOutput, SamplingParams
 
 __all__ = ["QWEN_EOD_ID", "StreamPrinter", "add_runtime_args", "executor_config_from_args", "generation_defaults",
-           "load_tokenizer", "read_input_tokens", "sampling_from_args", "write_outputs"]
+           "load_tokenizer", "read_input_tokens", "sampling_from_args", "tokenizer_path", "write_outputs"]
 
 
 # generation_config.json fields the runtime reads, and their types; null (seen in real checkpoints) means "not set"
@@ -52,24 +52,34 @@ def generation_defaults(engine_dir: str | Path) -> dict:
     return cfg
 
 
-def load_tokenizer(engine_dir: str | Path, tokenizer_dir: str | Path | None = None, required: bool = True):
-    """The QWenTokenizer of --tokenizer_dir, else of the engine directory (build.py copies the checkpoint's
-    qwen.tiktoken there). None when the engine has none and `required` is False."""
-    from qwen_trtllm.tokenizer import TIKTOKEN_FILE, QWenTokenizer
+def tokenizer_path(engine_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                   required: bool = True) -> Path | None:
+    """Where the tokenizer comes from: --tokenizer_dir (a directory holding qwen.tiktoken, or the file), else the
+    engine directory (build.py copies the checkpoint's qwen.tiktoken there). None when the engine has none and
+    `required` is False; otherwise a QWenError that names --tokenizer_dir."""
+    from qwen_trtllm.tokenizer import TIKTOKEN_FILE
 
     if tokenizer_dir is not None:
         d = Path(tokenizer_dir)
         if not d.is_file() and not (d / TIKTOKEN_FILE).is_file():
             raise QWenError(f"--tokenizer_dir {d} has no {TIKTOKEN_FILE}: point it at the Hugging Face checkpoint "
                             f"directory that holds {TIKTOKEN_FILE}")
-        return QWenTokenizer.from_dir(d)
+        return d
     if (Path(engine_dir) / TIKTOKEN_FILE).is_file():
-        return QWenTokenizer.from_dir(engine_dir)
+        return Path(engine_dir)
     if required:
         raise QWenError(f"engine directory {engine_dir} has no {TIKTOKEN_FILE} (its checkpoint had none): pass "
                         f"--tokenizer_dir <the Hugging Face checkpoint directory>, or rebuild with build.py "
                         "--tokenizer_dir")
     return None
+
+
+def load_tokenizer(engine_dir: str | Path, tokenizer_dir: str | Path | None = None, required: bool = True):
+    """The QWenTokenizer of tokenizer_path(...), or None."""
+    from qwen_trtllm.tokenizer import QWenTokenizer
+
+    path = tokenizer_path(engine_dir, tokenizer_dir, required)
+    return QWenTokenizer.from_dir(path) if path is not None else None
 
 
 def add_runtime_args(p) -> None:
