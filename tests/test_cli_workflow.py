@@ -170,6 +170,7 @@ def test_help_says_what_every_flag_does_and_its_default(name):
 
 @pytest.mark.parametrize("name,args,dest", [
     ("build.py", ["--model_dir", "x", "--dtype"], "dtype"),
+    ("build.py", ["--model_dir", "x", "--use_gemm_plugin"], "use_gemm_plugin"),
     ("hf_qwen_convert.py", ["-i", "x", "-o", "y", "-t"], "storage_type"),
     ("summarize.py", ["--data_type"], "data_type"),
     ("benchmark.py", ["--dtype"], "dtype"),

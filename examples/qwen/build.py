@@ -18,7 +18,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from qwen_trtllm import QWenError  # noqa: E402
 from qwen_trtllm.builder.build import PLUGIN_FLAGS, build_engine  # noqa: E402
 from qwen_trtllm.cli import parser, run_cli  # noqa: E402
-from qwen_trtllm.dtypes import add_dtype_argument  # noqa: E402
+from qwen_trtllm.dtypes import add_dtype_argument, choices_text, dtype_arg  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,9 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        ("use_gemm_plugin", "cuBLAS GEMMs (always on here)"),
                        ("use_layernorm_plugin", "the fused residual-add + RMSNorm kernel"),
                        ("use_rmsnorm_plugin", "the fused residual-add + RMSNorm kernel")):
-        p.add_argument(f"--{flag}", nargs="?", const="float16", default=None,
-                       choices=["float16", "float32", "bfloat16"],
-                       help=f"TensorRT-LLM's flag, recorded in config.json: {what}")
+        p.add_argument(f"--{flag}", nargs="?", const="float16", default=None, type=dtype_arg(),
+                       metavar="{float16,float32,bfloat16}",
+                       help=f"TensorRT-LLM's flag (its dtype: {choices_text()}), recorded in config.json: {what}")
     p.add_argument("--use_weight_only", action="store_true", help="store the linear layers as int8/int4")
     p.add_argument("--weight_only_precision", default=None, choices=["int8", "int4"],
                    help="with --use_weight_only (default: int8)")
