@@ -68,8 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         given += ["quantize_lm_head"] if args.quantize_lm_head else []
         if given:
             raise QWenError(f"--{given[0]} has no effect without --use_weight_only: add --use_weight_only or drop it")
-    elif args.group_size is not None and args.weight_only_precision != "int4":
-        raise QWenError("--group_size applies to int4 only: add --weight_only_precision int4 or drop it")
     return args
 
 

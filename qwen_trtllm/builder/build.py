@@ -159,6 +159,8 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
     if weight_only_precision is None and (group_size is not None or quantize_lm_head):
         raise QWenError("--group_size / --quantize_lm_head apply to weight-only quantisation only: add "
                         "--use_weight_only (with --weight_only_precision int4 for --group_size)")
+    if weight_only_precision == "int8" and group_size is not None:
+        raise QWenError("--group_size applies to int4 only: add --weight_only_precision int4 or drop it")
     explicit_group_size, group_size = group_size, group_size or 128
     quant = lambda: QuantizationConfig(weight_only_precision, group_size, quantize_lm_head) \
         if weight_only_precision else None
@@ -234,7 +236,8 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
                 LOGGER.info(f"rank {r}: read {src} in {format_duration(time.monotonic() - t0)}")
             weights = {}
             with progress(len(state), f"rank {r}: converting to {dtype}") as bar:
-                for k, v in state.items():
+                for k in list(state):
+                    v = state.pop(k)  # (the source copy goes as its engine copy comes)
                     if not k.endswith((".qweight", ".scales")):  # packed GPTQ weights keep their storage types
                         v = v.to(DTYPES[dtype]).contiguous()
                     if v.is_floating_point() and not bool(torch.isfinite(v).all()):
