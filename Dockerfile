@@ -14,4 +14,4 @@ RUN grep -v '^torch' requirements.txt > /tmp/requirements-notorch.txt \
     && pip install --no-cache-dir --no-deps -e .
 
 WORKDIR /work
-CMD ["sh", "-c", "python3 /opt/qwen_trtllm/examples/qwen/hf_qwen_convert.py -i /ckpt -o ./c-model/Qwen --tensor-parallelism 1 --storage-type float16 --force && python3 /opt/qwen_trtllm/examples/qwen/build.py --model_dir ./c-model/Qwen/1-gpu --dtype float16 --max_batch_size 2 && python3 /opt/qwen_trtllm/examples/qwen/run.py --max_output_len 128 --streaming"]
+CMD ["sh", "-c", "python3 /opt/qwen_trtllm/examples/qwen/hf_qwen_convert.py -i /ckpt -o ./c-model/Qwen --tensor-parallelism 1 --storage-type float16 --force && python3 /opt/qwen_trtllm/examples/qwen/build.py --model_dir ./c-model/Qwen/1-gpu --dtype float16 --max_batch_size 2 --force && python3 /opt/qwen_trtllm/examples/qwen/run.py --max_output_len 128 --streaming"]

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
+from qwen_trtllm import QWenError
+
 
 @contextlib.contextmanager
 def nvtx_range(name: str) -> Iterator[None]:
@@ -32,7 +34,12 @@ def maybe_profile(trace_path: str | None) -> Iterator[None]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, record_shapes=False) as prof:
         yield
-    prof.export_chrome_trace(trace_path)
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
+    from qwen_trtllm.cli import atomic_path
+
+    with atomic_path(trace_path) as tmp:
+        prof.export_chrome_trace(str(tmp))  # (logs an error but raises none when it cannot write)
+        if tmp.stat().st_size == 0:
+            raise QWenError(f"--profile: the torch profiler could not write its trace to {trace_path}")
     print(f"profiler trace written to {trace_path} (open it in https://ui.perfetto.dev)")

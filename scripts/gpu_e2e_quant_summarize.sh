@@ -8,7 +8,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 mkdir -p "$W" "$OUT"
 python3 -c "import sys, torch; from qwen_trtllm.checkpoint.random_checkpoint import write_random_checkpoint as w; \
 w(sys.argv[1], 'qwen-7b', dtype=torch.float16, device='cuda', tokenizer_file=sys.argv[2])" "$W/hf" "$TOK"
-B="python3 examples/qwen/build.py --hf_model_dir $W/hf --dtype float16 --max_batch_size 16 --max_input_len 1024 --max_output_len 128"
+B="python3 examples/qwen/build.py --force --hf_model_dir $W/hf --dtype float16 --max_batch_size 16 --max_input_len 1024 --max_output_len 128"
 $B --output_dir "$W/fp16" >/dev/null
 time $B --use_weight_only --weight_only_precision int8 --output_dir "$W/int8" >/dev/null
 time $B --use_weight_only --weight_only_precision int4 --group_size 128 --output_dir "$W/int4" >/dev/null

@@ -11,7 +11,7 @@ python3 examples/qwen/benchmark.py --model qwen-7b --batch_size 1,8,64 --input_o
 (cd "$OUT" && COMPILE=1 BS=1,64 OUT="$OUT" timeout 240 python3 "$OLDPWD/$C/plain_cuda_graph_decode.py" 2>&1 | tail -3)
 python3 -c "import sys, torch; from qwen_trtllm.checkpoint.random_checkpoint import write_random_checkpoint as w; \
 w(sys.argv[1], 'qwen-7b', dtype=torch.float16, device='cuda', tokenizer_file=sys.argv[2])" "$W/hf" "$C/qwen.tiktoken"
-python3 examples/qwen/build.py --hf_model_dir "$W/hf" --dtype float16 --max_batch_size 1 --max_input_len 1024 \
+python3 examples/qwen/build.py --force --hf_model_dir "$W/hf" --dtype float16 --max_batch_size 1 --max_input_len 1024 \
     --max_output_len 128 --output_dir "$W/fp16" >/dev/null
 python3 examples/qwen/summarize.py --test_trt_llm --test_hf --hf_model_dir "$W/hf" --engine_dir "$W/fp16" \
     --data_type fp16 --max_ite 5 --batch_size 1 --output_len 100 --check_accuracy --tensorrt_llm_rouge1_threshold 15 \

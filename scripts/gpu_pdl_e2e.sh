@@ -21,7 +21,7 @@ if [ "$MODE" = check ]; then
     python3 -c "import sys, torch; from qwen_trtllm.checkpoint.random_checkpoint import write_random_checkpoint as w; \
 from qwen_trtllm.checkpoint.tokenizer_file import packaged_qwen_tiktoken as t; \
 w(sys.argv[1], 'qwen-7b', dtype=torch.float16, device='cuda', tokenizer_file=t())" "$W/hf"
-    BUILD="python3 examples/qwen/build.py --hf_model_dir $W/hf --dtype float16 --max_batch_size 16 --max_input_len 128 --max_output_len 64"
+    BUILD="python3 examples/qwen/build.py --force --hf_model_dir $W/hf --dtype float16 --max_batch_size 16 --max_input_len 128 --max_output_len 64"
     $BUILD --output_dir "$W/fp16" >/dev/null
     $BUILD --use_weight_only --weight_only_precision int8 --output_dir "$W/int8" >/dev/null
     $BUILD --use_weight_only --weight_only_precision int4 --group_size 128 --output_dir "$W/int4" >/dev/null

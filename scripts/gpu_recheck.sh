@@ -12,7 +12,7 @@ python3 examples/qwen/benchmark.py --model qwen-7b --batch_size 1,64 --input_out
 python3 scripts/profile_decode.py --steps 32 2>&1 | grep -E "Name|_kernel|nvjet" | head -12 | cut -c1-60,120-175
 python3 -c "import sys, torch; from qwen_trtllm.checkpoint.random_checkpoint import write_random_checkpoint as w; \
 w(sys.argv[1], 'qwen-7b', dtype=torch.float16, device='cuda', tokenizer_file=sys.argv[2])" "$W/hf" "$TOK"
-python3 examples/qwen/build.py --hf_model_dir "$W/hf" --dtype float16 --max_batch_size 16 --max_input_len 256 \
+python3 examples/qwen/build.py --force --hf_model_dir "$W/hf" --dtype float16 --max_batch_size 16 --max_input_len 256 \
     --max_output_len 64 --output_dir "$W/fp16" >/dev/null
 python3 examples/qwen/eval_accuracy.py --engine_dir "$W/fp16" --hf_model_dir "$W/hf" --num_prompts 64 --steps 32 \
     --min_top1 0.98 --json_output "$OUT/acc_recheck.json"

@@ -39,3 +39,22 @@ def make_checkpoint(tmp_path_factory):
 def tiny_checkpoint(make_checkpoint) -> Path:
     """The default tiny checkpoint (v1.1 config, sharded safetensors, fp32)."""
     return make_checkpoint(shard_bytes=1 << 18)
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys):
+    """run_script("build.py", *args) -> (exit status, stdout, stderr): an examples/qwen script run in this process
+    (no interpreter start-up), as `python3 examples/qwen/<script> <args>` runs it."""
+    import runpy
+    import sys
+
+    def run(script: str, *args) -> tuple[int, str, str]:
+        path = Path(__file__).resolve().parents[1] / "examples" / "qwen" / script
+        monkeypatch.setattr(sys, "argv", [str(path), *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            runpy.run_path(str(path), run_name="__main__")
+        out, err = capsys.readouterr()
+        return exc.value.code or 0, out, err
+
+    return run

@@ -1,9 +1,10 @@
-"""hf_qwen_convert.py and the FT format: round trips, per-rank layout, config.ini, CLI errors, parallel conversion."""
+"""hf_qwen_convert.py and build.py: FT round trips, per-rank layout, config.ini, CLI errors, output rules."""
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from qwen_trtllm import QWenError
 from qwen_trtllm.checkpoint import ft_format
 from qwen_trtllm.checkpoint.ft_format import convert_checkpoint, merge_ft_ranks, read_ft_config, read_ft_rank
 from qwen_trtllm.checkpoint.hf_checkpoint import HFCheckpoint
+from qwen_trtllm.checkpoint.random_checkpoint import write_random_checkpoint
 from qwen_trtllm.config import QWenConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,3 +265,125 @@ def test_cli_success_and_force(make_checkpoint, tmp_path):
     ckpt = HFCheckpoint(ckpt_dir)
     assert all(torch.equal(merged[n], ckpt.get(n).to(torch.bfloat16)) for n in ckpt.expected_shapes())
     assert sorted(p.name for p in out.iterdir()) == ["2-gpu"]
+
+
+# --- build.py: the same output rule, non-finite weights, file modes, the tokenizer ------------------------------
+def tiny_build(ckpt: Path, out: Path, **kw) -> Path:
+    from qwen_trtllm.builder.build import build_engine
+
+    kw = {"dtype": "float32", "max_batch_size": 1, "max_input_len": 16, "max_output_len": 4, **kw}
+    return build_engine(out, **({"hf_dir": ckpt} if "ft_dir" not in kw else {}), **kw)
+
+
+def test_build_replaces_an_engine_only_with_force(tiny_checkpoint, tmp_path, run_script):
+    from qwen_trtllm.runtime.engine import read_engine_config
+
+    out = tiny_build(tiny_checkpoint, tmp_path / "engine", dtype="bf16")  # aliases reach the library too
+    assert read_engine_config(out)[1].dtype == "bfloat16"
+    with pytest.raises(QWenError, match="already holds an engine: pass --force"):
+        tiny_build(tiny_checkpoint, out, max_batch_size=3)
+    assert read_engine_config(out)[1].max_batch_size == 1
+    code, stdout, err = run_script("build.py", "--hf_model_dir", tiny_checkpoint, "--output_dir", out, "--dtype",
+                                   "fp32", "--max_batch_size", 3, "--force", "--max_input_len", 16)
+    assert code == 0, err
+    assert read_engine_config(out)[1].max_batch_size == 3 and read_engine_config(out)[1].dtype == "float32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]  # no temporary or old copy left
+    assert "Total time of building all engines: 00:00:0" in err  # TensorRT-LLM's line, timestamped log format
+    assert re.search(r"^\[\d\d/\d\d/\d{4}-\d\d:\d\d:\d\d\] \[QWen\] \[I\] ", err, re.M), err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for force in (False, True):  # never replaced, whatever the flag
+        with pytest.raises(QWenError, match="non-empty directory that is not an engine"):
+            tiny_build(tiny_checkpoint, other, force=force)
+    assert (other / "notes.txt").read_text() == "mine"
+    with pytest.raises(QWenError, match="is the checkpoint being built"):
+        tiny_build(tiny_checkpoint, tiny_checkpoint, force=True)
+
+
+def test_convert_never_replaces_what_is_not_an_ft_directory(tiny_checkpoint, tmp_path):
+    (tmp_path / "1-gpu").mkdir()
+    (tmp_path / "1-gpu" / "notes.txt").write_text("mine")
+    with pytest.raises(QWenError, match="is not an FT directory"):
+        convert_checkpoint(tiny_checkpoint, tmp_path, force=True)
+    assert (tmp_path / "1-gpu" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("mask,dir_mode,file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_outputs_get_the_umask_modes(tiny_checkpoint, tmp_path, mask, dir_mode, file_mode):
+    import os
+    import stat
+
+    import numpy as np
+
+    from qwen_trtllm.runtime.runner import write_outputs
+
+    old = os.umask(mask)
+    try:
+        engine = tiny_build(tiny_checkpoint, tmp_path / "engine")
+        ft = convert_checkpoint(tiny_checkpoint, tmp_path / "c-model", storage_type="float32")
+        write_outputs([[1, 2]], np.array([[5, 1, 2]]), str(tmp_path / "o.csv"), str(tmp_path / "o.npy"))
+        ckpt = write_random_checkpoint(tmp_path / "ckpt", shard_bytes=SHARD)
+    finally:
+        os.umask(old)
+    for d in (engine, ft, ckpt):
+        assert stat.S_IMODE(d.stat().st_mode) == dir_mode, d
+        files = [f for f in d.iterdir()]
+        assert files and all(stat.S_IMODE(f.stat().st_mode) == file_mode for f in files), d
+    for name in ("o.csv", "o.npy"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == file_mode, name
+
+
+def test_non_finite_weights_are_refused_at_build(make_checkpoint, tmp_path):
+    good = make_checkpoint(shard_bytes=SHARD)
+    nan = shutil.copytree(good, tmp_path / "nan")
+    w = HFCheckpoint(good).get("transformer.h.1.mlp.w1.weight").clone()
+    w[3, 5] = float("nan")
+    rewrite_shard(nan, "transformer.h.1.mlp.w1.weight", w)
+    with pytest.raises(QWenError, match=r"^tensor transformer\.h\.1\.mlp\.w1\.weight of .* holds NaN or Inf"):
+        tiny_build(nan, tmp_path / "e1")
+    ft = convert_checkpoint(good, tmp_path / "ft", storage_type="float32")  # the FT path: +Inf in one file
+    f = ft / "model.layers.0.attention.dense.weight.0.bin"
+    data = np.fromfile(f, dtype="<f4")
+    data[7] = np.inf
+    data.tofile(f)
+    with pytest.raises(QWenError, match=r"^tensor model\.layers\.0\.attention\.dense\.weight of .* holds NaN or Inf"):
+        tiny_build(None, tmp_path / "e2", ft_dir=ft)
+    big = shutil.copytree(good, tmp_path / "big")  # finite, but beyond float16's range
+    w = HFCheckpoint(good).get("transformer.h.0.attn.c_proj.weight").clone()
+    w[0, 0] = 1e6
+    rewrite_shard(big, "transformer.h.0.attn.c_proj.weight", w)
+    with pytest.raises(QWenError, match=r"attn\.dense\.weight is NaN or Inf in the engine's float16.*--dtype bfloat16"):
+        tiny_build(big, tmp_path / "e3", dtype="float16")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".e", "e"))]  # nothing half-written
+    tiny_build(big, tmp_path / "e4", dtype="bfloat16")
+
+
+def test_build_tokenizer_dir(make_checkpoint, tiktoken_file, tmp_path, run_script):
+    ckpt = make_checkpoint(vocab_size=151936, seq_length=64, shard_bytes=1 << 22)  # Qwen's vocabulary, no tokenizer
+    code, _, err = run_script("build.py", "--hf_model_dir", ckpt, "--dtype", "float32", "--max_input_len", 16,
+                              "--max_output_len", 4, "--output_dir", tmp_path / "bare")
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "[W]" in line]
+    assert len(warning) == 1 and "has no qwen.tiktoken" in warning[0] and "--tokenizer_dir" in warning[0], err
+    assert not (tmp_path / "bare" / "qwen.tiktoken").exists()
+    code, _, err = run_script("build.py", "--hf_model_dir", ckpt, "--dtype", "float32", "--max_input_len", 16,
+                              "--max_output_len", 4, "--output_dir", tmp_path / "tok", "--tokenizer_dir",
+                              tiktoken_file.parent)
+    assert code == 0 and "[W]" not in err, err
+    assert (tmp_path / "tok" / "qwen.tiktoken").read_bytes() == tiktoken_file.read_bytes()
+    assert (tmp_path / "tok" / "generation_config.json").read_bytes() == (ckpt / "generation_config.json").read_bytes()
+    code, _, err = run_script("build.py", "--hf_model_dir", make_checkpoint(shard_bytes=SHARD), "--dtype", "float32",
+                              "--output_dir", tmp_path / "small", "--tokenizer_dir", tiktoken_file.parent)
+    assert code == 2 and "it is not this model's tokenizer" in err and not (tmp_path / "small").exists(), err
+    code, _, err = run_script("build.py", "--hf_model_dir", ckpt, "--output_dir", tmp_path / "x", "--tokenizer_dir",
+                              tmp_path)
+    assert code == 2 and f"--tokenizer_dir {tmp_path} has no qwen.tiktoken" in err, err
+
+
+def test_convert_warns_about_a_missing_tokenizer(tiny_checkpoint, tmp_path, run_script):
+    code, _, err = run_script("hf_qwen_convert.py", "-i", tiny_checkpoint, "-o", tmp_path, "-t", "fp32")
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "[W]" in line]
+    assert len(warning) == 1 and "has no qwen.tiktoken" in warning[0] and "--tokenizer_dir" in warning[0], err
+    assert read_ft_config(tmp_path / "1-gpu")[1]["storage_dtype"] == "float32"

@@ -4,7 +4,6 @@ python3 examples/qwen/benchmark.py --model qwen-7b --batch_size 1,8,64 --input_o
     --dtype float16 --compare_hf
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,7 +16,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402
 
 from qwen_trtllm import QWenError  # noqa: E402
-from qwen_trtllm.cli import run_cli  # noqa: E402
+from qwen_trtllm.cli import atomic_write, check_output_file, parser, run_cli  # noqa: E402
+from qwen_trtllm.dtypes import add_dtype_argument  # noqa: E402
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
@@ -28,23 +28,32 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default="qwen-7b", help="random weights of a named shape: tiny, qwen-1.8b, qwen-7b, "
                      "qwen-14b (created directly on the GPU)")
     src.add_argument("--engine_dir", default=None, help="an engine directory built by build.py")
-    p.add_argument("--batch_size", default="1,8,64")
-    p.add_argument("--input_output_len", default="128,128;2048,128")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--kernels", default="triton", choices=["triton", "torch"])
+    p.add_argument("--batch_size", default="1,8,64", help="comma-separated batch sizes")
+    p.add_argument("--input_output_len", default="128,128;2048,128",
+                   help='semicolon-separated "input,output" token lengths')
+    add_dtype_argument(p, "--dtype", default="float16", help="dtype of the random weights (--model)")
+    p.add_argument("--kernels", default="triton", choices=["triton", "torch"],
+                   help="fused Triton kernels or plain PyTorch ops")
     p.add_argument("--quant", default="", help="also time weight-only quantised copies: int8, int4 or int8,int4")
-    p.add_argument("--group_size", type=int, default=128)
+    p.add_argument("--group_size", type=int, default=None, help="int4 rows of --quant: input channels per scale "
+                   "(default: 128)")
     p.add_argument("--quantize_lm_head", action="store_true", help="--quant rows also quantise the lm_head")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="timed runs per row (the median is reported)")
     p.add_argument("--compare_hf", action="store_true", help="also time Hugging Face eager on the same weights")
-    p.add_argument("--hf_batch_size", default="1,8", help="batch sizes for --compare_hf (eager is slow)")
-    p.add_argument("--json_output", default=None)
+    p.add_argument("--hf_batch_size", default=None, help="batch sizes for --compare_hf (eager is slow; default: 1,8)")
+    p.add_argument("--json_output", default=None, help="write the rows here as JSON")
     args = p.parse_args()
+    check_output_file(args.json_output, "--json_output")
+    if not args.quant and (args.group_size is not None or args.quantize_lm_head):
+        raise QWenError("--group_size / --quantize_lm_head apply to --quant rows only: add --quant int4 (or int8)")
+    if args.hf_batch_size is not None and not args.compare_hf:
+        raise QWenError("--hf_batch_size applies to --compare_hf only: add --compare_hf or drop it")
+    args.group_size, args.hf_batch_size = args.group_size or 128, args.hf_batch_size or "1,8"
     if not torch.cuda.is_available():
         raise QWenError("benchmark.py times CUDA kernels and needs an NVIDIA GPU; on CPU run examples/qwen/run.py")
 
@@ -91,8 +100,9 @@ def main() -> int:
     show()
     show(bm.format_table(rows))
     if args.json_output and rank == 0:
-        Path(args.json_output).write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs,
-                                                      "rows": bm.rows_to_json(rows)}, indent=2))
+        with atomic_write(args.json_output) as f:
+            f.write(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs,
+                                "rows": bm.rows_to_json(rows)}, indent=2))
     return 0
 
 

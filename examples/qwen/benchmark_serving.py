@@ -8,7 +8,6 @@ python3 examples/qwen/benchmark_serving.py --model qwen-7b --dataset chat --requ
     --base_url http://127.0.0.1:8000/v1      # the same workloads sent to `serve.py --model qwen-7b` over HTTP
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,20 +20,22 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402
 
 from qwen_trtllm import QWenError  # noqa: E402
-from qwen_trtllm.cli import run_cli  # noqa: E402
+from qwen_trtllm.cli import atomic_write, check_output_file, parser, run_cli  # noqa: E402
+from qwen_trtllm.dtypes import add_dtype_argument  # noqa: E402
 from qwen_trtllm.runtime.runner import add_runtime_args, executor_config_from_args  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default="qwen-7b", help="random weights of a named shape (created on the GPU)")
     src.add_argument("--engine_dir", default=None, help="an engine directory built by build.py")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    p.add_argument("--num_requests", type=int, default=1000)
+    add_dtype_argument(p, "--dtype", default="float16", allowed=("float16", "bfloat16"),
+                       help="dtype of the random weights (--model)")
+    p.add_argument("--num_requests", type=int, default=1000, help="requests in the workload")
     p.add_argument("--dataset", default="chat", help='"chat" (synthetic chat mix) or "IN,OUT" fixed lengths')
     p.add_argument("--request_rate", type=float, default=float("inf"), help="requests/s, Poisson (inf: all at once)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload")
     p.add_argument("--num_scheduler_steps", type=int, default=8, help="decode steps per host sync when none wait")
     p.add_argument("--compare_hf", action="store_true", help="also run transformers' generate_batch on the same "
                    "requests and weights")
@@ -42,7 +43,7 @@ def main() -> int:
                    "(generate_batch is slow); the engine runs the same N again for the same-run ratio")
     p.add_argument("--interference", action="store_true", help="64 decoding streams + one 2048-token prompt: "
                    "the streams' inter-token latency (run with --num_scheduler_steps 1)")
-    p.add_argument("--json_output", default=None)
+    p.add_argument("--json_output", default=None, help="write the results here as JSON")
     add_runtime_args(p)
     p.add_argument("--base_url", default=None, help="send the workload to a running OpenAI-compatible server (such "
                    "as http://127.0.0.1:8000/v1 of serve.py) as streaming /v1/completions requests with token-id "
@@ -52,13 +53,12 @@ def main() -> int:
                    '--seed, on the same engine or server: "4,8:200,inf" (RATE[:N]: N requests, default '
                    '--num_requests); replaces --request_rate (default: none)')
     args = p.parse_args()
+    check_output_file(args.json_output, "--json_output")
     if args.base_url is None and not torch.cuda.is_available() and not args.engine_dir:
         raise QWenError("benchmark_serving.py needs an NVIDIA GPU (without one: --engine_dir runs on the CPU as a "
                         "functional check, its numbers say nothing about a GPU; --base_url loads a server)")
     if args.request_rates and (args.compare_hf or args.interference):
         raise QWenError("--request_rates does not combine with --compare_hf / --interference: give --request_rate")
-    if args.json_output:
-        Path(args.json_output).parent.mkdir(parents=True, exist_ok=True)
     from qwen_trtllm.evaluation import serving as sv
 
     rates = sv.parse_rates(args.request_rates, args.num_requests) if args.request_rates else \
@@ -117,7 +117,8 @@ def main() -> int:
         print(sv.format_results(rows))
         report["rows"] = sv.results_to_json(rows)
     if args.json_output:
-        Path(args.json_output).write_text(json.dumps(report, indent=2))
+        with atomic_write(args.json_output) as f:
+            f.write(json.dumps(report, indent=2))
     return 0
 
 
@@ -156,7 +157,8 @@ def load_server(args, rates: list[tuple[float, int]], name) -> int:
     if args.json_output:
         report = {"base_url": args.base_url, "warm_up": sv.results_to_json([warm])[0],
                   "rows": sv.results_to_json(rows)}
-        Path(args.json_output).write_text(json.dumps(report, indent=2))
+        with atomic_write(args.json_output) as f:
+            f.write(json.dumps(report, indent=2))
     return 0
 
 

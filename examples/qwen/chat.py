@@ -1,9 +1,13 @@
-"""Chat with a Qwen engine in the terminal: python3 examples/qwen/chat.py --engine_dir qwen_outputs
+"""Chat with a Qwen engine in the terminal:
+
+python3 examples/qwen/chat.py --engine_dir qwen_outputs
 
 Multi-turn: the history goes into every prompt (chatml, make_context) and the oldest turns are dropped to fit the
 window, as Qwen's chat() does. Answers stream as they are generated. Commands: `:clear` (forget the
 conversation), `:system <text>` (a new system prompt; `:system` alone shows it), `:help`, `:quit` (or end of
-input). Ctrl-C stops an answer. Reads lines from a pipe too: `printf 'Hello\\n:quit\\n' | python3 .../chat.py`.
+input). Ctrl-C stops an answer. Reads lines from a pipe too:
+
+printf 'Hello\\n:quit\\n' | python3 examples/qwen/chat.py
 """
 
 import argparse
@@ -19,13 +23,14 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qwen_trtllm import QWenError  # noqa: E402
-from qwen_trtllm.cli import run_cli  # noqa: E402
+from qwen_trtllm.cli import parser, run_cli  # noqa: E402
 from qwen_trtllm.runtime.runner import (  # noqa: E402
     QWEN_EOD_ID,
     add_runtime_args,
     executor_config_from_args,
     generation_defaults,
     sampling_from_args,
+    tokenizer_path,
 )
 from qwen_trtllm.tokenizer import DEFAULT_SYSTEM  # noqa: E402
 
@@ -33,17 +38,18 @@ HELP = ":clear forgets the conversation, :system <text> sets the system prompt, 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine_dir", default="qwen_outputs")
+    p = parser(__doc__)
+    p.add_argument("--engine_dir", default="qwen_outputs", help="the engine directory written by build.py")
     p.add_argument("--tokenizer_dir", default=None, help="directory with qwen.tiktoken (default: the engine dir)")
-    p.add_argument("--system", default=DEFAULT_SYSTEM)
+    p.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt (:system changes it)")
     p.add_argument("--max_output_len", type=int, default=None, help="tokens per answer at most (default: "
                    "min(512, the engine's limit))")
-    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="default: generation_config.json's, else 1.0")
     p.add_argument("--top_k", type=int, default=None, help="1 = greedy, 0 = off (default: generation_config)")
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--repetition_penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=None, help="default: generation_config.json's, else 1.0")
+    p.add_argument("--repetition_penalty", type=float, default=None,
+                   help="default: generation_config.json's, else 1.0")
+    p.add_argument("--seed", type=int, default=0, help="random seed of sampling")
     p.add_argument("--max_window_size", type=int, default=None, help="history window in tokens (default: "
                    "generation_config.json's max_window_size or 6144, at most the engine's max_input_len)")
     p.add_argument("--num_scheduler_steps", type=int, default=4, help="decode steps run back to back")
@@ -113,6 +119,7 @@ def main() -> int:
         raise QWenError(f"--max_output_len {args.max_output_len} must be >= 1")
     params = sampling_from_args(args, defaults, args.max_output_len or min(512, build.max_output_len))
     config = replace(executor_config_from_args(args, build), num_scheduler_steps=args.num_scheduler_steps)
+    tokenizer_path(args.engine_dir, args.tokenizer_dir)  # chat needs one: say so before the engine loads
     llm = LLM(args.engine_dir, args.tokenizer_dir, config)
     if not llm.is_leader:  # tensor parallelism: follow rank 0's steps until it quits
         llm.executor.worker_loop()

@@ -17,24 +17,25 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import torch  # noqa: E402
 
 from qwen_trtllm import QWenError  # noqa: E402
-from qwen_trtllm.cli import run_cli  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+from qwen_trtllm.cli import parser, run_cli  # noqa: E402
+from qwen_trtllm.dtypes import add_dtype_argument, torch_dtype  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine_dir", default="qwen_outputs")
+    p = parser(__doc__)
+    p.add_argument("--engine_dir", default="qwen_outputs", help="the engine directory to compare")
     p.add_argument("--hf_model_dir", required=True, help="the Hugging Face Qwen checkpoint the engine was built from")
     p.add_argument("--tokenizer_dir", default=None, help="directory with qwen.tiktoken (default: engine, then HF dir)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--input_text", default="Tell me about the history of the printing press.")
+    src.add_argument("--input_text", default="Tell me about the history of the printing press.",
+                     help="the prompt (through the tokenizer)")
     src.add_argument("--input_tokens", default=None,
                      help='token ids: "1,2,3" or a .csv/.npy file (as run.py reads them; the first row)')
     p.add_argument("--chat_format", default="chatml", choices=["chatml", "raw"], help="how --input_text is wrapped")
-    p.add_argument("--engine_dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="run the engine's weights cast to this dtype (default: the dtype it was built with)")
-    p.add_argument("--reference_dtype", default="float32", choices=["float32", "float64"])
+    add_dtype_argument(p, "--engine_dtype", default=None,
+                       help="run the engine's weights cast to this dtype (default: the dtype it was built with)")
+    add_dtype_argument(p, "--reference_dtype", default="float32", allowed=("float32", "float64"),
+                       help="dtype of the Hugging Face reference")
     p.add_argument("--rtol", type=float, default=None,
                    help="relative-error tolerance per tensor (default by engine dtype: fp32 1e-4, fp16 2e-2, "
                         "bf16 5e-2)")
@@ -72,16 +73,18 @@ def main() -> int:
 
     from qwen_trtllm.evaluation.compare_layers import compare_layers, first_flagged, format_table
     from qwen_trtllm.runtime import Engine
+    from qwen_trtllm.runtime.engine import read_engine_config
 
-    engine = Engine.load(args.engine_dir, device=device)
-    if args.engine_dtype is not None and DTYPES[args.engine_dtype] != engine.dtype:
-        engine.model.to(DTYPES[args.engine_dtype])
-        engine.dtype = DTYPES[args.engine_dtype]
+    read_engine_config(args.engine_dir)  # a missing engine and bad input fail before the engine loads
     ids = input_ids(args)
+    engine = Engine.load(args.engine_dir, device=device)
+    if args.engine_dtype is not None and torch_dtype(args.engine_dtype) != engine.dtype:
+        engine.model.to(torch_dtype(args.engine_dtype))
+        engine.dtype = torch_dtype(args.engine_dtype)
 
     from qwen_trtllm.models.qwen.reference import load_reference
 
-    reference = load_reference(args.hf_model_dir, DTYPES[args.reference_dtype], device)
+    reference = load_reference(args.hf_model_dir, torch_dtype(args.reference_dtype, ("float32", "float64")), device)
     if reference.config.vocab_size != engine.config.vocab_size:
         raise QWenError(f"the engine's vocabulary ({engine.config.vocab_size}) differs from the checkpoint's "
                         f"({reference.config.vocab_size}): was the engine built from --hf_model_dir?")

@@ -5,7 +5,6 @@ Hugging Face reference. The weights are random, so the chat answer is gibberish:
 runs and that the engine computes exactly what the model defines.
 """
 
-import argparse
 import subprocess
 import sys
 import time
@@ -18,13 +17,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-from qwen_trtllm.checkpoint.random_checkpoint import write_random_checkpoint  # noqa: E402
+from qwen_trtllm.checkpoint.random_checkpoint import PRESETS, write_random_checkpoint  # noqa: E402
 from qwen_trtllm.checkpoint.tokenizer_file import packaged_qwen_tiktoken  # noqa: E402
-from qwen_trtllm.cli import run_cli  # noqa: E402
+from qwen_trtllm.cli import check_output_dir, parser, run_cli  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DEMO_SHAPE = dict(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_channels=16,
-                  intermediate_size=256, seq_length=8192, max_position_embeddings=8192)
+DEMO_SHAPE = PRESETS["tiny-chat"]
 QUESTION = "你好，请问你叫什么？"
 
 
@@ -34,11 +32,12 @@ def step(title: str, script: str, *args: str) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--workdir", default="demo_outputs")
-    p.add_argument("--max_output_len", type=int, default=32)
+    p = parser(__doc__)
+    p.add_argument("--workdir", default="demo_outputs", help="where the checkpoint, FT directory and engine go "
+                   "(replaced when run again)")
+    p.add_argument("--max_output_len", type=int, default=32, help="tokens of the answer")
     args = p.parse_args()
-    work = Path(args.workdir)
+    work = check_output_dir(args.workdir, "--workdir")
     t0 = time.perf_counter()
     ckpt = write_random_checkpoint(work / "Qwen-7B-Chat-random", DEMO_SHAPE, seed=0,
                                    tokenizer_file=packaged_qwen_tiktoken())
@@ -47,7 +46,7 @@ def main() -> int:
          "1", "--storage-type", "float32", "--force")
     step("build", "build.py", "--model_dir", str(work / "c-model" / "1-gpu"), "--dtype", "float32",
          "--max_batch_size", "1", "--max_input_len", "256", "--max_output_len", str(args.max_output_len),
-         "--output_dir", str(work / "engine"))
+         "--output_dir", str(work / "engine"), "--force")
     step("run", "run.py", "--engine_dir", str(work / "engine"), "--max_output_len", str(args.max_output_len),
          "--input_text", QUESTION, "--top_k", "1", "--streaming")
 

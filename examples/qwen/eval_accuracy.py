@@ -7,7 +7,6 @@ Both sides see the same random prompts and the same forced continuation; the log
 are compared (top-1 agreement and relative error). Exits 1 when top-1 agreement is below --min_top1.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -19,33 +18,44 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
 
-from qwen_trtllm.cli import run_cli  # noqa: E402
+from qwen_trtllm.cli import atomic_write, check_output_file, parser, run_cli  # noqa: E402
+from qwen_trtllm.dtypes import add_dtype_argument, torch_dtype  # noqa: E402
 from qwen_trtllm.runtime.runner import add_runtime_args, executor_config_from_args  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine_dir", required=True)
-    p.add_argument("--kernels", default=None, choices=["triton", "torch"], help="default: the engine's build")
+    p = parser(__doc__)
+    p.add_argument("--engine_dir", required=True, help="the engine under test")
+    p.add_argument("--kernels", default=None, choices=["triton", "torch"],
+                   help="kernels of the engine under test (default: the engine's build)")
     ref = p.add_mutually_exclusive_group(required=True)
     ref.add_argument("--hf_model_dir", help="reference: the checkpoint in transformers' Qwen2 (contexts <= "
                      "seq_length)")
     ref.add_argument("--reference_engine_dir", help="reference: another engine (e.g. the fp16 one for int8)")
-    p.add_argument("--reference_dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--reference_kernels", default=None, choices=["triton", "torch"])
-    p.add_argument("--num_prompts", type=int, default=64)
-    p.add_argument("--prompt_len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=32)
+    add_dtype_argument(p, "--reference_dtype", default=None,
+                       help="dtype of the --hf_model_dir reference (default: float32)")
+    p.add_argument("--reference_kernels", default=None, choices=["triton", "torch"],
+                   help="kernels of the --reference_engine_dir engine (default: its build's)")
+    p.add_argument("--num_prompts", type=int, default=64, help="random prompts")
+    p.add_argument("--prompt_len", type=int, default=64, help="tokens per prompt")
+    p.add_argument("--steps", type=int, default=32, help="teacher-forced positions compared per prompt")
     p.add_argument("--batch_size", type=int, default=16, help="prompts per teacher-forced pass")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min_top1", type=float, default=0.0)
-    p.add_argument("--json_output", default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--min_top1", type=float, default=0.0, help="exit 1 when top-1 agreement is below this (0..1)")
+    p.add_argument("--json_output", default=None, help="write the statistics and flags here as JSON")
     add_runtime_args(p)  # --max_batch_size defaults to --batch_size; the KV cache to one batch's tokens
     args = p.parse_args()
 
     from qwen_trtllm import QWenError
+
+    check_output_file(args.json_output, "--json_output")
+    if args.reference_dtype is not None and not args.hf_model_dir:
+        raise QWenError("--reference_dtype applies to the --hf_model_dir reference only: drop it (an engine "
+                        "reference runs in the dtype it was built with)")
+    if args.reference_kernels is not None and not args.reference_engine_dir:
+        raise QWenError("--reference_kernels applies to --reference_engine_dir only: drop it")
+    args.reference_dtype = args.reference_dtype or "float32"
     from qwen_trtllm.evaluation.teacher_forced import (
         batched,
         compare_logits,
@@ -89,7 +99,7 @@ def main() -> int:
     if args.hf_model_dir:
         from qwen_trtllm.models.qwen.reference import load_reference
 
-        model = load_reference(args.hf_model_dir, getattr(torch, args.reference_dtype), test.engine.device)
+        model = load_reference(args.hf_model_dir, torch_dtype(args.reference_dtype), test.engine.device)
         reference = lambda pr, fo: reference_logits(model, pr, fo)
         label = f"Hugging Face reference ({args.reference_dtype})"
     else:
@@ -110,7 +120,8 @@ def main() -> int:
     print(f"top-1 agreement {100 * stats['top1_agreement']:.2f}%  logits rel. error {stats['rel_err']:.2e} "
           f"(worst position {stats['max_rel_err']:.2e})  [{t_test:.1f} s vs {t_ref:.1f} s]")
     if args.json_output:
-        Path(args.json_output).write_text(json.dumps({**stats, **vars(args)}, indent=2))
+        with atomic_write(args.json_output) as f:
+            f.write(json.dumps({**stats, **vars(args)}, indent=2))
     if stats["top1_agreement"] < args.min_top1:
         print(f"accuracy check failed: top-1 agreement {stats['top1_agreement']:.4f} < --min_top1 {args.min_top1}")
         return 1

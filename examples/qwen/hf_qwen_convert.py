@@ -3,7 +3,8 @@
 python3 examples/qwen/hf_qwen_convert.py -i Qwen/Qwen-7B-Chat -o ./c-model/Qwen --tensor-parallelism 1 \\
     --storage-type float16
 
-writes ./c-model/Qwen/1-gpu/ (config.ini, one raw file per tensor and rank, the tokenizer files).
+writes ./c-model/Qwen/1-gpu/ (config.ini, one raw file per tensor and rank, the tokenizer files). An existing
+FT directory there is replaced only with --force (as build.py replaces an engine).
 """
 
 import argparse
@@ -15,23 +16,24 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from qwen_trtllm.checkpoint.ft_format import STORAGE_ALIASES, STORAGE_TYPES, convert_checkpoint  # noqa: E402
-from qwen_trtllm.cli import run_cli  # noqa: E402
+from qwen_trtllm.checkpoint.ft_format import convert_checkpoint  # noqa: E402
+from qwen_trtllm.cli import parser, run_cli  # noqa: E402
+from qwen_trtllm.dtypes import add_dtype_argument  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("-i", "--in-file", "--in_file", dest="in_file", required=True,
-                   help="Hugging Face Qwen checkpoint directory (e.g. Qwen/Qwen-7B-Chat)")
+                   help="Hugging Face Qwen checkpoint directory, local (e.g. Qwen/Qwen-7B-Chat)")
     p.add_argument("-o", "--out-dir", "--out_dir", dest="out_dir", required=True,
                    help="output root; the FT directory is <out-dir>/<tp>-gpu")
-    p.add_argument("-t", "--storage-type", "--storage_type", dest="storage_type", default="float16",
-                   choices=[*STORAGE_TYPES, *STORAGE_ALIASES], help="dtype of the stored weights (default float16)")
+    add_dtype_argument(p, "-t", "--storage-type", "--storage_type", dest="storage_type", default="float16",
+                       help="dtype of the stored weights")
     p.add_argument("-tp", "--tensor-parallelism", "--tensor_parallelism", dest="tensor_parallelism", type=int,
                    default=1, help="number of tensor-parallel ranks (must divide the attention heads)")
     p.add_argument("-p", "--processes", type=int, default=1,
                    help="worker processes converting tensors in parallel (each adds ~200 MiB: its own torch runtime)")
-    p.add_argument("--force", action="store_true", help="replace an existing <out-dir>/<tp>-gpu")
+    p.add_argument("--force", action="store_true", help="replace an existing FT directory <out-dir>/<tp>-gpu")
     return p.parse_args(argv)
 
 

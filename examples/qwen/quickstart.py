@@ -1,10 +1,11 @@
-"""Quickstart with Hugging Face transformers: python3 examples/qwen/quickstart.py --hf_model_dir Qwen/Qwen-7B-Chat
+"""Quickstart with Hugging Face transformers:
+
+python3 examples/qwen/quickstart.py --hf_model_dir Qwen/Qwen-7B-Chat
 
 Loads the checkpoint into the library's reference (transformers' Qwen2ForCausalLM with the Qwen (v1) weights
 mapped; exact for contexts up to seq_length), prints the model structure and answers one chat question.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,22 +16,23 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-from qwen_trtllm.cli import run_cli  # noqa: E402
+from qwen_trtllm.cli import parser, run_cli  # noqa: E402
+from qwen_trtllm.dtypes import add_dtype_argument, torch_dtype  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--hf_model_dir", default="Qwen/Qwen-7B-Chat")
-    p.add_argument("--input_text", default="你好，请问你叫什么？")
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p = parser(__doc__)
+    p.add_argument("--hf_model_dir", default="Qwen/Qwen-7B-Chat", help="local Hugging Face Qwen checkpoint directory")
+    p.add_argument("--input_text", default="你好，请问你叫什么？", help="the question")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="tokens of the answer at most (greedy)")
+    add_dtype_argument(p, "--dtype", default="float32", help="dtype of the model")
     args = p.parse_args()
 
     from qwen_trtllm.models.qwen.reference import load_reference
     from qwen_trtllm.tokenizer import QWenTokenizer, decode_response, make_context, stop_token_ids
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_reference(args.hf_model_dir, dtype=getattr(torch, args.dtype), device=device)
+    model = load_reference(args.hf_model_dir, dtype=torch_dtype(args.dtype), device=device)
     print(model)
     tok = QWenTokenizer.from_dir(args.hf_model_dir)
     _, ids = make_context(tok, args.input_text)

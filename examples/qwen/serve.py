@@ -1,5 +1,7 @@
-"""OpenAI-compatible server for a Qwen engine: python3 examples/qwen/serve.py --engine_dir qwen_outputs --port 8000
-Random 7B-shaped weights made on the GPU, for load tests (token-id prompts only): serve.py --model qwen-7b
+"""OpenAI-compatible server for a Qwen engine:
+
+python3 examples/qwen/serve.py --engine_dir qwen_outputs --port 8000
+python3 examples/qwen/serve.py --model qwen-7b     # random 7B-shaped weights on the GPU, for load tests (token ids)
 
 Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics (Prometheus), and a chat page at
 /. One engine loop (in-flight batching) serves every connection. Under torchrun with a tensor-parallel engine,
@@ -20,8 +22,13 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qwen_trtllm import QWenError  # noqa: E402
-from qwen_trtllm.cli import run_cli  # noqa: E402
-from qwen_trtllm.runtime.runner import add_runtime_args, executor_config_from_args, generation_defaults  # noqa: E402
+from qwen_trtllm.cli import parser, run_cli  # noqa: E402
+from qwen_trtllm.runtime.runner import (  # noqa: E402
+    add_runtime_args,
+    executor_config_from_args,
+    generation_defaults,
+    tokenizer_path,
+)
 
 # An idle server broadcasts nothing to the other tensor-parallel ranks, which wait in a collective meanwhile:
 # their process group must not time out in between (a day without a request restarts nothing either).
@@ -29,11 +36,11 @@ DIST_TIMEOUT_S = 30 * 24 * 3600.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine_dir", default="qwen_outputs")
+    p = parser(__doc__)
+    p.add_argument("--engine_dir", default="qwen_outputs", help="the engine directory written by build.py")
     p.add_argument("--tokenizer_dir", default=None, help="directory with qwen.tiktoken (default: the engine dir)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port)")
     p.add_argument("--served_model_name", default=None, help="the model id of the API (default: the engine dir's "
                    "name)")
     p.add_argument("--max_queue", type=int, default=None, help="requests in flight (running + waiting) at most; "
@@ -44,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "finish after SIGTERM before they are cancelled")
     p.add_argument("--max_window_size", type=int, default=None, help="chat history window in tokens (default: "
                    "generation_config.json's max_window_size or 6144, at most the engine's max_input_len)")
-    p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     add_runtime_args(p)
     p.add_argument("--model", default=None, help="instead of --engine_dir: random weights of a named shape (tiny, "
                    "qwen-1.8b, qwen-7b, qwen-14b) made on the GPU as benchmark_serving.py makes them (max_input_len "
@@ -130,6 +138,10 @@ def main() -> int:
         llm, defaults = random_model_llm(args, world), {}
     else:
         _, build = read_engine_config(args.engine_dir)
+        if tokenizer_path(args.engine_dir, args.tokenizer_dir, required=False) is None and rank == 0:
+            print(f"warning: {args.engine_dir} has no qwen.tiktoken: only /v1/completions with token-id prompts will "
+                  "work; pass --tokenizer_dir <the Hugging Face checkpoint directory> for text and chat",
+                  file=sys.stderr)
         config = replace(executor_config_from_args(args, build), num_scheduler_steps=args.num_scheduler_steps)
         llm, defaults = LLM(args.engine_dir, args.tokenizer_dir, config), generation_defaults(args.engine_dir)
     app, error = None, None

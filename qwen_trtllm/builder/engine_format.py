@@ -11,15 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from qwen_trtllm import QWenError
 from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.dtypes import DTYPES, dtype_name  # noqa: F401  (DTYPES re-exported: the one table)
 from qwen_trtllm.tokenizer import TOKENIZER_FILES  # noqa: F401  (re-exported: copied into engines)
 
 FORMAT_VERSION = 1
 ARCHITECTURE = "QWenForCausalLM"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 KERNELS = ("triton", "torch")
@@ -64,8 +62,7 @@ class BuildConfig:
     torch_version: str = ""
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise QWenError(f"--dtype {self.dtype} is not one of {', '.join(DTYPES)}")
+        object.__setattr__(self, "dtype", dtype_name(self.dtype, flag="--dtype"))  # aliases: fp16 -> float16
         for name in ("max_batch_size", "max_input_len", "max_output_len", "world_size", "max_num_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,23 +38,23 @@ import torch
 
 from qwen_trtllm import QWenError
 from qwen_trtllm.checkpoint.hf_checkpoint import HFCheckpoint
+from qwen_trtllm.cli import check_output_dir
 from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.dtypes import DTYPES, dtype_name
+from qwen_trtllm.logger import LOGGER, format_duration, progress
 from qwen_trtllm.models.qwen.weights import lookup_hf, shard_view
-from qwen_trtllm.tokenizer import TOKENIZER_FILES
+from qwen_trtllm.tokenizer import TIKTOKEN_FILE, TOKENIZER_FILES
 
-STORAGE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-STORAGE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+STORAGE_TYPES = DTYPES  # the shared table of qwen_trtllm.dtypes (aliases fp32, fp16, bf16)
 _NUMPY = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<i2")}
 CONVERTER_KEYS = ("model_dir", "storage_dtype", "tensor_parallelism")
 CHUNK_BYTES = 8 << 20  # largest slab converted at once: bounds the converter's private memory per tensor
 TILE = 64  # columns per transpose tile (32..256 measured alike on the 7B shapes; 2x faster than one strided copy)
 
+
 def normalize_storage_type(storage_type: str) -> str:
     """'float32' | 'float16' | 'bfloat16' (aliases fp32, fp16, bf16 accepted)."""
-    s = STORAGE_ALIASES.get(storage_type, storage_type)
-    if s not in STORAGE_TYPES:
-        raise QWenError(f"storage type {storage_type!r} is not one of float32, float16, bfloat16 (or fp32/fp16/bf16)")
-    return s
+    return dtype_name(storage_type, flag="--storage-type")
 
 
 def hf_to_ft(name: str) -> tuple[str, str]:
@@ -170,27 +171,32 @@ def convert_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int = 1, sto
 
     Validates everything before writing; writes into a temporary sibling directory that replaces the result only
     when complete. Tensors are streamed one at a time (at most `processes` in flight, each converted in slabs of
-    CHUNK_BYTES), so the private memory stays far below one copy of the weights.
+    CHUNK_BYTES), so the private memory stays far below one copy of the weights. An existing FT directory is
+    replaced only with force (build.py's rule for engines); anything else there is never replaced.
     """
-    from tqdm import tqdm
-
+    t_start = time.monotonic()
     storage_type = normalize_storage_type(storage_type)
     if sys.byteorder != "little":
         raise QWenError("the FT format is little-endian; convert on a little-endian machine")
     if not isinstance(processes, int) or processes < 1:
         raise QWenError(f"processes must be >= 1, got {processes}")
+    out_root = Path(out_dir)
+    check_output_dir(out_root, "-o/--out-dir")
     ckpt = HFCheckpoint(in_dir)
     config = ckpt.config
     if not isinstance(tp, int) or tp < 1:
         raise QWenError(f"tensor parallelism must be >= 1, got {tp}")
     config.check_tensor_parallel(tp)
     ckpt.validate()
-    out_root = Path(out_dir)
     final = out_root / f"{tp}-gpu"
     if final.exists() and not force:
         raise QWenError(f"{final} exists; pass --force to overwrite")
-    if out_root.exists() and not out_root.is_dir():
-        raise QWenError(f"output {out_root} exists and is not a directory")
+    if final.exists() and (not final.is_dir() or any(final.iterdir()) and not (final / "config.ini").is_file()):
+        raise QWenError(f"{final} exists and is not an FT directory: it is never replaced; choose another -o")
+    if not (ckpt.path / TIKTOKEN_FILE).is_file():
+        LOGGER.warning(f"{ckpt.path} has no {TIKTOKEN_FILE}: the engine will take token ids only; to give it the "
+                       "tokenizer pass build.py --tokenizer_dir <the Hugging Face checkpoint directory>, or run.py "
+                       "--tokenizer_dir")
 
     created = [p for p in (out_root, *out_root.parents) if not p.exists()]
     out_root.mkdir(parents=True, exist_ok=True)
@@ -203,7 +209,7 @@ def convert_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int = 1, sto
         expected = ckpt.expected_shapes()
         names = [n for n in ckpt.names() if n in expected]  # file order; extra buffers (inv_freq) skipped
         total = sum(math.prod(s) for s in expected.values()) * STORAGE_TYPES[storage_type].itemsize
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to {final.name}", disable=None) as bar:
+        with progress(total, f"converting {ckpt.path} to {final} ({storage_type})", unit="B") as bar:
             if processes == 1:
                 for name in names:
                     bar.update(convert_tensor(ckpt, name, tmp, tp, storage_type))
@@ -235,6 +241,7 @@ def convert_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int = 1, sto
                     p.rmdir()
                 except OSError:
                     break
+    LOGGER.info(f"Total time of converting the checkpoint: {format_duration(time.monotonic() - t_start)}")
     return final
 
 

@@ -85,6 +85,7 @@ def write_gptq_checkpoint(src: str | Path, dst: str | Path, group_size: int = 12
 
     from safetensors.torch import save_file
 
+    from qwen_trtllm.cli import give_default_mode
     from qwen_trtllm.quantization import quantize_int4, unpack_int4
 
     ckpt, dst = HFCheckpoint(src), Path(dst)
@@ -110,4 +111,5 @@ def write_gptq_checkpoint(src: str | Path, dst: str | Path, group_size: int = 12
         else:
             tensors[name] = ckpt.get(name).to(torch.float16).contiguous()
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    give_default_mode(dst / "model.safetensors")
     return dst

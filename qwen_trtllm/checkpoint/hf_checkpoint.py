@@ -29,8 +29,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".masked_bias")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-NOT_FOUND_HINT = ("there is no network here: download Qwen/Qwen-7B-Chat on another machine, e.g. "
-                  "`huggingface-cli download Qwen/Qwen-7B-Chat --local-dir <dir>`, and copy that directory here")
+DOWNLOAD_HINT = "e.g. `huggingface-cli download Qwen/Qwen-7B-Chat --local-dir Qwen/Qwen-7B-Chat`"
 
 
 class HFCheckpoint:
@@ -39,7 +38,8 @@ class HFCheckpoint:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.exists():
-            raise QWenError(f"checkpoint directory {self.path} does not exist; {NOT_FOUND_HINT}")
+            raise QWenError(f"checkpoint directory {self.path} does not exist: it must be a local directory; download "
+                            f"the checkpoint first, {DOWNLOAD_HINT}")
         if not self.path.is_dir():
             raise QWenError(f"{self.path} is not a directory: pass a Hugging Face Qwen checkpoint directory")
         self.config: QWenConfig = QWenConfig.from_hf_dir(self.path)
@@ -57,8 +57,8 @@ class HFCheckpoint:
             single = self.path / single_name
             if single.is_file():
                 return fmt, {name: single for name in self._file_keys(fmt, single)}
-        raise QWenError(f"{self.path} holds no weights (model.safetensors[.index.json] or "
-                        f"pytorch_model.bin[.index.json]); the download is incomplete: {NOT_FOUND_HINT}")
+        raise QWenError(f"{self.path} holds no weights (model.safetensors[.index.json] or pytorch_model.bin"
+                        f"[.index.json]); the download is incomplete: download it again, {DOWNLOAD_HINT}")
 
     def _read_index(self, index: Path) -> dict[str, Path]:
         try:

@@ -1,7 +1,8 @@
 """Random Qwen (v1) checkpoints in the exact Hugging Face layout, for tests, the demo and GPU benchmarks.
 
-Real Qwen weights cannot be downloaded here; every test and benchmark builds on these. Both config generations
-(v1.1 and the August-2023 v1.0) and the three weight layouts of the Hub are written.
+Every test, the demo and the GPU benchmarks build on these (no real weights needed);
+examples/qwen/make_random_checkpoint.py writes one for trying the workflow. Both config generations (v1.1 and the
+August-2023 v1.0) and the three weight layouts of the Hub are written.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from qwen_trtllm.cli import give_default_mode
+from qwen_trtllm.logger import progress
 from qwen_trtllm.models.qwen.weights import hf_shapes
 
-# Shapes of the released Qwen (v1) models, plus a tiny one for CPU tests.
+# Shapes of the released Qwen (v1) models, plus tiny ones for the CPU: "tiny" (a 1024-token vocabulary: token ids
+# only) and "tiny-chat" (Qwen's 151936-token vocabulary, so the real qwen.tiktoken works: the demo's).
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_channels=16,
                  intermediate_size=352, seq_length=64, max_position_embeddings=256),
+    "tiny-chat": dict(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_channels=16,
+                      intermediate_size=256, seq_length=8192, max_position_embeddings=8192),
     "qwen-1.8b": dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
                       kv_channels=128, intermediate_size=11008, seq_length=8192, max_position_embeddings=8192),
     "qwen-7b": dict(vocab_size=151936, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
@@ -29,10 +35,9 @@ PRESETS: dict[str, dict] = {
                      kv_channels=128, intermediate_size=49152, seq_length=32768, max_position_embeddings=32768),
 }
 
-GENERATION_CONFIG = {  # Qwen-7B-Chat's generation_config.json
-    "chat_format": "chatml", "decay_bound": 0.0, "decay_factor": 1.0, "do_sample": True, "eos_token_id": 151643,
-    "factual_nucleus_sampling": False, "max_context_size": 1024, "max_generate_size": 512, "max_new_tokens": 512,
-    "pad_token_id": 151643, "stop_words_ids": [[151643]], "repetition_penalty": 1.1, "top_k": 0, "top_p": 0.8,
+GENERATION_CONFIG = {  # Qwen-7B-Chat's generation_config.json (the current one, with max_window_size)
+    "chat_format": "chatml", "eos_token_id": 151643, "pad_token_id": 151643, "max_window_size": 6144,
+    "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1,
     "transformers_version": "4.31.0",
 }
 
@@ -115,16 +120,20 @@ def write_random_checkpoint(out_dir: str | Path, preset: str | dict = "tiny", *,
                         "safetensors-sharded": ("safetensors", "model", "model.safetensors.index.json"),
                         "bin-sharded": ("bin", "pytorch_model", "pytorch_model.bin.index.json")}[layout]
     weight_map, total = {}, 0
+    bar = progress(len(plan), f"writing random weights to {out}", unit="files")
     for k, names in enumerate(plan):
         shard = {n: random_tensor(n, shp, gen, device).to(dtype).cpu().contiguous() for n, shp in names}
         fname = f"{stem}.{ext}" if index is None else f"{stem}-{k + 1:05d}-of-{len(plan):05d}.{ext}"
         if ext == "safetensors":
             save_file(shard, str(out / fname), metadata={"format": "pt"})
+            give_default_mode(out / fname)
         else:
             torch.save(shard, out / fname)
         weight_map.update({n: fname for n in shard})
         total += sum(t.nbytes for t in shard.values())
         del shard
+        bar.update(1)
+    bar.close()
     if index is not None:
         (out / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return out
@@ -143,4 +152,5 @@ def swap_mlp_weights(src: str | Path, dst: str | Path, layer: int) -> Path:
         if names[0] in t:
             t[names[0]], t[names[1]] = t[names[1]], t[names[0]]
             save_file(t, str(f), metadata={"format": "pt"})
+            give_default_mode(f)
     return dst

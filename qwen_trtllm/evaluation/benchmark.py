@@ -18,6 +18,7 @@ import torch
 from qwen_trtllm.builder.engine_format import DTYPES, BuildConfig, QuantizationConfig
 from qwen_trtllm.checkpoint.random_checkpoint import PRESETS, random_tensor
 from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.dtypes import dtype_name
 from qwen_trtllm.models.qwen.model import QWen
 from qwen_trtllm.models.qwen.weights import engine_to_qwen2
 from qwen_trtllm.runtime.engine import Engine, model_skeleton, use_triton_kernels
@@ -46,6 +47,7 @@ def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max
     """An engine with random weights of a named shape, created directly on the device (no checkpoint files)."""
     shape = PRESETS[preset]
     config = QWenConfig(**shape)
+    dtype = dtype_name(dtype, flag="--dtype")
     with torch.device(device):
         model = QWen(config).to(DTYPES[dtype])
     gen = torch.Generator(device=device).manual_seed(seed)

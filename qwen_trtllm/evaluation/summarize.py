@@ -31,14 +31,14 @@ import torch
 from tqdm import tqdm
 
 from qwen_trtllm import QWenError
+from qwen_trtllm.cli import atomic_write, check_output_file
+from qwen_trtllm.dtypes import torch_dtype
 from qwen_trtllm.runtime.request import QWEN_EOD_ID, SamplingParams
 
 SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "cnn_dailymail_sample.jsonl"
 DEFAULT_SYSTEM = "You are a helpful assistant. You write short, factual summaries of news articles."
 INSTRUCTION = "\n\nSummarize the article above in two or three sentences."
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-REFERENCE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-                    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -318,6 +318,9 @@ class SummarizeOptions:
 def _find_tokenizer_dir(opts: SummarizeOptions) -> Path:
     """--tokenizer_dir, else the engine directory, else the checkpoint: the first holding qwen.tiktoken."""
     if opts.tokenizer_dir:
+        if not Path(opts.tokenizer_dir).is_file() and not (Path(opts.tokenizer_dir) / "qwen.tiktoken").is_file():
+            raise QWenError(f"--tokenizer_dir {opts.tokenizer_dir} has no qwen.tiktoken: point it at the Hugging Face "
+                            "checkpoint directory that holds qwen.tiktoken")
         return Path(opts.tokenizer_dir)
     candidates = ([opts.engine_dir] if opts.test_trt_llm else []) + ([opts.hf_model_dir] if opts.hf_model_dir else [])
     for d in candidates:
@@ -343,8 +346,8 @@ def run_summarize(opts: SummarizeOptions) -> int:
     if opts.test_hf and not (opts.hf_model_dir and Path(opts.hf_model_dir).is_dir()):
         raise QWenError(f"--test_hf needs --hf_model_dir, a Hugging Face Qwen checkpoint directory (got "
                         f"{opts.hf_model_dir})")
-    if opts.data_type not in REFERENCE_DTYPES:
-        raise QWenError(f"--data_type {opts.data_type} is not one of fp32, fp16, bf16")
+    reference_dtype = torch_dtype(opts.data_type, flag="--data_type")
+    check_output_file(opts.output_file, "--output_file")
     for name in ("max_ite", "batch_size", "output_len", "max_input_length"):
         if getattr(opts, name) < 1:
             raise QWenError(f"--{name} must be >= 1, got {getattr(opts, name)}")
@@ -403,7 +406,7 @@ def run_summarize(opts: SummarizeOptions) -> int:
 
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_reference(opts.hf_model_dir, REFERENCE_DTYPES[opts.data_type], device)
+        model = load_reference(opts.hf_model_dir, reference_dtype, device)
         check_token_ids(prompts, stops, model.config.vocab_size, f"checkpoint {opts.hf_model_dir}")
         from qwen_trtllm.config import QWenConfig
 
@@ -440,7 +443,7 @@ def run_summarize(opts: SummarizeOptions) -> int:
 def _write_outputs(path: str, examples: list[Example], prompts: list[list[int]], engine: BackendResult | None,
                    hf: BackendResult | None) -> None:
     """One json line per example: id, reference highlights, prompt length, each backend's text and ids."""
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, encoding="utf-8") as f:
         for i, ex in enumerate(examples):
             row: dict = {"id": ex.id, "highlights": ex.highlights, "prompt_tokens": len(prompts[i])}
             for res in (engine, hf):

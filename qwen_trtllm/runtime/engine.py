@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from qwen_trtllm import QWenError
 from qwen_trtllm.builder.engine_format import DTYPES, BuildConfig, QuantizationConfig, rank_file, read_engine_config
 from qwen_trtllm.config import QWenConfig
+from qwen_trtllm.logger import LOGGER
 from qwen_trtllm.models.qwen.model import QWen
 
 
@@ -56,6 +58,8 @@ class Engine:
         path = rank_file(engine_dir, rank)
         if not path.is_file():
             raise QWenError(f"{path} is missing: rebuild the engine with examples/qwen/build.py")
+        LOGGER.info(f"loading engine {engine_dir} ({path.stat().st_size / 1e9:.2f} GB) onto {device}")
+        t0 = time.monotonic()
         try:
             state = load_file(str(path), device=str(device))
         except (SafetensorError, OSError) as e:
@@ -68,6 +72,7 @@ class Engine:
             raise QWenError(f"{path} does not match its config.json (first mismatch: {bad[0]}): rebuild the engine")
         model.load_state_dict(state, assign=True)
         model.eval().requires_grad_(False).set_kernels(use_triton_kernels(build, device))
+        LOGGER.info(f"engine {engine_dir} loaded in {time.monotonic() - t0:.1f} s")
         return cls(engine_dir, config, build, model, device, dtype, rank, world_size)
 
 

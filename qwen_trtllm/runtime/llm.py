@@ -38,15 +38,11 @@ class LLM:
     def __init__(self, engine_dir: str | Path, tokenizer_dir: str | Path | None = None,
                  config: ExecutorConfig | None = None):
         from qwen_trtllm.runtime.distributed import init_distributed, load_engine_on_all_ranks
+        from qwen_trtllm.runtime.runner import load_tokenizer
 
+        tokenizer = load_tokenizer(engine_dir, tokenizer_dir, required=False)  # a wrong --tokenizer_dir: at once
         rank, world = init_distributed()
         engine = load_engine_on_all_ranks(engine_dir, rank, world)
-        tok_dir = Path(tokenizer_dir or engine_dir)
-        tokenizer = None
-        if (tok_dir / "qwen.tiktoken").is_file():
-            from qwen_trtllm.tokenizer import QWenTokenizer
-
-            tokenizer = QWenTokenizer.from_dir(tok_dir)
         self._setup(engine, tokenizer, config or ExecutorConfig())
 
     @classmethod

@@ -18,19 +18,70 @@ from qwen_trtllm.runtime.kv_cache import KvCacheConfig
 from qwen_trtllm.runtime.request import QWEN_EOD_ID, RequestOutput, SamplingParams
 
 __all__ = ["QWEN_EOD_ID", "StreamPrinter", "add_beam_search_args", "add_runtime_args", "beam_search_from_args",
-           "executor_config_from_args", "generation_defaults", "read_input_tokens", "sampling_from_args",
-           "write_outputs"]
+           "executor_config_from_args", "generation_defaults", "load_tokenizer", "read_input_tokens",
+           "sampling_from_args", "tokenizer_path", "write_outputs"]
+
+
+# generation_config.json fields the runtime reads, and their types; null (seen in real checkpoints) means "not set"
+GENERATION_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float,
+                     "max_window_size": int, "max_new_tokens": int, "do_sample": bool}
 
 
 def generation_defaults(engine_dir: str | Path) -> dict:
-    """The checkpoint's generation_config.json (copied into the engine), or {} when absent."""
+    """The checkpoint's generation_config.json (copied into the engine), or {} when absent. Null values are left
+    out (not set: the caller's fallback applies); a sampling field of the wrong type is a QWenError."""
     path = Path(engine_dir) / "generation_config.json"
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except ValueError as e:
         raise QWenError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise QWenError(f"{path} is not a JSON object: fix it or remove it")
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    for name, kind in GENERATION_FIELDS.items():
+        if name not in cfg:
+            continue
+        v = cfg[name]
+        if kind is bool:
+            ok, want = isinstance(v, bool), "true or false"
+        else:
+            ok = isinstance(v, int if kind is int else (int, float)) and not isinstance(v, bool)
+            want = "an integer" if kind is int else "a number"
+        if not ok:
+            raise QWenError(f"{path}: {name} must be {want}, got {v!r}: fix it, set it to null or remove it")
+    return cfg
+
+
+def tokenizer_path(engine_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                   required: bool = True) -> Path | None:
+    """Where the tokenizer comes from: --tokenizer_dir (a directory holding qwen.tiktoken, or the file), else the
+    engine directory (build.py copies the checkpoint's qwen.tiktoken there). None when the engine has none and
+    `required` is False; otherwise a QWenError that names --tokenizer_dir."""
+    from qwen_trtllm.tokenizer import TIKTOKEN_FILE
+
+    if tokenizer_dir is not None:
+        d = Path(tokenizer_dir)
+        if not d.is_file() and not (d / TIKTOKEN_FILE).is_file():
+            raise QWenError(f"--tokenizer_dir {d} has no {TIKTOKEN_FILE}: point it at the Hugging Face checkpoint "
+                            f"directory that holds {TIKTOKEN_FILE}")
+        return d
+    if (Path(engine_dir) / TIKTOKEN_FILE).is_file():
+        return Path(engine_dir)
+    if required:
+        raise QWenError(f"engine directory {engine_dir} has no {TIKTOKEN_FILE} (its checkpoint had none): pass "
+                        f"--tokenizer_dir <the Hugging Face checkpoint directory>, or rebuild with build.py "
+                        "--tokenizer_dir")
+    return None
+
+
+def load_tokenizer(engine_dir: str | Path, tokenizer_dir: str | Path | None = None, required: bool = True):
+    """The QWenTokenizer of tokenizer_path(...), or None."""
+    from qwen_trtllm.tokenizer import QWenTokenizer
+
+    path = tokenizer_path(engine_dir, tokenizer_dir, required)
+    return QWenTokenizer.from_dir(path) if path is not None else None
 
 
 def add_runtime_args(p) -> None:
@@ -84,11 +135,11 @@ def executor_config_from_args(args, engine_build: BuildConfig | None = None) -> 
 
 
 def sampling_from_args(args, defaults: dict, max_tokens: int = 16) -> SamplingParams:
-    """Command-line values win; otherwise generation_config.json (Qwen-7B-Chat: top_p 0.8, top_k 0, rep. 1.1)."""
-    pick = lambda name, fallback: getattr(args, name) if getattr(args, name) is not None else \
-        defaults.get(name, fallback)
-    greedy_default = not defaults.get("do_sample", False)
-    top_k = args.top_k if args.top_k is not None else (1 if greedy_default else defaults.get("top_k", 0))
+    """Command-line values win; otherwise generation_config.json (Qwen-7B-Chat: top_p 0.8, top_k 0, rep. 1.1);
+    None on either side means not set."""
+    pick = lambda name, fallback: next(v for v in (getattr(args, name), defaults.get(name), fallback) if v is not None)
+    greedy_default = not defaults.get("do_sample")
+    top_k = args.top_k if args.top_k is not None else (1 if greedy_default else pick("top_k", 0))
     cfg = SamplingParams(max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_k=top_k,
                          top_p=pick("top_p", 1.0), repetition_penalty=pick("repetition_penalty", 1.0),
                          seed=args.seed)
@@ -125,11 +176,14 @@ def write_outputs(output_ids: list[list[int]], sequences: np.ndarray, output_csv
     """--output_csv: the generated ids, one row per sequence (with beam search: per beam, prompt after prompt);
     --output_npy: int32 [B, input + output] ([B, num_beams, input + output] with beam search) sequences padded
     with the end id (TensorRT-LLM's layout)."""
+    from qwen_trtllm.cli import atomic_write
+
     if output_csv:
-        with open(output_csv, "w", newline="") as f:
+        with atomic_write(output_csv, newline="") as f:
             csv.writer(f).writerows(output_ids)
     if output_npy:
-        np.save(output_npy, sequences.astype(np.int32))
+        with atomic_write(output_npy, "wb") as f:
+            np.save(f, sequences.astype(np.int32))
 
 
 class StreamPrinter:
