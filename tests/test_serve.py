@@ -713,3 +713,13 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(server):
     assert json.loads(data[-2])["choices"][0]["finish_reason"] in ("stop", "length")  # drained, not cut off
     assert server.proc.wait(timeout=60) == 0, server.log_tail()
     assert "Shutting down" in server.log_tail()
+
+
+@pytest.mark.parametrize("text", ["", "plain", 'quote " backslash \\ newline \n tab \t', "汉字 é \u2028 \x01", "@@"])
+def test_streamed_chunk_template_equals_the_pydantic_chunk(text):
+    """The per-token chunk is pydantic's JSON made once with markers and filled in: the same object as the model's."""
+    from qwen_trtllm.serving.server import _Chat, _Completion
+
+    for shape in (_Chat("chatcmpl-1", 7, "m"), _Completion("cmpl-1", 7, "m"), _Completion("cmpl-2", 7, "m", "", True)):
+        for ids in ([], [3], [151643, 42]):
+            assert json.loads(shape.delta(text, ids)) == json.loads(shape.delta_model(text, ids))

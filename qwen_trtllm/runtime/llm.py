@@ -59,6 +59,8 @@ class LLM:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._stopping = False
+        # outputs of the running step, per event loop of their streams (engine thread only; see _deliver)
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
 
     @property
     def is_leader(self) -> bool:
@@ -173,6 +175,15 @@ class LLM:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _deliver(self) -> None:
+        """Hand the step's outputs to their streams: one wake-up per event loop and step, not one per output."""
+        box, self._outbox = self._outbox, {}
+        for loop, items in box.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody reads these streams any more
+                pass
+
     def _engine_loop(self) -> None:
         ex = self.executor
         while True:
@@ -191,6 +202,7 @@ class LLM:
                     ex.step()
                 except Exception:  # the step's requests already failed with the error; the loop goes on
                     pass
+                self._deliver()
                 continue
             if self._stopping:
                 ex.end_of_work()
@@ -207,7 +219,7 @@ class LLM:
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         params = sampling_params or SamplingParams()
         view = self._text_view(params)
-        push = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, view(out))
+        push = lambda out: self._outbox.setdefault(loop, []).append((outputs, view(out)))
         fut = self._submit(self.encode(prompt), params, push)
         try:
             request: Request = await asyncio.wrap_future(fut)
@@ -225,6 +237,11 @@ class LLM:
             if not request.finished:
                 request.cancel()
                 self._wake.set()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
 
 
 def output_sequences(prompts: Sequence[Sequence[int]], outputs: Sequence[RequestOutput], end_id: int,
