@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from qwen_trtllm.runtime.executor import Executor, ExecutorConfig
 from qwen_trtllm.runtime.request import Request, RequestOutput, SamplingParams
 
 Prompt = str | Sequence[int]
+SWITCH_INTERVAL_S = 5e-4  # the GIL switch interval once the engine thread runs (see LLM.start)
 
 
 class LLM:
@@ -163,7 +165,12 @@ class LLM:
         return fut
 
     def start(self) -> None:
-        """Start the background engine thread (generate_async does it on first use)."""
+        """Start the background engine thread (generate_async does it on first use).
+
+        The thread shares the GIL with the caller's event loop. It drops the GIL while it waits for each step's
+        tokens from the GPU; with Python's default 5 ms switch interval it may then wait that long to get it back
+        from a busy event loop, a quarter of a decode step. The interval is lowered to 0.5 ms (never raised)."""
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         if self._thread is None:
             self._thread = threading.Thread(target=self._engine_loop, name="qwen-engine", daemon=True)
             self._thread.start()
