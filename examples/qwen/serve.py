@@ -138,10 +138,7 @@ def main() -> int:
         llm, defaults = random_model_llm(args, world), {}
     else:
         _, build = read_engine_config(args.engine_dir)
-        if tokenizer_path(args.engine_dir, args.tokenizer_dir, required=False) is None and rank == 0:
-            print(f"warning: {args.engine_dir} has no qwen.tiktoken: only /v1/completions with token-id prompts will "
-                  "work; pass --tokenizer_dir <the Hugging Face checkpoint directory> for text and chat",
-                  file=sys.stderr)
+        tokenizer_path(args.engine_dir, args.tokenizer_dir)  # chat needs one: say so before the engine loads
         config = replace(executor_config_from_args(args, build), num_scheduler_steps=args.num_scheduler_steps)
         llm, defaults = LLM(args.engine_dir, args.tokenizer_dir, config), generation_defaults(args.engine_dir)
     app, error = None, None
