@@ -9,6 +9,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from qwen_trtllm import QWenError  # noqa: E402
 from qwen_trtllm.builder.build import PLUGIN_FLAGS, build_engine  # noqa: E402
 from qwen_trtllm.cli import run_cli  # noqa: E402
 
@@ -38,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight_only_precision", default="int8", choices=["int8", "int4"])
     p.add_argument("--group_size", type=int, default=128, help="int4: input channels per scale")
     p.add_argument("--quantize_lm_head", action="store_true", help="quantise lm_head too (default: keep fp16)")
+    p.add_argument("--int8_kv_cache", action="store_true",
+                   help="KV cache as int8 with a scale per token and head, computed as it is written")
+    p.add_argument("--fp8_kv_cache", action="store_true",
+                   help="KV cache as fp8 e4m3 with a scale per token and head (Triton kernels: sm_89+ GPUs)")
     p.add_argument("--enable_context_fmha", action="store_true")
     p.add_argument("--remove_input_padding", action="store_true")
     args = p.parse_args(argv)
@@ -48,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.int8_kv_cache and args.fp8_kv_cache:
+        raise QWenError("--int8_kv_cache and --fp8_kv_cache are mutually exclusive: give one of them")
     plugins = {k: getattr(args, k) for k in PLUGIN_FLAGS if getattr(args, k)}
     out = build_engine(args.output_dir, ft_dir=args.model_dir, hf_dir=args.hf_model_dir, dtype=args.dtype,
                        max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
@@ -55,7 +62,8 @@ def main() -> int:
                        kernels=args.kernels,
                        weight_only_precision=args.weight_only_precision if args.use_weight_only else None,
                        group_size=args.group_size, quantize_lm_head=args.quantize_lm_head,
-                       tokens_per_block=args.tokens_per_block, max_num_tokens=args.max_num_tokens)
+                       tokens_per_block=args.tokens_per_block, max_num_tokens=args.max_num_tokens,
+                       kv_cache_dtype="int8" if args.int8_kv_cache else "fp8" if args.fp8_kv_cache else "auto")
     print(f"engine written to {out}")
     return 0
 

@@ -74,11 +74,14 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
                  dtype: str = "float16", max_batch_size: int = 8, max_input_len: int = 2048,
                  max_output_len: int = 2048, world_size: int = 1, plugins: dict | None = None,
                  kernels: str = "triton", weight_only_precision: str | None = None, group_size: int = 128,
-                 quantize_lm_head: bool = False, tokens_per_block: int = 64, max_num_tokens: int = 8192) -> Path:
+                 quantize_lm_head: bool = False, tokens_per_block: int = 64, max_num_tokens: int = 8192,
+                 kv_cache_dtype: str = "auto") -> Path:
     """Build the engine directory and return its path. Exactly one of ft_dir / hf_dir. weight_only_precision
     'int8' or 'int4' stores the linear layers quantised (TensorRT-LLM's --use_weight_only). tokens_per_block
     (tokens per KV cache block) and max_num_tokens (tokens per in-flight batching step, chunked prefill) are
-    the runtime's defaults, recorded as TensorRT-LLM records them."""
+    the runtime's defaults, recorded as TensorRT-LLM records them. kv_cache_dtype "int8" / "fp8" (--int8_kv_cache
+    / --fp8_kv_cache): the runtime stores K and V as int8 / e4m3 codes with a scale per token and head, computed
+    as the cache is written (no calibration: nothing changes in the weights)."""
     if (ft_dir is None) == (hf_dir is None):
         raise QWenError("give exactly one of --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")
     quant = lambda: QuantizationConfig(weight_only_precision, group_size, quantize_lm_head) \
@@ -87,7 +90,8 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
         raise QWenError(f"--group_size must be >= 1, got {group_size}")
     settings = dict(dtype=dtype, world_size=world_size, max_batch_size=max_batch_size, max_input_len=max_input_len,
                     max_output_len=max_output_len, max_num_tokens=max_num_tokens, tokens_per_block=tokens_per_block,
-                    kernels=kernels, plugins={k: v for k, v in (plugins or {}).items() if k in PLUGIN_FLAGS},
+                    kernels=kernels, kv_cache_dtype=kv_cache_dtype,
+                    plugins={k: v for k, v in (plugins or {}).items() if k in PLUGIN_FLAGS},
                     builder_version=__version__, torch_version=torch.__version__)
     BuildConfig(quantization=quant(), **settings)  # validates every value before any work
     if ft_dir is not None:
