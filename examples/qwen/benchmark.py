@@ -39,6 +39,8 @@ def main() -> int:
     add_dtype_argument(p, "--dtype", default="float16", help="dtype of the random weights (--model)")
     p.add_argument("--kernels", default="triton", choices=["triton", "torch"],
                    help="fused Triton kernels or plain PyTorch ops")
+    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="--model: the KV cache's format (build.py --int8_kv_cache / --fp8_kv_cache)")
     p.add_argument("--quant", default="", help="also time weight-only quantised copies: int8, int4 or int8,int4")
     p.add_argument("--group_size", type=int, default=None, help="int4 rows of --quant: input channels per scale "
                    "(default: 128)")
@@ -75,7 +77,7 @@ def main() -> int:
     else:
         engine = bm.random_engine(args.model, args.dtype, "cuda", max_batch_size=max(batches),
                                   max_input_len=max(i for i, _ in pairs), max_output_len=max(o for _, o in pairs),
-                                  kernels=args.kernels)
+                                  kernels=args.kernels, kv_cache_dtype=args.kv_cache_dtype)
     copy_gbs = bm.copy_bandwidth_gbs(engine.device)
     show(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s, "
           f"weights {bm.decode_step_bytes(engine, 0, 0) / 1e9:.2f} GB moved per decode step")

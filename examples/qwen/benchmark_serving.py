@@ -32,6 +32,8 @@ def main() -> int:
     src.add_argument("--engine_dir", default=None, help="an engine directory built by build.py")
     add_dtype_argument(p, "--dtype", default="float16", allowed=("float16", "bfloat16"),
                        help="dtype of the random weights (--model)")
+    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="--model: the KV cache's format (build.py --int8_kv_cache / --fp8_kv_cache)")
     p.add_argument("--num_requests", type=int, default=1000, help="requests in the workload")
     p.add_argument("--dataset", default="chat", help='"chat" (synthetic chat mix) or "IN,OUT" fixed lengths')
     p.add_argument("--request_rate", type=float, default=float("inf"), help="requests/s, Poisson (inf: all at once)")
@@ -77,7 +79,7 @@ def main() -> int:
         engine = Engine.load(args.engine_dir)
     else:
         engine = bm.random_engine(args.model, args.dtype, "cuda", max_batch_size=args.max_batch_size or 512,
-                                  max_input_len=2048, max_output_len=1024)
+                                  max_input_len=2048, max_output_len=1024, kv_cache_dtype=args.kv_cache_dtype)
     config = replace(executor_config_from_args(args, engine.build), num_scheduler_steps=args.num_scheduler_steps)
     llm = LLM.from_engine(engine, config=config)
     print(llm.executor.kv_cache_report(), f"max_batch_size {llm.executor.max_batch_size}, max_num_tokens "

@@ -60,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TensorRT-LLM's flag, recorded: prefill attention is always the flash kernel here")
     p.add_argument("--remove_input_padding", action="store_true",
                    help="TensorRT-LLM's flag, recorded: tokens are always packed here")
+    p.add_argument("--int8_kv_cache", action="store_true",
+                   help="KV cache as int8 with a scale per token and head, computed as it is written")
+    p.add_argument("--fp8_kv_cache", action="store_true",
+                   help="KV cache as fp8 e4m3 with a scale per token and head (Triton kernels: sm_89+ GPUs)")
     args = p.parse_args(argv)
     if args.model_dir is None and args.hf_model_dir is None:
         raise QWenError("give --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")
@@ -73,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if args.int8_kv_cache and args.fp8_kv_cache:
+        raise QWenError("--int8_kv_cache and --fp8_kv_cache are mutually exclusive: give one of them")
     plugins = {k: getattr(args, k) for k in PLUGIN_FLAGS if getattr(args, k)}
     precision = (args.weight_only_precision or "int8") if args.use_weight_only else None
     out = build_engine(args.output_dir, ft_dir=args.model_dir, hf_dir=args.hf_model_dir, dtype=args.dtype,
@@ -80,7 +86,8 @@ def main() -> int:
                        max_output_len=args.max_output_len, world_size=args.world_size, plugins=plugins,
                        kernels=args.kernels, weight_only_precision=precision, group_size=args.group_size,
                        quantize_lm_head=args.quantize_lm_head, tokens_per_block=args.tokens_per_block,
-                       max_num_tokens=args.max_num_tokens, tokenizer_dir=args.tokenizer_dir, force=args.force)
+                       max_num_tokens=args.max_num_tokens, tokenizer_dir=args.tokenizer_dir, force=args.force,
+                       kv_cache_dtype="int8" if args.int8_kv_cache else "fp8" if args.fp8_kv_cache else "auto")
     print(f"engine written to {out}")
     return 0
 

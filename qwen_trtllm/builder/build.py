@@ -142,13 +142,16 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
                  max_output_len: int = 2048, world_size: int = 1, plugins: dict | None = None,
                  kernels: str = "triton", weight_only_precision: str | None = None, group_size: int | None = None,
                  quantize_lm_head: bool = False, tokens_per_block: int = 64, max_num_tokens: int = 8192,
-                 tokenizer_dir: str | Path | None = None, force: bool = False) -> Path:
+                 tokenizer_dir: str | Path | None = None, force: bool = False,
+                 kv_cache_dtype: str = "auto") -> Path:
     """Build the engine directory and return its path. Exactly one of ft_dir / hf_dir. weight_only_precision
     'int8' or 'int4' stores the linear layers quantised (TensorRT-LLM's --use_weight_only; group_size: int4's
     input channels per scale, default 128). tokens_per_block (tokens per KV cache block) and max_num_tokens
     (tokens per in-flight batching step, chunked prefill) are the runtime's defaults, recorded as TensorRT-LLM
     records them. tokenizer_dir: where qwen.tiktoken comes from when the checkpoint has none. force: replace an
-    existing engine at output_dir. dtype accepts the aliases fp32, fp16, bf16."""
+    existing engine at output_dir. dtype accepts the aliases fp32, fp16, bf16. kv_cache_dtype "int8" / "fp8"
+    (--int8_kv_cache / --fp8_kv_cache): the runtime stores K and V as int8 / e4m3 codes with a scale per token and
+    head, computed as the cache is written (no calibration: nothing changes in the weights)."""
     t_start = time.monotonic()
     if (ft_dir is None) == (hf_dir is None):
         raise QWenError("give exactly one of --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")
@@ -166,7 +169,8 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
         if weight_only_precision else None
     settings = dict(dtype=dtype, world_size=world_size, max_batch_size=max_batch_size, max_input_len=max_input_len,
                     max_output_len=max_output_len, max_num_tokens=max_num_tokens, tokens_per_block=tokens_per_block,
-                    kernels=kernels, plugins={k: v for k, v in (plugins or {}).items() if k in PLUGIN_FLAGS},
+                    kernels=kernels, kv_cache_dtype=kv_cache_dtype,
+                    plugins={k: v for k, v in (plugins or {}).items() if k in PLUGIN_FLAGS},
                     builder_version=__version__, torch_version=torch.__version__)
     BuildConfig(quantization=quant(), **settings)  # validates every value before any work
     reading = [None]  # the progress bar of the source tensors being read (Hugging Face checkpoints)

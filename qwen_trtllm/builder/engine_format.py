@@ -21,6 +21,7 @@ ARCHITECTURE = "QWenForCausalLM"
 
 
 KERNELS = ("triton", "torch")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # the KV cache's format: the model's dtype, or codes + scales
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,9 @@ class BuildConfig:
 
     dtype: "float32" | "float16" | "bfloat16"; max_batch_size: requests in flight; max_input_len /
     max_output_len: tokens per prompt / per output; max_num_tokens: tokens per in-flight batching step;
-    tokens_per_block: tokens per KV cache block; kernels: "triton" (fused Triton kernels on CUDA) or "torch"."""
+    tokens_per_block: tokens per KV cache block; kernels: "triton" (fused Triton kernels on CUDA) or "torch";
+    kv_cache_dtype: "auto" (K and V in dtype), "int8" or "fp8" (e4m3 codes; both with a float32 scale per token and
+    head computed as the cache is written: build.py --int8_kv_cache / --fp8_kv_cache)."""
 
     dtype: str
     world_size: int = 1
@@ -55,6 +58,7 @@ class BuildConfig:
     max_num_tokens: int = 8192
     tokens_per_block: int = 64
     kernels: str = "triton"
+    kv_cache_dtype: str = "auto"
     quantization: QuantizationConfig | None = None
     plugins: Mapping[str, str] = field(default_factory=dict)
     source: Mapping[str, object] = field(default_factory=dict)
@@ -71,6 +75,9 @@ class BuildConfig:
             raise QWenError(f"--tokens_per_block {self.tokens_per_block} must be 16, 32, 64 or 128")
         if self.kernels not in KERNELS:
             raise QWenError(f"--kernels {self.kernels} is not one of {', '.join(KERNELS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise QWenError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}: "
+                            "rebuild with --int8_kv_cache, --fp8_kv_cache or neither")
 
     @property
     def max_seq_len(self) -> int:
@@ -84,8 +91,9 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> BuildConfig:
-        """From config.json's "build" section (engines written before max_num_tokens / tokens_per_block existed
-        get the defaults). Raises KeyError for a missing required key, QWenError for a bad value."""
+        """From config.json's "build" section (engines written before max_num_tokens / tokens_per_block /
+        kv_cache_dtype existed get the defaults). Raises KeyError for a missing required key, QWenError for a bad
+        value."""
         v = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         v["dtype"] = d["dtype"]
         for key in ("world_size", "max_batch_size", "max_input_len", "max_output_len"):

@@ -21,9 +21,9 @@ from qwen_trtllm.config import QWenConfig
 from qwen_trtllm.dtypes import dtype_name
 from qwen_trtllm.models.qwen.model import QWen
 from qwen_trtllm.models.qwen.weights import engine_to_qwen2
-from qwen_trtllm.runtime.engine import Engine, model_skeleton, use_triton_kernels
+from qwen_trtllm.runtime.engine import Engine, check_kv_cache_supported, model_skeleton, use_triton_kernels
 from qwen_trtllm.runtime.executor import ExecutorConfig
-from qwen_trtllm.runtime.kv_cache import KvCacheConfig
+from qwen_trtllm.runtime.kv_cache import KvCacheConfig, KVCacheManager
 from qwen_trtllm.runtime.llm import LLM
 from qwen_trtllm.runtime.request import SamplingParams
 
@@ -43,8 +43,9 @@ class BenchRow:
 
 def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max_batch_size: int = 64,
                   max_input_len: int = 2048, max_output_len: int = 128, seed: int = 0,
-                  kernels: str = "triton") -> Engine:
-    """An engine with random weights of a named shape, created directly on the device (no checkpoint files)."""
+                  kernels: str = "triton", kv_cache_dtype: str = "auto") -> Engine:
+    """An engine with random weights of a named shape, created directly on the device (no checkpoint files);
+    kv_cache_dtype as build.py's --int8_kv_cache ("int8") / --fp8_kv_cache ("fp8")."""
     shape = PRESETS[preset]
     config = QWenConfig(**shape)
     dtype = dtype_name(dtype, flag="--dtype")
@@ -56,7 +57,8 @@ def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max
             p.copy_(random_tensor("transformer.wte.weight" if name == "embed.weight" else name, p.shape, gen, device))
     model.eval().requires_grad_(False).set_kernels(kernels == "triton")
     build = BuildConfig(dtype, max_batch_size=max_batch_size, max_input_len=max_input_len,
-                        max_output_len=max_output_len, kernels=kernels)
+                        max_output_len=max_output_len, kernels=kernels, kv_cache_dtype=kv_cache_dtype)
+    check_kv_cache_supported(kv_cache_dtype, torch.device(device), kernels == "triton")
     return Engine(engine_dir=None, config=config, build=build, model=model, device=torch.device(device),
                   dtype=DTYPES[dtype])
 
@@ -129,6 +131,8 @@ def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, ru
     bw = decode_step_bytes(engine, batch, input_len + output_len // 2) / (per_tok * 1e-3) / 1e9
     q = engine.build.quantization
     quant = "" if q is None else q.precision + ("+lm_head" if q.quantize_lm_head else "")
+    if engine.build.kv_cache_dtype != "auto":
+        quant += ("+" if quant else "") + engine.build.kv_cache_dtype + "_kv"
     row = BenchRow(f"engine-{quant}" if quant else "engine", batch, input_len, output_len, ttft, per_tok,
                    batch * output_len / statistics.median(totals),
                    100 * bw / copy_gbs if copy_gbs else float("nan"), torch.cuda.max_memory_allocated(dev) / 2**30)
@@ -145,9 +149,12 @@ def release(llm: LLM) -> None:
 
 
 def kv_cache_bytes(engine: Engine, batch: int, seq_len: int) -> int:
-    """Bytes of this rank's K and V caches (engine dtype) for batch x seq_len tokens."""
-    cfg, esize = engine.config, torch.finfo(engine.dtype).bits // 8
-    return 2 * cfg.num_hidden_layers * batch * seq_len * cfg.hidden_size * esize // engine.world_size
+    """Bytes of this rank's K and V caches (the engine's KV cache format, scales included) for batch x seq_len
+    tokens."""
+    cfg = engine.config
+    per_token = KVCacheManager.bytes_per_block(cfg.num_hidden_layers, cfg.num_attention_heads // engine.world_size,
+                                               cfg.kv_channels, 1, engine.dtype, engine.build.kv_cache_dtype)
+    return batch * seq_len * per_token
 
 
 def fits(engine: Engine, batch: int, seq_len: int, workspace: int = 4 << 30) -> bool:

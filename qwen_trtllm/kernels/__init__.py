@@ -3,7 +3,8 @@
 rms_norm (fused residual add + RMSNorm), rotary_kv_write (rotary + logn + paged KV-cache write),
 paged_decode_attention (flash decoding over the paged KV cache), paged_prefill_attention (causal flash attention of
 packed prefill chunks over the paged KV cache), silu_mul (SwiGLU) and copy_kv_blocks (beam search's copy-on-write
-of KV cache blocks). The wrappers launch with grids computed from
+of KV cache blocks). The KV-cache kernels also take int8 / fp8 caches with per-(token, head) scales (kv_quant.py:
+quantize_kv_reference / dequantize_kv_reference define the format). The wrappers launch with grids computed from
 static shapes (and, for prefill, the host int max_query_len) and never synchronise, so they can be captured in
 CUDA graphs. triton_available(device) says whether they can run there.
 
@@ -18,6 +19,7 @@ import torch
 try:
     from qwen_trtllm.kernels.activation import silu_mul, silu_mul_reference
     from qwen_trtllm.kernels.kv_cache_copy import copy_kv_blocks, copy_kv_blocks_reference
+    from qwen_trtllm.kernels.kv_quant import dequantize_kv_reference, quantize_kv_reference
     from qwen_trtllm.kernels.paged_attention import (
         default_num_splits,
         paged_decode_attention,
@@ -38,9 +40,10 @@ else:
     _IMPORT_ERROR = None
 
 __all__ = ["apply_rotary_reference", "copy_kv_blocks", "copy_kv_blocks_reference", "default_num_splits",
-           "interpreted", "logn_scale_reference", "paged_decode_attention", "paged_decode_attention_reference",
-           "paged_prefill_attention", "paged_prefill_attention_reference", "rms_norm", "rms_norm_reference",
-           "rotary_kv_write", "rotary_kv_write_reference", "silu_mul", "silu_mul_reference", "triton_available"]
+           "dequantize_kv_reference", "interpreted", "logn_scale_reference", "paged_decode_attention",
+           "paged_decode_attention_reference", "paged_prefill_attention", "paged_prefill_attention_reference",
+           "quantize_kv_reference", "rms_norm", "rms_norm_reference", "rotary_kv_write", "rotary_kv_write_reference",
+           "silu_mul", "silu_mul_reference", "triton_available"]
 
 
 def interpreted() -> bool:

@@ -23,6 +23,12 @@ Prefill (grid P * ceil(max_query_len / BLOCK_M) x heads): a program takes BLOCK_
 runs the flash-attention loop (tl.dot, online softmax in float32, exp2) over the blocks of that sequence: first
 the blocks wholly before its first query row's position (no mask), then the blocks up to its last row's position
 (causal mask). Programs past their sequence's query length return at once.
+
+Quantised caches (int8 / fp8 e4m3 codes with one float32 scale per token and head, kv_quant.py): both kernels load
+the codes and the tile's scales (k_scale / v_scale [num_blocks, n_heads, block_size], contiguous per tile) and
+dequantise in registers: decode multiplies each key's q.k by its K scale and each probability by its V scale;
+prefill multiplies the score columns by the K scales (codes are exact in q.dtype) and the V tile by its scales
+before the P.V product. The references dequantise the gathered cache.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwen_trtllm.kernels.kv_quant import check_scales, is_quantized
 from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start, sm_count
 
 _LOG2E = 1.4426950408889634
@@ -44,14 +51,23 @@ def _num_stages(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
     return max(1, min(3, _STAGE_BYTES // tile_pair))
 
 
-def _check_cache(k_cache: Tensor, v_cache: Tensor, n_heads: int, head_dim: int) -> int:
+def _check_cache(k_cache: Tensor, v_cache: Tensor, n_heads: int, head_dim: int, k_scale: Tensor | None = None,
+                 v_scale: Tensor | None = None) -> int:
     assert head_dim & (head_dim - 1) == 0 and 16 <= head_dim <= 128, "head_dim must be a power of two in [16, 128]"
     assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, "caches: [num_blocks, n_heads, block_size, head_dim]"
     assert k_cache.shape[1] == n_heads and k_cache.shape[3] == head_dim
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     block_size = k_cache.shape[2]
     assert block_size & (block_size - 1) == 0 and 16 <= block_size <= 128, "block_size: a power of two in [16, 128]"
+    check_scales(k_cache, v_cache, k_scale, v_scale)
     return block_size
+
+
+def _scale_args(k_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None) -> tuple:
+    """The kernels' scale arguments: pointers and (block, head) strides; unused stand-ins without scales."""
+    if k_scale is None:
+        return k_cache, k_cache, 0, 0
+    return k_scale, v_scale, k_scale.stride(0), k_scale.stride(1)
 
 
 # --- decode ----------------------------------------------------------------------------------------------------
@@ -59,11 +75,11 @@ KEY_TILE = 16  # keys per decode tile (a slice of one block): measured best on a
 
 
 @triton.jit
-def _paged_decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale, max_seq,
-                               stride_qb, stride_qh, stride_bt, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
-                               N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _paged_decode_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale,
+                               max_seq, stride_qb, stride_qh, stride_bt, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, s_sb,
+                               s_sh, N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, DIRECT: tl.constexpr,
-                               NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False):
+                               NUM_STAGES: tl.constexpr, QUANT: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_start(PDL, EARLY=True)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -79,6 +95,7 @@ def _paged_decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse
     table = bt_ptr + b * stride_bt
     k_head = k_ptr + h * k_sh + offs[:, None] * k_ss + d[None, :]
     v_head = v_ptr + h * v_sh + offs[:, None] * v_ss + d[None, :]
+    ks_head, vs_head = ks_ptr + h * s_sh + offs, vs_ptr + h * s_sh + offs  # QUANT: the keys' scales
     # Each of the TILE key lanes keeps its own running max, sum and accumulator (flash decoding per lane), so
     # the loop needs no reduction across the key axis (across warps); the lanes merge once after the loop.
     run_max = tl.full([TILE], -float("inf"), dtype=tl.float32)
@@ -92,12 +109,17 @@ def _paged_decode_split_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse
         k = tl.load(k_head + block * k_sb + row * k_ss, mask=valid[:, None], other=0.0)
         v = tl.load(v_head + block * v_sb + row * v_ss, mask=valid[:, None], other=0.0)
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        if QUANT:  # dequantise: q.(code * s) = (q.code) * s, one multiply per key
+            scores = scores * tl.load(ks_head + block * s_sb + row, mask=valid, other=0.0)
         scores = tl.where(valid, scores, -float("inf"))
         new_max = tl.maximum(run_max, scores)
         ref_max = tl.where(new_max == -float("inf"), 0.0, new_max)  # a lane with no key yet: weights 0, not NaN
         alpha = tl.exp2(run_max - ref_max)
         p = tl.exp2(scores - ref_max)
-        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        pv = p
+        if QUANT:  # p (code * s) = (p s) code
+            pv = p * tl.load(vs_head + block * s_sb + row, mask=valid, other=0.0)
+        acc = acc * alpha[:, None] + pv[:, None] * v.to(tl.float32)
         denom = denom * alpha + p
         run_max = new_max
 
@@ -153,20 +175,22 @@ def default_num_splits(batch: int, n_heads: int, max_seq: int, device: torch.dev
 
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                           scale: float, num_splits: int | None = None) -> Tensor:
+                           scale: float, num_splits: int | None = None, k_scale: Tensor | None = None,
+                           v_scale: Tensor | None = None) -> Tensor:
     """softmax(q k^T * scale) v over keys 0..seq_lens[b]-1 of each sequence, read through its block table.
 
     q [B, n_heads, head_dim] (fp32 / fp16 / bf16, last dim contiguous); k_cache / v_cache [num_blocks, n_heads,
-    block_size, head_dim] (any of those dtypes, last dim contiguous); block_tables [B, max_blocks] int32 (or
-    int64), last dim contiguous: entries 0..ceil(seq_lens[b] / block_size)-1 are read, later ones never;
-    seq_lens [B] int32 (or int64), the valid keys, this step's included (clipped to max_blocks * block_size).
-    scale multiplies q.k (1/sqrt(head_dim) for Qwen). num_splits defaults to default_num_splits, from static
-    shapes only: no host synchronisation, grid fixed by the shapes (CUDA-graph safe). Returns [B, n_heads,
-    head_dim] in q.dtype; float32 accumulation; a sequence with seq_lens 0 gets zeros. head_dim and block_size
-    must be powers of two in [16, 128] (AssertionError otherwise).
+    block_size, head_dim] (any of those dtypes, or int8 / float8_e4m3fn codes with their float32 k_scale / v_scale
+    [num_blocks, n_heads, block_size], one per token and head; last dim contiguous); block_tables [B, max_blocks] int32
+    (or int64), last dim contiguous: entries 0..ceil(seq_lens[b] / block_size)-1 are read, later ones never; seq_lens
+    [B] int32 (or int64), the valid keys, this step's included (clipped to max_blocks * block_size). scale multiplies
+    q.k (1/sqrt(head_dim) for Qwen). num_splits defaults to default_num_splits, from static shapes only: no host
+    synchronisation, grid fixed by the shapes (CUDA-graph safe). Returns [B, n_heads, head_dim] in q.dtype; float32
+    accumulation; a sequence with seq_lens 0 gets zeros. head_dim and block_size must be powers of two in [16, 128]
+    (AssertionError otherwise).
     """
     B, H, D = q.shape
-    block_size = _check_cache(k_cache, v_cache, H, D)
+    block_size = _check_cache(k_cache, v_cache, H, D, k_scale, v_scale)
     assert q.stride(2) == 1 and seq_lens.shape == (B,)
     assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
     assert not block_tables.is_floating_point() and not seq_lens.is_floating_point()
@@ -181,12 +205,13 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         o_ws = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         lse_ws = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     pdl = pdl_enabled(q.device)
+    ks, vs, s_sb, s_sh = _scale_args(k_cache, k_scale, v_scale)
     _paged_decode_split_kernel[(B, H, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, o_ws, lse_ws, scale * _LOG2E, max_seq, q.stride(0),
+        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, o_ws, lse_ws, scale * _LOG2E, max_seq, q.stride(0),
         q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D,
-        BLOCK_SIZE=block_size, TILE=KEY_TILE, DIRECT=splits == 1, NUM_STAGES=3, PDL=pdl, num_warps=2,
-        launch_pdl=pdl)
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sb, s_sh, N_HEADS=H, NUM_SPLITS=splits,
+        HEAD_DIM=D, BLOCK_SIZE=block_size, TILE=KEY_TILE, DIRECT=splits == 1, NUM_STAGES=3,
+        QUANT=k_scale is not None, PDL=pdl, num_warps=2, launch_pdl=pdl)
     if splits > 1:
         block_s = triton.next_power_of_2(splits)
         _paged_decode_merge_kernel[(B, H)](o_ws, lse_ws, out, N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D,
@@ -195,19 +220,26 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     return out
 
 
-def _gather_blocks(cache: Tensor, blocks: Tensor, dtype: torch.dtype) -> Tensor:
-    """cache [num_blocks, H, bs, D] gathered by blocks [..., n] -> [..., H, n * bs, D] in dtype."""
+def _gather_blocks(cache: Tensor, blocks: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
+    """cache [num_blocks, H, bs, D] gathered by blocks [..., n] -> [..., H, n * bs, D] in dtype; with scale
+    [num_blocks, H, bs] (int8 / fp8 codes), dequantised: code * scale."""
     g = cache[blocks.long()]  # [..., n, H, bs, D]
     g = g.movedim(-3, -4)  # [..., H, n, bs, D]
-    return g.reshape(*g.shape[:-3], g.shape[-3] * g.shape[-2], g.shape[-1]).to(dtype)
+    g = g.reshape(*g.shape[:-3], g.shape[-3] * g.shape[-2], g.shape[-1]).to(dtype)
+    if scale is None:
+        return g
+    s = scale[blocks.long()].movedim(-2, -3)  # [..., H, n, bs]
+    return g * s.reshape(*s.shape[:-2], -1, 1).to(dtype)
 
 
 def paged_decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                                     seq_lens: Tensor, scale: float, num_splits: int | None = None) -> Tensor:
-    """Plain PyTorch paged_decode_attention: gather each sequence's blocks, float32 softmax over its valid keys
-    (float64 for float64 inputs; num_splits unused). No host synchronisation (CUDA-graph safe); slots past
-    seq_lens[b] and table entries past its last block are never used, whatever they hold (NaN, any index).
-    Memory: B x n_heads x max_blocks x block_size x head_dim float32 for each of K and V.
+                                     seq_lens: Tensor, scale: float, num_splits: int | None = None,
+                                     k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> Tensor:
+    """Plain PyTorch paged_decode_attention: gather each sequence's blocks (dequantised with their scales for int8 / fp8
+    caches), float32 softmax over its valid keys (float64 for float64 inputs; num_splits unused). No host
+    synchronisation (CUDA-graph safe); slots past seq_lens[b] and table entries past its last block are never used,
+    whatever they hold (NaN, any index). Memory: B x n_heads x max_blocks x block_size x head_dim float32 for each of K
+    and V.
     """
     B, max_blocks = block_tables.shape
     bs = k_cache.shape[2]
@@ -217,8 +249,8 @@ def paged_decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor
     used = torch.arange(max_blocks, device=q.device)[None, :] * bs < lens[:, None]  # [B, max_blocks]
     tables = torch.where(used, block_tables.to(q.device).long(), 0)  # unused entries: any value, read block 0
     valid = torch.arange(n, device=q.device)[None, :] < lens[:, None]  # [B, n]
-    k = _gather_blocks(k_cache, tables, cdt).masked_fill(~valid[:, None, :, None], 0.0)  # [B, H, n, D]
-    v = _gather_blocks(v_cache, tables, cdt).masked_fill(~valid[:, None, :, None], 0.0)
+    k = _gather_blocks(k_cache, tables, cdt, k_scale).masked_fill(~valid[:, None, :, None], 0.0)  # [B, H, n, D]
+    v = _gather_blocks(v_cache, tables, cdt, v_scale).masked_fill(~valid[:, None, :, None], 0.0)
     scores = torch.einsum("bhd,bhnd->bhn", q.to(cdt), k) * scale
     probs = torch.softmax(scores.masked_fill(~valid[:, None, :], -float("inf")), dim=-1).nan_to_num(0.0)
     return torch.einsum("bhn,bhnd->bhd", probs, v).to(q.dtype)
@@ -235,11 +267,24 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, ctx_ptr, qk_scale, max_seq, m_tiles,
-                          stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NUM_STAGES: tl.constexpr,
-                          PDL: tl.constexpr = False):
+def _dequant_tile(k, v, ks_ptrs, vs_ptrs, key_ok, q, UPCAST: tl.constexpr):
+    """A quantised K / V tile for the dot products: K codes in q's dtype (exact: int8 and e4m3 values fit fp16 and
+    bf16), their scales [BLOCK_N] (to multiply the scores' columns), V dequantised (code * scale) in q's dtype;
+    UPCAST (bf16 in the interpreter, see _dot): both in float32."""
+    k_s = tl.load(ks_ptrs, mask=key_ok, other=0.0)
+    v_s = tl.load(vs_ptrs, mask=key_ok, other=0.0)
+    v = v.to(tl.float32) * v_s[:, None]
+    if UPCAST:
+        return k.to(tl.float32), v, k_s
+    return k.to(q.dtype), v.to(q.dtype), k_s
+
+
+@triton.jit
+def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, o_ptr, bt_ptr, qsl_ptr, ctx_ptr, qk_scale, max_seq,
+                          m_tiles, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, k_sb, k_sh, k_ss, v_sb,
+                          v_sh, v_ss, s_sb, s_sh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          NUM_STAGES: tl.constexpr, QUANT: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_start(PDL, EARLY=True)
     pid = tl.program_id(0)
     seq = (pid // m_tiles).to(tl.int64)
@@ -263,6 +308,7 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, ctx_ptr, 
     table = bt_ptr + seq * stride_bt
     k_head = k_ptr + h * k_sh + offs[:, None] * k_ss + d[None, :]
     v_head = v_ptr + h * v_sh + offs[:, None] * v_ss + d[None, :]
+    ks_head, vs_head = ks_ptr + h * s_sh + offs, vs_ptr + h * s_sh + offs  # QUANT: the keys' scales
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -271,7 +317,11 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, ctx_ptr, 
         block = tl.load(table + n0 // BLOCK_N).to(tl.int64)
         k = tl.load(k_head + block * k_sb)
         v = tl.load(v_head + block * v_sb)
+        if QUANT:
+            k, v, k_s = _dequant_tile(k, v, ks_head + block * s_sb, vs_head + block * s_sb, offs < BLOCK_N, q, UPCAST)
         s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
+        if QUANT:
+            s = s * k_s[None, :]
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -285,7 +335,11 @@ def _paged_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qsl_ptr, ctx_ptr, 
         key_ok = n < kv_end  # never read a slot past the last row's position (not written yet)
         k = tl.load(k_head + block * k_sb, mask=key_ok[:, None], other=0.0)
         v = tl.load(v_head + block * v_sb, mask=key_ok[:, None], other=0.0)
+        if QUANT:
+            k, v, k_s = _dequant_tile(k, v, ks_head + block * s_sb, vs_head + block * s_sb, key_ok, q, UPCAST)
         s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * qk_scale
+        if QUANT:
+            s = s * k_s[None, :]
         s = tl.where(n[None, :] <= pos[:, None], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -306,24 +360,26 @@ def default_block_m(device: torch.device | str) -> int:
 
 def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                             query_start_loc: Tensor, context_lens: Tensor, scale: float, max_query_len: int,
-                            block_m: int | None = None) -> Tensor:
+                            block_m: int | None = None, k_scale: Tensor | None = None,
+                            v_scale: Tensor | None = None) -> Tensor:
     """Causal attention of packed prefill chunks over the paged cache (chunked context / chunked prefill).
 
-    q [T, n_heads, head_dim] (fp32 / fp16 / bf16, last dim contiguous): the query tokens of P sequences back to
-    back. query_start_loc [P+1] int32: cumulative offsets into q (query_start_loc[0] = 0), so sequence p's chunk
-    is q[query_start_loc[p]:query_start_loc[p+1]] (qlen_p rows, possibly 0). context_lens [P] int32: tokens of
-    sequence p already cached before this chunk. Query row i of sequence p sits at position context_lens[p] + i
-    and attends to keys 0..context_lens[p]+i, all of which must already be in the cache (rotary_kv_write wrote
-    the chunk's own keys first), so context_lens[p] + qlen_p <= max_blocks * block_size. block_tables [P,
-    max_blocks] int32 (or int64), last dim contiguous; k_cache / v_cache [num_blocks, n_heads, block_size,
-    head_dim] in q.dtype (tl.dot takes one dtype). max_query_len: a host int >= every qlen_p; it and P fix the
-    grid (no host synchronisation). block_m: query rows per program (power of two >= 16; default_block_m).
-    Returns [T, n_heads, head_dim] in q.dtype (float32 softmax and accumulation; fp16 / bf16 probabilities
-    enter the P.V product in q.dtype, as in flash attention; fp32 in full IEEE precision).
+    q [T, n_heads, head_dim] (fp32 / fp16 / bf16, last dim contiguous): the query tokens of P sequences back to back.
+    query_start_loc [P+1] int32: cumulative offsets into q (query_start_loc[0] = 0), so sequence p's chunk is
+    q[query_start_loc[p]:query_start_loc[p+1]] (qlen_p rows, possibly 0). context_lens [P] int32: tokens of sequence p
+    already cached before this chunk. Query row i of sequence p sits at position context_lens[p] + i and attends to keys
+    0..context_lens[p]+i, all of which must already be in the cache (rotary_kv_write wrote the chunk's own keys first),
+    so context_lens[p] + qlen_p <= max_blocks * block_size. block_tables [P, max_blocks] int32 (or int64), last dim
+    contiguous; k_cache / v_cache [num_blocks, n_heads, block_size, head_dim] in q.dtype (tl.dot takes one dtype), or
+    int8 / float8_e4m3fn codes with float32 k_scale / v_scale [num_blocks, n_heads, block_size] (one per token and head;
+    dequantised in registers). max_query_len: a host int >= every qlen_p; it and P fix the grid (no host
+    synchronisation). block_m: query rows per program (power of two >= 16; default_block_m). Returns [T, n_heads,
+    head_dim] in q.dtype (float32 softmax and accumulation; fp16 / bf16 probabilities enter the P.V product in q.dtype,
+    as in flash attention; fp32 in full IEEE precision).
     """
     T, H, D = q.shape
-    block_size = _check_cache(k_cache, v_cache, H, D)
-    assert k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, "prefill: caches in q.dtype"
+    block_size = _check_cache(k_cache, v_cache, H, D, k_scale, v_scale)
+    assert is_quantized(k_cache.dtype) or k_cache.dtype == q.dtype, "prefill: caches in q.dtype, int8 or fp8"
     assert q.stride(2) == 1
     P = context_lens.shape[0]
     assert query_start_loc.shape == (P + 1,) and block_tables.dim() == 2 and block_tables.shape[0] == P
@@ -335,24 +391,28 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         return out
     m_tiles = triton.cdiv(max_query_len, block_m)
     pdl = pdl_enabled(q.device)
+    ks, vs, s_sb, s_sh = _scale_args(k_cache, k_scale, v_scale)
     _paged_prefill_kernel[(P * m_tiles, H)](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, context_lens, scale * _LOG2E,
+        q, k_cache, v_cache, ks, vs, out, block_tables, query_start_loc, context_lens, scale * _LOG2E,
         block_tables.shape[1] * block_size, m_tiles, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
-        v_cache.stride(1), v_cache.stride(2), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_size,
+        v_cache.stride(1), v_cache.stride(2), s_sb, s_sh, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_size,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.dtype == torch.bfloat16 and q.device.type != "cuda",
-        NUM_STAGES=_num_stages(block_size, D, q.dtype), PDL=pdl, num_warps=4, launch_pdl=pdl)
+        NUM_STAGES=_num_stages(block_size, D, k_cache.dtype), QUANT=k_scale is not None, PDL=pdl, num_warps=4,
+        launch_pdl=pdl)
     return out
 
 
 def paged_prefill_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                                       query_start_loc: Tensor, context_lens: Tensor, scale: float,
-                                      max_query_len: int | None = None, block_m: int | None = None) -> Tensor:
+                                      max_query_len: int | None = None, block_m: int | None = None,
+                                      k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> Tensor:
     """Plain PyTorch paged_prefill_attention: per sequence, gather its keys and values into contiguous
-    [n_heads, L, head_dim] tensors (float32, float64 for float64 q), mask causally at the context offset,
-    softmax, cast back to q.dtype. Reads query_start_loc and context_lens on the host (a synchronisation: not
-    for CUDA-graph capture); max_query_len and block_m unused. Rows of q outside every chunk are left 0.
+    [n_heads, L, head_dim] tensors (float32, float64 for float64 q; int8 / fp8 caches dequantised), mask causally
+    at the context offset, softmax, cast back to q.dtype. Reads query_start_loc and context_lens on the host (a
+    synchronisation: not for CUDA-graph capture); max_query_len and block_m unused. Rows of q outside every chunk
+    are left 0.
     """
     T, H, D = q.shape
     bs = k_cache.shape[2]
@@ -365,8 +425,8 @@ def paged_prefill_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tenso
             continue
         n_keys = ctx + t1 - t0
         blocks = block_tables[p, :triton.cdiv(n_keys, bs)]
-        k = _gather_blocks(k_cache, blocks, cdt)[:, :n_keys]  # [H, L, D]
-        v = _gather_blocks(v_cache, blocks, cdt)[:, :n_keys]
+        k = _gather_blocks(k_cache, blocks, cdt, k_scale)[:, :n_keys]  # [H, L, D]
+        v = _gather_blocks(v_cache, blocks, cdt, v_scale)[:, :n_keys]
         qp = q[t0:t1].transpose(0, 1).to(cdt)  # [H, qlen, D]
         scores = torch.matmul(qp, k.transpose(1, 2)) * scale  # [H, qlen, L]
         pos = ctx + torch.arange(t1 - t0, device=q.device)

@@ -3,7 +3,8 @@
 One program per (token, head) reads that head's q, k and v from the fused QKV projection of the token, rotates q
 and k (NeoX rotate-half over the first rotary_dim dims, float32, per-sequence inv_freq for dynamic NTK), applies
 Qwen's logn factor to q, writes k and v into the paged caches at the token's slot (block * block_size + offset)
-and returns q.
+and returns q. With an int8 / fp8 cache (kv_quant.py) the program quantises its k and v vectors as it writes them:
+float32 rotated k and v, one scale per (token, head) each, stored beside the codes.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwen_trtllm.kernels.kv_quant import QMAX, check_scales, native_rint, quantize_kv_reference, quantize_vector
 from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start
 
 
 @triton.jit
-def _rotary_kv_kernel(qkv_ptr, freq_ptr, pos_ptr, slot_ptr, idx_ptr, kc_ptr, vc_ptr, q_ptr, stride_qkv, stride_freq,
-                      stride_pos, stride_slot, stride_idx, kc_sb, kc_sh, kc_ss, vc_sb, vc_sh, vc_ss, logn_len,
-                      log_logn_len, N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, USE_LOGN: tl.constexpr, HAS_INDEX: tl.constexpr,
-                      BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+def _rotary_kv_kernel(qkv_ptr, freq_ptr, pos_ptr, slot_ptr, idx_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, q_ptr,
+                      stride_qkv, stride_freq, stride_pos, stride_slot, stride_idx, kc_sb, kc_sh, kc_ss, vc_sb, vc_sh,
+                      vc_ss, s_sb, s_sh, logn_len, log_logn_len, N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      ROT_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_LOGN: tl.constexpr,
+                      HAS_INDEX: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr = False,
+                      QMAX: tl.constexpr = 127.0, FP8: tl.constexpr = False, NATIVE_RINT: tl.constexpr = False,
+                      PDL: tl.constexpr = False):
     pdl_start(PDL, EARLY=True)
     b = tl.program_id(0).to(tl.int64)  # the token's row in qkv
     h = tl.program_id(1).to(tl.int64)
@@ -58,27 +62,34 @@ def _rotary_kv_kernel(qkv_ptr, freq_ptr, pos_ptr, slot_ptr, idx_ptr, kc_ptr, vc_
     k = tl.load(k_in + d, mask=in_head, other=0.0).to(tl.float32)
     k_p = tl.load(k_in + partner, mask=rotated, other=0.0).to(tl.float32)
     k = tl.where(rotated, k * cos + k_p * sin, k)
-    tl.store(kc_ptr + block * kc_sb + h * kc_sh + offset * kc_ss + d, k.to(kc_ptr.dtype.element_ty), mask=in_head)
-
     v = tl.load(row + (2 * N_HEADS + h) * HEAD_DIM + d, mask=in_head, other=0.0)
+    if QUANT:  # float32 k and v -> codes (values on the format's grid) + one scale each for this (token, head)
+        k, k_scale = quantize_vector(k, QMAX, FP8, NATIVE_RINT)
+        v, v_scale = quantize_vector(v.to(tl.float32), QMAX, FP8, NATIVE_RINT)
+        tl.store(ks_ptr + block * s_sb + h * s_sh + offset, k_scale)
+        tl.store(vs_ptr + block * s_sb + h * s_sh + offset, v_scale)
+    tl.store(kc_ptr + block * kc_sb + h * kc_sh + offset * kc_ss + d, k.to(kc_ptr.dtype.element_ty), mask=in_head)
     tl.store(vc_ptr + block * vc_sb + h * vc_sh + offset * vc_ss + d, v.to(vc_ptr.dtype.element_ty), mask=in_head)
 
 
 def rotary_kv_write(qkv: Tensor, inv_freq: Tensor, positions: Tensor, slot_mapping: Tensor, k_cache: Tensor,
                     v_cache: Tensor, n_heads: int, head_dim: int, rotary_dim: int, logn_seq_length: int = 0,
-                    seq_index: Tensor | None = None) -> Tensor:
+                    seq_index: Tensor | None = None, k_scale: Tensor | None = None,
+                    v_scale: Tensor | None = None) -> Tensor:
     """Rotate the tokens' q and k, write k and v into the paged caches at slot_mapping; return q.
 
-    qkv [N, 3 * n_heads * head_dim] ([q heads | k heads | v heads]; the row stride may exceed the width, the
-    last dim is contiguous), fp32 / fp16 / bf16. inv_freq [S, rotary_dim // 2] float32, one row per sequence
-    (dynamic NTK differs per sequence). positions [N] integer: each token's position in its sequence (the
-    rotary angle and the logn factor). slot_mapping [N] int64: where its k and v go, slot = block * block_size +
-    offset, written to cache[block, :, offset]. k_cache / v_cache [num_blocks, n_heads, block_size, head_dim]
-    (last dim contiguous; stored in their own dtype). seq_index [N] int32 / int64 names each token's inv_freq
-    row; None: token i uses row i (decode, one token per sequence; S >= N). q is rotated and then, when
-    logn_seq_length > 0, scaled by ln(p+1)/ln(logn_seq_length) where p+1 > logn_seq_length (rounded to the
-    dtype after each step). Returns q [N, n_heads, head_dim], contiguous, in qkv.dtype. Tokens that share a slot
-    (padding rows on the dummy block 0) race: one of them wins. No host synchronisation (CUDA-graph safe).
+    qkv [N, 3 * n_heads * head_dim] ([q heads | k heads | v heads]; the row stride may exceed the width, the last dim is
+    contiguous), fp32 / fp16 / bf16. inv_freq [S, rotary_dim // 2] float32, one row per sequence (dynamic NTK differs
+    per sequence). positions [N] integer: each token's position in its sequence (the rotary angle and the logn factor).
+    slot_mapping [N] int64: where its k and v go, slot = block * block_size + offset, written to cache[block, :,
+    offset]. k_cache / v_cache [num_blocks, n_heads, block_size, head_dim] (last dim contiguous; stored in their own
+    dtype; int8 / float8_e4m3fn: quantised as kv_quant.py says, the float32 rotated k and v, each (token, head)'s scale
+    written to k_scale / v_scale [num_blocks, n_heads, block_size] float32 at the same slot; None for other dtypes).
+    seq_index [N] int32 / int64 names each token's inv_freq row; None: token i uses row i (decode, one token per
+    sequence; S >= N). q is rotated and then, when logn_seq_length > 0, scaled by ln(p+1)/ln(logn_seq_length) where p+1
+    > logn_seq_length (rounded to the dtype after each step). Returns q [N, n_heads, head_dim], contiguous, in
+    qkv.dtype. Tokens that share a slot (padding rows on the dummy block 0) race: one of them wins. No host
+    synchronisation (CUDA-graph safe).
     """
     N = qkv.shape[0]
     assert qkv.dim() == 2 and qkv.shape[1] == 3 * n_heads * head_dim and qkv.stride(1) == 1
@@ -92,19 +103,24 @@ def rotary_kv_write(qkv: Tensor, inv_freq: Tensor, positions: Tensor, slot_mappi
     assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, "caches: [num_blocks, n_heads, block_size, head_dim]"
     assert k_cache.shape[1] == n_heads and k_cache.shape[3] == head_dim
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    check_scales(k_cache, v_cache, k_scale, v_scale)
     q = torch.empty(N, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if N == 0:
         return q
     logn = int(logn_seq_length)
     index = positions if seq_index is None else seq_index
     pdl = pdl_enabled(qkv.device)
+    quant = k_scale is not None
+    ks, vs = (k_scale, v_scale) if quant else (k_cache, v_cache)  # unused pointers without scales
     _rotary_kv_kernel[(N, n_heads)](
-        qkv, inv_freq, positions, slot_mapping, index, k_cache, v_cache, q, qkv.stride(0), inv_freq.stride(0),
-        positions.stride(0), slot_mapping.stride(0), index.stride(0), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), max(logn, 1),
-        math.log(max(logn, 2)), N_HEADS=n_heads, HEAD_DIM=head_dim, ROT_DIM=rotary_dim, BLOCK_SIZE=k_cache.shape[2],
-        USE_LOGN=logn > 0, HAS_INDEX=seq_index is not None, BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl,
-        num_warps=1 if head_dim <= 128 else 2, launch_pdl=pdl)
+        qkv, inv_freq, positions, slot_mapping, index, k_cache, v_cache, ks, vs, q, qkv.stride(0),
+        inv_freq.stride(0), positions.stride(0), slot_mapping.stride(0), index.stride(0), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, max(logn, 1), math.log(max(logn, 2)),
+        N_HEADS=n_heads, HEAD_DIM=head_dim, ROT_DIM=rotary_dim, BLOCK_SIZE=k_cache.shape[2], USE_LOGN=logn > 0,
+        HAS_INDEX=seq_index is not None, BLOCK_D=triton.next_power_of_2(head_dim), QUANT=quant,
+        QMAX=QMAX.get(k_cache.dtype, 127.0), FP8=k_cache.dtype == torch.float8_e4m3fn,
+        NATIVE_RINT=native_rint(qkv.device), PDL=pdl, num_warps=1 if head_dim <= 128 else 2, launch_pdl=pdl)
     return q
 
 
@@ -129,17 +145,25 @@ def logn_scale_reference(positions: Tensor, logn_seq_length: int) -> Tensor:
 
 def rotary_kv_write_reference(qkv: Tensor, inv_freq: Tensor, positions: Tensor, slot_mapping: Tensor,
                               k_cache: Tensor, v_cache: Tensor, n_heads: int, head_dim: int, rotary_dim: int,
-                              logn_seq_length: int = 0, seq_index: Tensor | None = None) -> Tensor:
-    """Plain PyTorch rotary_kv_write (same in-place cache writes, same returned q; no host synchronisation)."""
+                              logn_seq_length: int = 0, seq_index: Tensor | None = None,
+                              k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> Tensor:
+    """Plain PyTorch rotary_kv_write (same in-place cache writes, same returned q; no host synchronisation);
+    int8 / fp8 caches: quantize_kv_reference of the float32 rotated k and of v."""
     N = qkv.shape[0]
     rows = torch.arange(N, device=qkv.device) if seq_index is None else seq_index.long()
     q, k, v = qkv.unflatten(1, (3, n_heads, head_dim)).unbind(1)  # each [N, n_heads, head_dim]
     angles = positions.float()[:, None] * inv_freq.float()[rows]  # [N, rotary_dim // 2]
     cos, sin = angles.cos()[:, None], angles.sin()[:, None]
-    q, k = apply_rotary_reference(q, cos, sin, rotary_dim), apply_rotary_reference(k, cos, sin, rotary_dim)
+    quant = k_scale is not None
+    q = apply_rotary_reference(q, cos, sin, rotary_dim)
+    k = apply_rotary_reference(k.float() if quant else k, cos, sin, rotary_dim)
     if logn_seq_length > 0:
         q = (q.float() * logn_scale_reference(positions, logn_seq_length)[:, None, None]).to(q.dtype)
     slot, bs = slot_mapping.long(), k_cache.shape[2]
-    k_cache[slot // bs, :, slot % bs] = k.to(k_cache.dtype)  # [N, n_heads, head_dim] at cache[block, :, offset]
-    v_cache[slot // bs, :, slot % bs] = v.to(v_cache.dtype)
+    blocks, offsets = slot // bs, slot % bs
+    for cache, scales, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        if quant:
+            x, s = quantize_kv_reference(x, cache.dtype)
+            scales[blocks, :, offsets] = s  # [N, n_heads] at scales[block, :, offset]
+        cache[blocks, :, offsets] = x.to(cache.dtype)  # [N, n_heads, head_dim] at cache[block, :, offset]
     return q.contiguous()

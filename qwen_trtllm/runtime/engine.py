@@ -30,6 +30,17 @@ def check_dtype_supported(dtype: torch.dtype, device: torch.device) -> None:
                         "rebuild with --dtype float16")
 
 
+def check_kv_cache_supported(kv_cache_dtype: str, device: torch.device, triton: bool) -> None:
+    """An fp8 KV cache through the Triton kernels needs fp8 e4m3 conversions in hardware (sm_89+: Ada, Hopper);
+    the PyTorch references (CPU, --kernels torch) run it anywhere."""
+    if kv_cache_dtype == "fp8" and triton and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise QWenError(f"this engine's fp8 KV cache needs an sm_89+ GPU (Ada, Hopper) for its Triton kernels, "
+                            f"but {torch.cuda.get_device_name(device)} is sm_{major}{minor}: rebuild with "
+                            "--int8_kv_cache (or --kernels torch)")
+
+
 @dataclass
 class Engine:
     """A loaded engine: the model of this rank on its device, and the engine's configs."""
@@ -71,7 +82,9 @@ class Engine:
             bad = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
             raise QWenError(f"{path} does not match its config.json (first mismatch: {bad[0]}): rebuild the engine")
         model.load_state_dict(state, assign=True)
-        model.eval().requires_grad_(False).set_kernels(use_triton_kernels(build, device))
+        triton = use_triton_kernels(build, device)
+        check_kv_cache_supported(build.kv_cache_dtype, device, triton)
+        model.eval().requires_grad_(False).set_kernels(triton)
         LOGGER.info(f"engine {engine_dir} loaded in {time.monotonic() - t0:.1f} s")
         return cls(engine_dir, config, build, model, device, dtype, rank, world_size)
 

@@ -67,7 +67,7 @@ class Executor:
             kv = KvCacheConfig(tokens_per_block=build.tokens_per_block)
         heads = cfg.num_attention_heads // engine.world_size
         per_block = KVCacheManager.bytes_per_block(cfg.num_hidden_layers, heads, cfg.kv_channels,
-                                                   kv.tokens_per_block, engine.dtype)
+                                                   kv.tokens_per_block, engine.dtype, build.kv_cache_dtype)
         default_tokens = self.max_batch_size * -(-self.max_seq_len // kv.tokens_per_block) * kv.tokens_per_block
         blocks = pool_size_in_blocks(kv, per_block, engine.device, default_tokens, reserve=self.activation_bytes())
         if engine.world_size > 1:  # every rank must hold the same pool: the smallest
@@ -75,7 +75,8 @@ class Executor:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             blocks = int(t.item())
         self.kv_cache = KVCacheManager(cfg.num_hidden_layers, heads, cfg.kv_channels, blocks, kv.tokens_per_block,
-                                       engine.dtype, engine.device, use_triton_kernels(build, engine.device))
+                                       engine.dtype, engine.device, use_triton_kernels(build, engine.device),
+                                       build.kv_cache_dtype)
         self.scheduler = Scheduler(self.kv_cache, self.max_batch_size, self.max_num_tokens,
                                    config.num_scheduler_steps)
         self.runner = ModelRunner(engine, self.kv_cache, self.max_batch_size, self.max_seq_len, config.cuda_graphs)
@@ -94,9 +95,9 @@ class Executor:
 
     def kv_cache_report(self) -> str:
         kv = self.kv_cache
-        gib = 2 * kv.k_cache.numel() * kv.k_cache.element_size() / 2**30
+        fmt = "" if kv.kv_cache_dtype == "auto" else f", {kv.kv_cache_dtype} + a scale per token and head"
         return (f"KV cache: {kv.num_blocks - 1} blocks x {kv.tokens_per_block} tokens = {kv.max_tokens} tokens "
-                f"({gib:.2f} GiB) on {self.engine.device}")
+                f"({kv.nbytes / 2**30:.2f} GiB{fmt}) on {self.engine.device}")
 
     # --- requests in -------------------------------------------------------------------------------------
     def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:

@@ -6,6 +6,11 @@ K and the same for V. A request owns a block table (list of block ids); the toke
 `table[p // tokens_per_block]` at offset `p % tokens_per_block`. Blocks carry reference counts, so that beam
 search and shared prompt prefixes can share them; a block goes back to the free list when its count drops to 0.
 Block 0 is never handed out: padding rows of CUDA-graph batches write and read it.
+
+The cache's number format is the engine's `kv_cache_dtype` (build.py --int8_kv_cache / --fp8_kv_cache): "auto"
+stores K and V in the model's dtype; "int8" / "fp8" store int8 / float8_e4m3fn codes plus one float32 scale per
+token and head for each of K and V, `k_scale` / `v_scale` `[layers, num_blocks, heads, tokens_per_block]`,
+computed as each token is written (qwen_trtllm/kernels/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -18,6 +23,15 @@ import torch
 from qwen_trtllm import QWenError
 
 NULL_BLOCK = 0
+KV_CACHE_STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}  # kv_cache_dtype -> code dtype ("auto": model's)
+SCALE_BYTES = 4  # float32 scale per (token, head) of K and of V in a quantised cache
+
+
+def kv_cache_storage(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The cache tensors' dtype for the engine's kv_cache_dtype ("auto" = the model's dtype, "int8", "fp8")."""
+    if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_STORAGE:
+        raise QWenError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of auto, int8, fp8")
+    return KV_CACHE_STORAGE.get(kv_cache_dtype, dtype)
 
 
 @dataclass(frozen=True)
@@ -88,22 +102,37 @@ class KVCacheManager:
     """The K and V cache tensors of one rank and the block pool that hands their blocks to requests."""
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int, tokens_per_block: int,
-                 dtype: torch.dtype, device: torch.device, triton_kernels: bool = False):
+                 dtype: torch.dtype, device: torch.device, triton_kernels: bool = False, kv_cache_dtype: str = "auto"):
         if num_blocks < 2:
             raise QWenError("the KV cache has room for no block: lower --max_batch_size or the model's memory "
                             "use, or raise --kv_cache_free_gpu_mem_fraction")
         self.tokens_per_block = tokens_per_block
         self.triton_kernels = triton_kernels  # copy_blocks through the Triton kernel, else its PyTorch reference
         self.pool = BlockPool(num_blocks)
+        self.kv_cache_dtype = kv_cache_dtype
+        storage = kv_cache_storage(kv_cache_dtype, dtype)
         shape = (num_layers, num_blocks, num_heads, tokens_per_block, head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_cache = torch.zeros(shape, dtype=storage, device=device)
+        self.v_cache = torch.zeros(shape, dtype=storage, device=device)
+        # quantised caches: one float32 scale per (token, head) of K and of V, written with the codes
+        quantised = kv_cache_dtype != "auto"
+        self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device) if quantised else None
+        self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device) if quantised else None
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_heads: int, head_dim: int, tokens_per_block: int,
-                        dtype: torch.dtype) -> int:
-        """K + V bytes of one block over all layers."""
-        return 2 * num_layers * num_heads * tokens_per_block * head_dim * torch.finfo(dtype).bits // 8
+                        dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        """K + V bytes of one block over all layers, a quantised cache's scales included."""
+        per_head = head_dim * kv_cache_storage(kv_cache_dtype, dtype).itemsize
+        if kv_cache_dtype != "auto":
+            per_head += SCALE_BYTES
+        return 2 * num_layers * num_heads * tokens_per_block * per_head
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pool's tensors (K, V and any scales)."""
+        return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale)
+                   if t is not None)
 
     @property
     def num_blocks(self) -> int:
@@ -148,16 +177,18 @@ class KVCacheManager:
         return [(src, blocks[i], used)] if used else []
 
     def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
-        """The first n tokens' K and V of each (source, destination, n) block copy, every layer, in one launch."""
+        """The first n tokens' K and V (and scales) of each (source, destination, n) block copy, every layer, in
+        one launch."""
         if not copies:
             return
         from qwen_trtllm.kernels import copy_kv_blocks, copy_kv_blocks_reference
 
         rows = torch.tensor(copies, dtype=torch.int64)
         if self.triton_kernels:
-            copy_kv_blocks(self.k_cache, self.v_cache, rows.to(self.k_cache.device, non_blocking=True))
+            copy_kv_blocks(self.k_cache, self.v_cache, rows.to(self.k_cache.device, non_blocking=True), self.k_scale,
+                           self.v_scale)
         else:
-            copy_kv_blocks_reference(self.k_cache, self.v_cache, rows)
+            copy_kv_blocks_reference(self.k_cache, self.v_cache, rows, self.k_scale, self.v_scale)
 
     def free(self, blocks: list[int]) -> None:
         """Return a block table's blocks to the pool and empty it."""

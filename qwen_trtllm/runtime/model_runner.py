@@ -137,7 +137,8 @@ class ModelRunner:
             else:
                 logits_idx = torch.cat([torch.arange(D, device=self.device), D + qsl[1:].long() - 1])
         return AttentionMetadata(positions, seq_index, inv_freq, slots, block_tables, seq_lens, ctx, qsl,
-                                 num_decode, max_query_len, logits_idx, self.kv.k_cache, self.kv.v_cache, capture)
+                                 num_decode, max_query_len, logits_idx, self.kv.k_cache, self.kv.v_cache, capture,
+                                 self.kv.k_scale, self.kv.v_scale)
 
     # --- forward passes ----------------------------------------------------------------------------------
     def forward_plan(self, plan: StepPlan, capture: dict | None = None, all_logits: bool = False) -> Tensor:

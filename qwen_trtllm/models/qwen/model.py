@@ -71,6 +71,8 @@ class AttentionMetadata:
     k_cache: Tensor  # [layers, num_blocks, heads, tokens_per_block, head_dim]
     v_cache: Tensor
     capture: dict | None = None  # when a dict, layers store named intermediate outputs in it
+    k_scale: Tensor | None = None  # int8 / fp8 caches: [layers, num_blocks, heads, tokens_per_block] float32
+    v_scale: Tensor | None = None  # (one scale per token and head, written with the codes); None otherwise
 
 
 class Kernels:
@@ -124,15 +126,18 @@ class Attention(nn.Module):
         """x [N, hidden] -> [N, hidden]: rotary + logn + KV write, then paged attention per phase."""
         qkv = ops.linear(self.qkv, x)
         kc, vc = meta.k_cache[self.layer], meta.v_cache[self.layer]
+        scales = {} if meta.k_scale is None else {"k_scale": meta.k_scale[self.layer],
+                                                  "v_scale": meta.v_scale[self.layer]}  # quantised cache
         q = ops.rotary_kv_write(qkv, meta.inv_freq, meta.positions, meta.slot_mapping, kc, vc, self.heads,
-                                self.head_dim, self.rotary_dim, self.logn_len, seq_index=meta.seq_index)
+                                self.head_dim, self.rotary_dim, self.logn_len, seq_index=meta.seq_index, **scales)
         D, scale = meta.num_decode, 1.0 / math.sqrt(self.head_dim)
         parts = []
         if D:
-            parts.append(ops.decode_attention(q[:D], kc, vc, meta.block_tables[:D], meta.seq_lens[:D], scale))
+            parts.append(ops.decode_attention(q[:D], kc, vc, meta.block_tables[:D], meta.seq_lens[:D], scale,
+                                              **scales))
         if q.shape[0] > D:
             parts.append(ops.prefill_attention(q[D:], kc, vc, meta.block_tables[D:], meta.query_start_loc,
-                                               meta.context_lens[D:], scale, meta.max_query_len))
+                                               meta.context_lens[D:], scale, meta.max_query_len, **scales))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
         return all_reduce(ops.linear(self.dense, o.reshape(o.shape[0], -1)), self.tp)
 
