@@ -29,12 +29,12 @@ def _copy_blocks_kernel(k_ptr, v_ptr, ks_ptr, vs_ptr, copies_ptr, NUM_BLOCKS, HE
     n = n_tokens * HEAD_DIM
     layer, head = lh // HEADS, lh % HEADS
     if SCALES:
-        t = tl.arange(0, TOKENS)
-        m = t < n_tokens
+        t = tl.arange(0, TOKENS)  # (own names: the compiler keeps one type per name across the loop below)
+        held = t < n_tokens
         src_s = ((layer * NUM_BLOCKS + src) * HEADS + head) * TOKENS + t
         dst_s = ((layer * NUM_BLOCKS + dst) * HEADS + head) * TOKENS + t
-        tl.store(ks_ptr + dst_s, tl.load(ks_ptr + src_s, mask=m), mask=m)
-        tl.store(vs_ptr + dst_s, tl.load(vs_ptr + src_s, mask=m), mask=m)
+        tl.store(ks_ptr + dst_s, tl.load(ks_ptr + src_s, mask=held), mask=held)
+        tl.store(vs_ptr + dst_s, tl.load(vs_ptr + src_s, mask=held), mask=held)
     src_off = ((layer * NUM_BLOCKS + src) * HEADS + head) * BLOCK_ELEMS
     dst_off = ((layer * NUM_BLOCKS + dst) * HEADS + head) * BLOCK_ELEMS
     for start in range(0, BLOCK_ELEMS, CHUNK):
