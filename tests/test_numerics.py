@@ -41,6 +41,14 @@ def edited_copy(src: Path, dst: Path, name: str, edit) -> Path:
     raise AssertionError(f"{name} not in {src}")
 
 
+C_PROJ = "transformer.h.1.mlp.c_proj.weight"
+
+
+def overflowing(w: torch.Tensor) -> torch.Tensor:
+    """w scaled to a largest |value| of 3e4: finite in fp16, but the MLP's outputs pass 65504."""
+    return w * (3e4 / w.abs().max())
+
+
 def build(ckpt: Path, out: Path, dtype: str = "float16", world_size: int = 1) -> Path:
     return build_engine(out, hf_dir=ckpt, dtype=dtype, max_batch_size=4, max_input_len=64, max_output_len=16,
                         world_size=world_size)
@@ -53,10 +61,11 @@ def checkpoint(make_checkpoint, tiktoken_file) -> Path:
 
 @pytest.fixture(scope="module")
 def overflow_engine(checkpoint, tmp_path_factory) -> Path:
-    """The issue's engine: the last layer's mlp.c_proj x 1e8, fp16 (every token's activations overflow)."""
+    """The issue's engine, fp16, with the last layer's mlp.c_proj scaled up until every token's activations
+    overflow; its weights stay finite in fp16 (the issue's x 1e8 makes the weights themselves overflow, which
+    build.py now refuses: tests/test_cli_workflow.py)."""
     d = tmp_path_factory.mktemp("overflow")
-    ckpt = edited_copy(checkpoint, d / "ckpt", "transformer.h.1.mlp.c_proj.weight", lambda w: w * 1e8)
-    return build(ckpt, d / "engine")
+    return build(edited_copy(checkpoint, d / "ckpt", C_PROJ, overflowing), d / "engine")
 
 
 # --- the sampler ---------------------------------------------------------------------------------------------
@@ -100,13 +109,17 @@ def token_x(checkpoint, tmp_path_factory):
     fp16's range, so a sequence overflows from the step X is fed in. A never meets X; B generates X as its 3rd
     token (so fails at its 4th)."""
     d = tmp_path_factory.mktemp("token_x")
-    (ra, rb), _ = greedy_runs(build(checkpoint, d / "clean"), [A, B], 10)
+    clean = build(checkpoint, d / "clean")
+    (ra, rb), _ = greedy_runs(clean, [A, B], 10)
     want_a, want_b = ra.output_token_ids, rb.output_token_ids
     x = want_b[2]
     assert x not in A + want_a + B + want_b[:2], "pick other prompts: X must only enter B at its 4th step"
-    bad = edited_copy(checkpoint, d / "ckpt", "transformer.wte.weight",
-                      lambda w: w.index_fill(0, torch.tensor([x]), 1e5))  # inf once cast to fp16
-    return build(bad, d / "engine"), x, want_a, want_b
+    # X's row as an fp16 overflow leaves it (inf), written into the engine file: build.py refuses such weights
+    engine = shutil.copytree(clean, d / "engine")
+    weights = load_file(str(engine / "rank0.safetensors"))
+    weights["embed.weight"][x] = float("inf")
+    save_file(weights, str(engine / "rank0.safetensors"), metadata={"format": "pt"})
+    return engine, x, want_a, want_b
 
 
 @pytest.mark.parametrize("steps", [1, 16])  # one decode step per host read, and windows of several
@@ -167,7 +180,7 @@ def test_summarize_py_exits_2_with_one_line(overflow_engine):
 
 
 def test_run_py_under_torchrun_fails_once_without_hanging(checkpoint, tmp_path):
-    ckpt = edited_copy(checkpoint, tmp_path / "ckpt", "transformer.h.1.mlp.c_proj.weight", lambda w: w * 1e8)
+    ckpt = edited_copy(checkpoint, tmp_path / "ckpt", C_PROJ, overflowing)
     tp2 = build(ckpt, tmp_path / "tp2", world_size=2)
     r = script("run.py", "--engine_dir", str(tp2), "--max_output_len", "6", "--input_text", "hi", "hello",
                torchrun=2)
