@@ -382,7 +382,7 @@ BAD_REQUESTS = [
     ("chat", {"messages": []}, 400, "at least one message"),
     ("chat", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "must follow a user message"),
     ("chat", {"messages": [USER, {"role": "assistant", "content": "y"}]}, 400, "last message"),
-    ("chat", {"messages": [USER], "n": 2}, 400, "n > 1 needs beam search"),
+    ("chat", {"messages": [USER], "n": 2}, 400, "n=2 is not supported by this server"),
     ("chat", {"messages": [USER], "temperature": -1}, 400, "temperature"),
     ("chat", {"messages": [USER], "top_p": 0}, 400, "top_p"),
     ("chat", {"messages": [USER], "top_k": -1}, 400, "top_k"),
@@ -427,7 +427,7 @@ def test_unknown_routes_and_methods_and_the_client_error_types(server):
     assert r.status_code == 404 and "error" in r.json()
     assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
     c = client(server)
-    with pytest.raises(openai.BadRequestError, match="n > 1 needs beam search"):
+    with pytest.raises(openai.BadRequestError, match="n=2 is not supported by this server"):
         c.chat.completions.create(model=MODEL, messages=[USER], n=2)
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="gpt-4", messages=[USER])
@@ -718,8 +718,9 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(server):
 @pytest.mark.parametrize("text", ["", "plain", 'quote " backslash \\ newline \n tab \t', "汉字 é \u2028 \x01", "@@"])
 def test_streamed_chunk_template_equals_the_pydantic_chunk(text):
     """The per-token chunk is pydantic's JSON made once with markers and filled in: the same object as the model's."""
-    from qwen_trtllm.serving.server import _Chat, _Completion
+    from qwen_trtllm.serving.responses import ChatShape, CompletionShape
 
-    for shape in (_Chat("chatcmpl-1", 7, "m"), _Completion("cmpl-1", 7, "m"), _Completion("cmpl-2", 7, "m", "", True)):
+    for shape in (ChatShape("chatcmpl-1", 7, "m"), CompletionShape("cmpl-1", 7, "m"),
+                  CompletionShape("cmpl-2", 7, "m", "", True)):
         for ids in ([], [3], [151643, 42]):
             assert json.loads(shape.delta(text, ids)) == json.loads(shape.delta_model(text, ids))

@@ -322,8 +322,8 @@ def window_size(defaults: dict, max_input_len: int, requested: int | None = None
 def check_unsupported(req: _GenerationRequest) -> None:
     """400 for settings this engine cannot honour (rather than silently ignoring them)."""
     if req.n is not None and req.n != 1:
-        raise invalid(f"n={req.n} is not supported: n > 1 needs beam search / parallel sampling, which this engine "
-                      "does not support; use n=1", "n")
+        raise invalid(f"n={req.n} is not supported by this server: use n=1 (several outputs per prompt: beam search "
+                      "in run.py --num_beams or the Python API)", "n")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise invalid(f"{name} is not supported: use repetition_penalty (Qwen's generation_config uses 1.1)",
@@ -339,7 +339,8 @@ def check_unsupported(req: _GenerationRequest) -> None:
         if req.logprobs is not None:
             raise invalid("logprobs are not supported", "logprobs")
         if req.best_of not in (None, 1):
-            raise invalid(f"best_of={req.best_of} is not supported: best_of > 1 needs beam search; use 1", "best_of")
+            raise invalid(f"best_of={req.best_of} is not supported by this server: use 1 (beam search: run.py "
+                          "--num_beams or the Python API)", "best_of")
         if req.suffix:
             raise invalid("suffix is not supported", "suffix")
 

@@ -24,10 +24,9 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -45,17 +44,8 @@ from qwen_trtllm.runtime.llm import LLM
 from qwen_trtllm.runtime.request import QWEN_EOD_ID, RequestOutput, SamplingParams
 from qwen_trtllm.serving.openai_api import (
     APIError,
-    AssistantMessage,
-    ChatCompletionChoice,
-    ChatCompletionChunk,
-    ChatCompletionChunkChoice,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChoice,
-    CompletionChunk,
     CompletionRequest,
-    CompletionResponse,
-    DeltaMessage,
     ModelCard,
     ModelList,
     UsageInfo,
@@ -68,6 +58,7 @@ from qwen_trtllm.serving.openai_api import (
     resolve_sampling,
     window_size,
 )
+from qwen_trtllm.serving.responses import ChatShape, CompletionShape, SSEResponse, sse
 from qwen_trtllm.tokenizer import stop_token_ids
 
 logger = logging.getLogger("qwen_trtllm.serving")
@@ -139,38 +130,6 @@ class _CountRequests:
 
 
 # --- responses -------------------------------------------------------------------------------------------------
-class SSEResponse(StreamingResponse):
-    """text/event-stream whose body stops as soon as the client disconnects (whatever the ASGI server's spec
-    version), so that the generator is closed and its request cancelled; on_close runs exactly once."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                async def stream() -> None:
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # the client went away while we wrote
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
-            self._on_close()
-
-
-def sse(data: str) -> str:
-    return f"data: {data}\n\n"
-
-
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -186,91 +145,6 @@ class _Slot:
         if not self.released:
             self.released = True
             self.server.in_flight -= 1
-
-
-_TEXT_MARK, _IDS_MARK = "@@qwen-trtllm-text@@", -987654321
-
-
-class _Template:
-    """A chunk's JSON as pydantic writes it, with the text and token-id markers cut out: fill() puts a chunk's
-    own values in by string joins (a few microseconds instead of a model build and dump per token)."""
-
-    def __init__(self, marked: str):
-        head, rest = marked.split(json.dumps(_TEXT_MARK), 1)
-        self.parts = (head, *rest.split(json.dumps([_IDS_MARK]), 1))
-
-    def fill(self, text: str, token_ids: list[int]) -> str:
-        text_json = json.dumps(text, ensure_ascii=False)
-        if len(self.parts) == 2:
-            return self.parts[0] + text_json + self.parts[1]
-        return self.parts[0] + text_json + self.parts[1] + json.dumps(list(token_ids), separators=(",", ":")) + \
-            self.parts[2]
-
-
-class _Chat:
-    """OpenAI's chat shapes of one request."""
-
-    token_ids = False  # whether each chunk / choice carries its token ids (completions' return_token_ids)
-
-    def __init__(self, rid: str, created: int, model: str):
-        self.rid, self.created, self.model = rid, created, model
-        self._delta = _Template(self.delta_model(_TEXT_MARK, [_IDS_MARK]))
-
-    def _chunk(self, delta: DeltaMessage, finish_reason: str | None = None) -> str:
-        return ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[
-            ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)]).model_dump_json()
-
-    def first(self) -> str | None:
-        return self._chunk(DeltaMessage(role="assistant", content=""))
-
-    def delta_model(self, text: str, token_ids: list[int]) -> str:
-        return self._chunk(DeltaMessage(content=text))
-
-    def delta(self, text: str, token_ids: list[int]) -> str:
-        """The chunk of new text (hot path: the pydantic chunk's JSON, made once with markers, filled in)."""
-        return self._delta.fill(text, token_ids)
-
-    def last(self, finish_reason: str) -> str:
-        return self._chunk(DeltaMessage(), finish_reason)
-
-    def usage(self, usage: UsageInfo) -> str:
-        return ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[],
-                                   usage=usage).model_dump_json()
-
-    def response(self, text: str, finish_reason: str, usage: UsageInfo, token_ids: list[int]) -> dict:
-        return ChatCompletionResponse(id=self.rid, created=self.created, model=self.model, usage=usage, choices=[
-            ChatCompletionChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)]).model_dump()
-
-
-class _Completion(_Chat):
-    """OpenAI's (legacy) completion shapes of one request; echo puts the prompt's text first; token_ids: each
-    choice carries its token ids (return_token_ids)."""
-
-    def __init__(self, rid: str, created: int, model: str, echo: str = "", token_ids: bool = False):
-        self.echo, self.token_ids = echo, token_ids
-        super().__init__(rid, created, model)
-
-    def _chunk(self, text: str, finish_reason: str | None = None, token_ids: list[int] | None = None) -> str:
-        return CompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[
-            CompletionChoice(text=text, finish_reason=finish_reason, token_ids=token_ids)]).model_dump_json()
-
-    def first(self) -> str | None:
-        return self._chunk(self.echo, token_ids=[] if self.token_ids else None) if self.echo else None
-
-    def delta_model(self, text: str, token_ids: list[int]) -> str:
-        return self._chunk(text, token_ids=list(token_ids) if self.token_ids else None)
-
-    def last(self, finish_reason: str) -> str:
-        return self._chunk("", finish_reason, [] if self.token_ids else None)
-
-    def usage(self, usage: UsageInfo) -> str:
-        return CompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[],
-                               usage=usage).model_dump_json()
-
-    def response(self, text: str, finish_reason: str, usage: UsageInfo, token_ids: list[int]) -> dict:
-        return CompletionResponse(id=self.rid, created=self.created, model=self.model, usage=usage, choices=[
-            CompletionChoice(text=self.echo + text, finish_reason=finish_reason,
-                             token_ids=list(token_ids) if self.token_ids else None)]).model_dump()
 
 
 class ClientGone(Exception):
@@ -342,7 +216,7 @@ class OpenAIServer:
         _, ids = chat_prompt(self.tokenizer, req.messages, self.window)
         max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         params = self.sampling(req, ids, max_tokens, self.chat_stops)
-        shape = _Chat(new_id("chatcmpl"), now(), self.model_name)
+        shape = ChatShape(new_id("chatcmpl"), now(), self.model_name)
         return await self._respond(req, raw, ids, params, t0, shape, self.chat_stops)
 
     async def completion(self, req: CompletionRequest, raw: Request) -> Response:
@@ -372,11 +246,11 @@ class OpenAIServer:
         params = self.sampling(req, ids, req.max_tokens, self.raw_stops)
         echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if req.echo else ""
         with_ids = req.return_token_ids if req.return_token_ids is not None else self.tokenizer is None
-        shape = _Completion(new_id("cmpl"), now(), self.model_name, echo, with_ids)
+        shape = CompletionShape(new_id("cmpl"), now(), self.model_name, echo, with_ids)
         return await self._respond(req, raw, ids, params, t0, shape, self.raw_stops)
 
     async def _respond(self, req, raw: Request, ids: list[int], params: SamplingParams, t0: float,
-                       shape: _Chat, stops: list[int]) -> Response:
+                       shape: ChatShape, stops: list[int]) -> Response:
         """stops: the format's stop ids, never part of the text (with ignore_eos too, where they end nothing)."""
         slot = self.admit()
         text = IncrementalText(self.tokenizer, stops, params.stop)
@@ -437,7 +311,7 @@ class OpenAIServer:
                     break
         return final
 
-    async def _events(self, ids: list[int], params: SamplingParams, t0: float, shape: _Chat, text: IncrementalText,
+    async def _events(self, ids: list[int], params: SamplingParams, t0: float, shape: ChatShape, text: IncrementalText,
                       include_usage: bool, slot: _Slot) -> AsyncIterator[str]:
         """The SSE stream: first chunk, content deltas, the chunk with finish_reason, [usage], [DONE]."""
         try:
