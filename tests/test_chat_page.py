@@ -17,14 +17,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
-from test_serve import MODEL, ROOT, free_port, metrics, script_env, wait_idle
+from test_serve import MODEL, ROOT, free_port, metrics, script_env, wait_healthy, wait_idle
 
 from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.tokenizer import DEFAULT_SYSTEM
@@ -88,16 +87,7 @@ def server(browser_paths, engine_dir, tmp_path_factory):  # no engine built for 
     srv = SimpleNamespace(url=f"http://127.0.0.1:{port}", proc=proc,
                           log_tail=lambda: log.read_text(errors="replace")[-3000:])
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{srv.log_tail()}"
-            try:
-                if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"the server did not come up:\n{srv.log_tail()}"
-            time.sleep(0.2)
+        wait_healthy(srv.url, proc, srv.log_tail)
         yield srv
     finally:
         if proc.poll() is None:

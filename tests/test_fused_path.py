@@ -20,19 +20,13 @@ def engine(make_checkpoint, tmp_path_factory):
     return Engine.load(out)
 
 
-def test_fused_matches_plain(engine):
-    if not triton_available(engine.device):
-        pytest.skip("Triton kernels unavailable on this device")
-    # a block per sequence: the CPU default pool, max_batch_size x max_seq_len = 96 tokens, is only 2 blocks
-    llm = LLM.from_engine(engine, config=ExecutorConfig(kv_cache=KvCacheConfig(max_tokens=3 * 64),
-                                                        cuda_graphs=False))
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=g).tolist() for n in (17, 4, 9)]
-    forced = torch.randint(0, engine.config.vocab_size, (3, 5), generator=g)
-    cfg = SamplingParams(max_tokens=6, top_k=1, ignore_eos=True)
+def assert_fused_equals_plain(engine, llm, prompts: list[list[int]], forced: torch.Tensor, max_tokens: int) -> None:
+    """The engine's Triton kernels and their PyTorch references (switched on the one engine): the same
+    teacher-forced logits to float32 rounding and the same greedy tokens."""
+    cfg = SamplingParams(max_tokens=max_tokens, top_k=1, ignore_eos=True)
     results, built = {}, engine.model.ops.triton
     try:
-        for triton in (True, False):  # the kernels are the model's: switched on the one engine
+        for triton in (True, False):
             engine.model.set_kernels(triton)
             results[triton] = (engine_logits(llm.executor, prompts, forced),
                                [o.token_ids for o in llm.generate(prompts, cfg)])
@@ -42,3 +36,15 @@ def test_fused_matches_plain(engine):
     stats = compare_logits(fused, plain)
     assert stats["max_rel_err"] < 1e-5 and stats["top1_agreement"] == 1.0, stats
     assert fused_ids == plain_ids
+
+
+def test_fused_matches_plain(engine):
+    if not triton_available(engine.device):
+        pytest.skip("Triton kernels unavailable on this device")
+    # a block per sequence: the CPU default pool, max_batch_size x max_seq_len = 96 tokens, is only 2 blocks
+    llm = LLM.from_engine(engine, config=ExecutorConfig(kv_cache=KvCacheConfig(max_tokens=3 * 64),
+                                                        cuda_graphs=False))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=g).tolist() for n in (17, 4, 9)]
+    forced = torch.randint(0, engine.config.vocab_size, (3, 5), generator=g)
+    assert_fused_equals_plain(engine, llm, prompts, forced, max_tokens=6)

@@ -9,7 +9,6 @@ import itertools
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from test_fused_path import assert_fused_equals_plain  # noqa: E402
+from test_runtime import prompts_and_params  # noqa: E402
 
 from qwen_trtllm import QWenError  # noqa: E402
 from qwen_trtllm.builder.build import build_engine  # noqa: E402
@@ -485,30 +486,7 @@ def test_fused_triton_path_equals_plain_path_with_int8_cache(engines):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=g).tolist() for n in (17, 4)]
     forced = torch.randint(0, engine.config.vocab_size, (2, 3), generator=g)  # the first crosses a block boundary
-    cfg = SamplingParams(max_tokens=4, top_k=1, ignore_eos=True)
-    results, built = {}, engine.model.ops.triton
-    try:
-        for triton in (True, False):
-            engine.model.set_kernels(triton)
-            results[triton] = (engine_logits(llm.executor, prompts, forced),
-                               [o.token_ids for o in llm.generate(prompts, cfg)])
-    finally:
-        engine.model.set_kernels(built)
-    (fused, fused_ids), (plain, plain_ids) = results[True], results[False]
-    stats = compare_logits(fused, plain)
-    assert stats["max_rel_err"] < 1e-5 and stats["top1_agreement"] == 1.0, stats
-    assert fused_ids == plain_ids
-
-
-def prompts_and_params(vocab: int, n: int = 8, seed: int = 0):
-    """tests/test_runtime.py's mix: prompts of 1..30 tokens, greedy and sampled, with and without penalties."""
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(1, 30))] for _ in range(n)]
-    params = [SamplingParams(max_tokens=rng.randint(1, 16), ignore_eos=True, seed=i,
-                             top_k=rng.choice([1, 0, 5]), top_p=rng.choice([1.0, 0.9, 0.5]),
-                             temperature=rng.choice([0.7, 1.0, 1.3]), repetition_penalty=rng.choice([1.0, 1.2]))
-              for i in range(n)]
-    return prompts, params
+    assert_fused_equals_plain(engine, llm, prompts, forced, max_tokens=4)
 
 
 @pytest.mark.parametrize("config", [

@@ -71,6 +71,20 @@ class Server:
         return self.log.read_text(errors="replace")[-3000:]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, log_tail, timeout: float = 120) -> None:
+    """Until the server process answers /health (it must not exit first; its log tail explains a failure)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{log_tail()}"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the server did not come up:\n{log_tail()}"
+        time.sleep(0.2)
+
+
 RUN_PY_QUESTION = "你好，请问你叫什么？"
 RUN_PY_MAX = 12
 
@@ -90,16 +104,7 @@ def server(engine_dir, tmp_path_factory) -> Server:
                               text=True, env=script_env(), cwd=work)
     srv = Server(f"http://127.0.0.1:{port}", proc, log, run_py, csv_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{srv.log_tail()}"
-            try:
-                if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"the server did not come up:\n{srv.log_tail()}"
-            time.sleep(0.2)
+        wait_healthy(srv.url, proc, srv.log_tail)
         yield srv
     finally:
         for p in (proc, run_py):
