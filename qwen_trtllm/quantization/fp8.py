@@ -1,0 +1,170 @@
+"""FP8 (e4m3) weights and activations of the QWen linears (build.py --use_fp8; TensorRT-LLM's --use_fp8 with
+per-channel weight scales and dynamic per-token activation scales, vLLM's "fp8 dynamic").
+
+Weights, at build: one float32 scale per output channel, scale = max|w_row| / 448, codes = w / scale rounded to
+the nearest e4m3 value (torch.float8_e4m3fn, ties to even); an all-zero row gets a tiny scale and zero codes.
+Activations, per call: one float32 scale per token (row of x), computed and applied the same way.
+
+The product, y = (codes_x * scale_x) @ (codes_w * scale_w)^T, is computed three ways:
+  * more than GEMV_MAX_ROWS rows on CUDA (prefill, large batches): torch._scaled_mm (cuBLASLt) on e4m3 codes with
+    row-wise scales, float32 accumulation, output in the engine dtype;
+  * up to GEMV_MAX_ROWS rows on CUDA (decode at batch 1-16): the Triton FP8 GEMV of kernels/fp8_gemv.py. Its
+    activations are *not* quantised: at these sizes the step streams the weights once and their bytes are all
+    that count (a 4096 x 4096 layer: 16 MiB of e4m3 against 8 KiB of fp16 activations per row), so quantising x
+    would add an amax pass and error for no bandwidth gain (W8A16 in e4m3);
+  * anywhere else (the CPU, --kernels torch, shapes cuBLASLt refuses): fp8_linear_reference, which dequantises
+    in float32 and follows the CUDA path's choice for the same number of rows (activations quantised above
+    GEMV_MAX_ROWS rows, not at or below), so the CPU engine computes what the GPU engine computes.
+
+State-dict keys of a quantised layer: <layer>.qweight (float8_e4m3fn [out, in]), <layer>.scales (float32 [out])
+and, for attn.qkv, <layer>.bias (the engine dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qwen_trtllm import QWenError
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
+GEMV_MAX_ROWS = 16  # rows of x up to which the Triton GEMV runs on CUDA (torch._scaled_mm above)
+_SCALE_MIN = 2.0**-30  # keeps all-zero rows from a zero scale (their codes are 0 whatever the scale)
+MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada (sm_89), Hopper (sm_90) and later
+
+
+def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., K] -> (e4m3 codes [..., K], float32 scales [...]): one scale per row, amax / 448."""
+    xf = x.float()
+    scales = (xf.abs().amax(dim=-1) / FP8_MAX).clamp_min(_SCALE_MIN)
+    codes = (xf / scales[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, scales
+
+
+def quantize_fp8_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [out, in] -> (qweight float8_e4m3fn [out, in], scales float32 [out]); symmetric per output channel."""
+    if w.dim() != 2:
+        raise QWenError(f"fp8 quantisation needs a 2-D [out, in] weight, got shape {tuple(w.shape)}")
+    codes, scales = _quantize_rows(w)
+    return codes.contiguous(), scales.contiguous()
+
+
+def quantize_fp8_activation(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (codes float8_e4m3fn [M, K], scales float32 [M]): one scale per token (dynamic)."""
+    return _quantize_rows(x)
+
+
+def dequantize_fp8(codes: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(e4m3 [rows, K], float32 [rows]) -> [rows, K] values in dtype (computed in float32)."""
+    return (codes.float() * scales.float()[..., None]).to(dtype)
+
+
+def fp8_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
+                         quantize_activations: bool | None = None) -> Tensor:
+    """x [..., K] @ dequant(qweight, scales)^T (+ bias) in float32 -> [..., N] in x.dtype. quantize_activations:
+    quantise x per token first (what torch._scaled_mm computes); None = as the CUDA path does for this many rows
+    (above GEMV_MAX_ROWS)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if quantize_activations is None:
+        quantize_activations = x2.shape[0] > GEMV_MAX_ROWS
+    xf = dequantize_fp8(*quantize_fp8_activation(x2)) if quantize_activations else x2.float()
+    y = xf @ dequantize_fp8(qweight, scales).t()
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
+
+
+# torch._scaled_mm's row-wise scaling gives fp16 / fp32 outputs only with recent cuBLASLt / CUTLASS builds
+# (older ones: "Only bf16 high precision output types are supported for row-wise scaling"); the first refusal of
+# a dtype is remembered and its products come out in bfloat16, cast back (the accumulation is float32 either way).
+_BF16_OUTPUT_ONLY: set[torch.dtype] = set()
+
+
+def scaled_mm_supported(M: int, N: int, K: int, device: torch.device) -> bool:
+    """Whether torch._scaled_mm takes these shapes: CUDA, K and N multiples of 16 (cuBLASLt's fp8 layouts)."""
+    return device.type == "cuda" and K % 16 == 0 and N % 16 == 0 and M > 0
+
+
+def fp8_scaled_mm(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [M, K] (fp16/bf16/fp32, CUDA) -> per-token e4m3 -> torch._scaled_mm with row-wise scales -> [M, N]."""
+    xq, xs = quantize_fp8_activation(x)
+    out = x.dtype
+
+    def mm(dtype: torch.dtype) -> Tensor:
+        return torch._scaled_mm(xq, qweight.t(), scale_a=xs[:, None], scale_b=scales[None, :], out_dtype=dtype)
+
+    if out in _BF16_OUTPUT_ONLY:
+        y = mm(torch.bfloat16).to(out)
+    else:
+        try:
+            y = mm(out)
+        except RuntimeError as e:
+            if "bf16" not in str(e) or out == torch.bfloat16:
+                raise
+            _BF16_OUTPUT_ONLY.add(out)
+            y = mm(torch.bfloat16).to(out)
+    return y + bias.to(out) if bias is not None else y
+
+
+def check_fp8_supported(device: torch.device | str) -> None:
+    """QWenError unless `device` runs fp8 engines: the CPU always (the reference), CUDA from sm_89 on."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < MIN_CAPABILITY:
+        raise QWenError(f"this engine has fp8 weights (build.py --use_fp8), which need an sm_89+ GPU (Ada, Hopper), "
+                        f"but {torch.cuda.get_device_name(device)} is sm_{major}{minor}: rebuild it with "
+                        "--use_weight_only --weight_only_precision int8")
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ (qweight * scales)^T + bias with e4m3 weights and per-channel float32 scales.
+
+    use_triton: None = the CUDA kernels on CUDA (GEMV up to GEMV_MAX_ROWS rows, torch._scaled_mm above), the
+    reference elsewhere; True also runs the Triton GEMV on CPU under TRITON_INTERPRET=1 (tests); False never
+    (fp8_linear_reference)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float16,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.precision = "fp8"
+        self.use_triton: bool | None = None
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        w, b = linear.weight.detach(), linear.bias
+        mod = cls(linear.in_features, linear.out_features, b is not None,
+                  dtype=b.dtype if b is not None else w.dtype, device="meta")
+        q, s = quantize_fp8_weight(w)
+        mod.load_state_dict({"qweight": q, "scales": s, **({"bias": b.detach().clone()} if b is not None else {})},
+                            assign=True)
+        return mod
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_fp8(self.qweight, self.scales, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        use = self.use_triton if self.use_triton is not None else x.is_cuda
+        x2 = x.reshape(-1, self.in_features)
+        M = x2.shape[0]
+        if use:
+            from qwen_trtllm.kernels import triton_available
+
+            if 0 < M <= GEMV_MAX_ROWS and triton_available(x.device):
+                from qwen_trtllm.kernels.fp8_gemv import fp8_gemv
+
+                return fp8_gemv(x2, self.qweight, self.scales, self.bias).view(*x.shape[:-1], self.out_features)
+            if M > GEMV_MAX_ROWS and scaled_mm_supported(M, self.out_features, self.in_features, x.device):
+                y = fp8_scaled_mm(x2.contiguous(), self.qweight, self.scales, self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
+        return fp8_linear_reference(x, self.qweight, self.scales, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               "precision=fp8"
