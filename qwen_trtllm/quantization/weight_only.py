@@ -25,6 +25,7 @@ from qwen_trtllm import QWenError
 from qwen_trtllm.models.qwen.weights import ENGINE_LINEARS
 
 PRECISIONS = ("int8", "int4")
+KINDS = PRECISIONS + ("fp8",)  # what the model-level functions below take: fp8 = quantization/fp8.py's Fp8Linear
 # The runtime's linear layers that weight-only quantisation replaces (lm_head only on request).
 QUANTIZED_LAYERS = ENGINE_LINEARS  # ("attn.qkv", "attn.dense", "mlp.gate_up", "mlp.c_proj")
 LM_HEAD = "lm_head"
@@ -35,6 +36,11 @@ _SCALE_MAX = 65504.0  # largest finite fp16
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise QWenError(f"weight-only precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def _check_kind(precision: str) -> None:
+    if precision not in KINDS:
+        raise QWenError(f"quantisation {precision!r} is not one of {', '.join(KINDS)}")
 
 
 def _fp16_scale(amax: Tensor, qmax: int) -> Tensor:
@@ -115,9 +121,13 @@ def dequantize_int4(qweight: Tensor, scales: Tensor, group_size: int, zeros: Ten
 
 
 def quantize_weight(w: Tensor, precision: str, group_size: int = 128) -> dict[str, Tensor]:
-    """{'qweight': ..., 'scales': ...} for one [out, in] weight."""
-    _check_precision(precision)
-    if precision == "int8":
+    """{'qweight': ..., 'scales': ...} for one [out, in] weight (precision int8, int4 or fp8)."""
+    _check_kind(precision)
+    if precision == "fp8":
+        from qwen_trtllm.quantization.fp8 import quantize_fp8_weight
+
+        q, s = quantize_fp8_weight(w)
+    elif precision == "int8":
         q, s = quantize_int8(w)
     else:
         q, s, _ = quantize_int4(w, group_size)
@@ -212,7 +222,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _validate(targets: list[tuple[str, nn.Linear]], precision: str, group_size: int) -> None:
-    _check_precision(precision)
+    _check_kind(precision)
     if precision == "int4":
         for name, lin in targets:
             check_group_size(lin.weight.shape, group_size, name)
@@ -220,28 +230,40 @@ def _validate(targets: list[tuple[str, nn.Linear]], precision: str, group_size: 
 
 def quantize_model(model: nn.Module, precision: str = "int8", group_size: int = 128,
                    quantize_lm_head: bool = False) -> nn.Module:
-    """Replace attn.qkv, attn.dense, mlp.gate_up, mlp.c_proj (+ lm_head if asked) by WeightOnlyLinear, in place.
+    """Replace attn.qkv, attn.dense, mlp.gate_up, mlp.c_proj (+ lm_head if asked) by WeightOnlyLinear (Fp8Linear
+    for precision fp8), in place.
 
     Every layer is checked before any is changed. The embedding and norms keep their dtype. Returns model.
     """
     targets = _targets(model, quantize_lm_head)
     _validate(targets, precision, group_size)
     for name, lin in targets:
-        _replace(model, name, WeightOnlyLinear.from_linear(lin, precision, group_size, name))
+        if precision == "fp8":
+            from qwen_trtllm.quantization.fp8 import Fp8Linear
+
+            _replace(model, name, Fp8Linear.from_linear(lin))
+        else:
+            _replace(model, name, WeightOnlyLinear.from_linear(lin, precision, group_size, name))
     return model
 
 
 def make_quantized_skeleton(model: nn.Module, precision: str = "int8", group_size: int = 128,
                             quantize_lm_head: bool = False) -> nn.Module:
-    """Swap the quantised layers of a (meta-device) model for empty WeightOnlyLinear modules, in place, so that
-    model.load_state_dict(quantized_state, assign=True) fills it. Returns model."""
+    """Swap the quantised layers of a (meta-device) model for empty WeightOnlyLinear modules (Fp8Linear for fp8), in
+    place, so that model.load_state_dict(quantized_state, assign=True) fills it. Returns model."""
     targets = _targets(model, quantize_lm_head)
     _validate(targets, precision, group_size)
     for name, lin in targets:
         b = lin.bias
-        _replace(model, name, WeightOnlyLinear(lin.in_features, lin.out_features, b is not None, precision,
-                                               group_size, dtype=b.dtype if b is not None else lin.weight.dtype,
-                                               device=lin.weight.device))
+        dtype = b.dtype if b is not None else lin.weight.dtype
+        if precision == "fp8":
+            from qwen_trtllm.quantization.fp8 import Fp8Linear
+
+            layer: nn.Module = Fp8Linear(lin.in_features, lin.out_features, b is not None, dtype, lin.weight.device)
+        else:
+            layer = WeightOnlyLinear(lin.in_features, lin.out_features, b is not None, precision, group_size,
+                                     dtype=dtype, device=lin.weight.device)
+        _replace(model, name, layer)
     return model
 
 
@@ -249,8 +271,8 @@ def quantized_state_dict_names(names: Iterable[str], precision: str = "int8",
                                quantize_lm_head: bool = False) -> list[str]:
     """Map fp state-dict keys to the quantised model's: '<layer>.weight' -> '<layer>.qweight', '<layer>.scales'
     for quantised layers; every other key (biases included) is unchanged. precision is validated only (the
-    symmetric schemes of both precisions have no '<layer>.zeros')."""
-    _check_precision(precision)
+    symmetric schemes of all precisions have no '<layer>.zeros')."""
+    _check_kind(precision)
     out: list[str] = []
     for key in names:
         layer, _, leaf = key.rpartition(".")
@@ -266,9 +288,10 @@ def quantize_state_dict(state: dict[str, Tensor], precision: str = "int8", group
     """The runtime's fp state dict ([out, in] linears) -> the quantised model's state dict (for the builder).
 
     Cast float weights to the engine dtype *before* this; do not cast the result (qweight is int8 / uint8,
-    scales are fp16). Every int4 layer is checked against group_size before anything is quantised.
+    scales are fp16; fp8: qweight float8_e4m3fn, scales float32). Every int4 layer is checked against group_size
+    before anything is quantised.
     """
-    _check_precision(precision)
+    _check_kind(precision)
     layers = [k[: -len(".weight")] for k in state if k.endswith(".weight")
               and is_quantized_layer(k[: -len(".weight")], quantize_lm_head)]
     if precision == "int4":
