@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --use_weight_only --weight_only_precision int4: input channels per scale (default: 128)")
     p.add_argument("--quantize_lm_head", action="store_true",
                    help="with --use_weight_only: quantise lm_head too (it stays in --dtype otherwise)")
+    p.add_argument("--use_fp8", action="store_true",
+                   help="store the linear layers as fp8 e4m3 (per-channel scales; activations per token at run time; "
+                   "sm_89+ GPUs or the CPU); lm_head and the embedding stay in --dtype")
     p.add_argument("--enable_context_fmha", action="store_true",
                    help="TensorRT-LLM's flag, recorded: prefill attention is always the flash kernel here")
     p.add_argument("--remove_input_padding", action="store_true",
@@ -67,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.model_dir is None and args.hf_model_dir is None:
         raise QWenError("give --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")
+    if args.use_fp8 and args.use_weight_only:
+        raise QWenError("--use_fp8 and --use_weight_only are mutually exclusive: give one of them")
     if not args.use_weight_only:
         given = [f for f in ("weight_only_precision", "group_size") if getattr(args, f) is not None]
         given += ["quantize_lm_head"] if args.quantize_lm_head else []
@@ -87,7 +92,8 @@ def main() -> int:
                        kernels=args.kernels, weight_only_precision=precision, group_size=args.group_size,
                        quantize_lm_head=args.quantize_lm_head, tokens_per_block=args.tokens_per_block,
                        max_num_tokens=args.max_num_tokens, tokenizer_dir=args.tokenizer_dir, force=args.force,
-                       kv_cache_dtype="int8" if args.int8_kv_cache else "fp8" if args.fp8_kv_cache else "auto")
+                       kv_cache_dtype="int8" if args.int8_kv_cache else "fp8" if args.fp8_kv_cache else "auto",
+                       use_fp8=args.use_fp8)
     print(f"engine written to {out}")
     return 0
 

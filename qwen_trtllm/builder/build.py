@@ -143,7 +143,7 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
                  kernels: str = "triton", weight_only_precision: str | None = None, group_size: int | None = None,
                  quantize_lm_head: bool = False, tokens_per_block: int = 64, max_num_tokens: int = 8192,
                  tokenizer_dir: str | Path | None = None, force: bool = False,
-                 kv_cache_dtype: str = "auto") -> Path:
+                 kv_cache_dtype: str = "auto", use_fp8: bool = False) -> Path:
     """Build the engine directory and return its path. Exactly one of ft_dir / hf_dir. weight_only_precision
     'int8' or 'int4' stores the linear layers quantised (TensorRT-LLM's --use_weight_only; group_size: int4's
     input channels per scale, default 128). tokens_per_block (tokens per KV cache block) and max_num_tokens
@@ -151,7 +151,9 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
     records them. tokenizer_dir: where qwen.tiktoken comes from when the checkpoint has none. force: replace an
     existing engine at output_dir. dtype accepts the aliases fp32, fp16, bf16. kv_cache_dtype "int8" / "fp8"
     (--int8_kv_cache / --fp8_kv_cache): the runtime stores K and V as int8 / e4m3 codes with a scale per token and
-    head, computed as the cache is written (no calibration: nothing changes in the weights)."""
+    head, computed as the cache is written (no calibration: nothing changes in the weights). use_fp8 (--use_fp8):
+    the linear layers as e4m3 with a float32 scale per output channel, activations quantised per token at run time
+    (quantization/fp8.py); lm_head and the embedding stay in dtype; exclusive with weight_only_precision."""
     t_start = time.monotonic()
     if (ft_dir is None) == (hf_dir is None):
         raise QWenError("give exactly one of --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")
@@ -159,14 +161,16 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
     src = Path(ft_dir if ft_dir is not None else hf_dir)
     out = Path(output_dir)
     check_output(out, force, src)
+    if use_fp8 and weight_only_precision is not None:
+        raise QWenError("--use_fp8 and --use_weight_only are mutually exclusive: give one of them")
     if weight_only_precision is None and (group_size is not None or quantize_lm_head):
         raise QWenError("--group_size / --quantize_lm_head apply to weight-only quantisation only: add "
                         "--use_weight_only (with --weight_only_precision int4 for --group_size)")
     if weight_only_precision == "int8" and group_size is not None:
         raise QWenError("--group_size applies to int4 only: add --weight_only_precision int4 or drop it")
     explicit_group_size, group_size = group_size, group_size or 128
-    quant = lambda: QuantizationConfig(weight_only_precision, group_size, quantize_lm_head) \
-        if weight_only_precision else None
+    quant = lambda: QuantizationConfig("fp8") if use_fp8 else \
+        QuantizationConfig(weight_only_precision, group_size, quantize_lm_head) if weight_only_precision else None
     settings = dict(dtype=dtype, world_size=world_size, max_batch_size=max_batch_size, max_input_len=max_input_len,
                     max_output_len=max_output_len, max_num_tokens=max_num_tokens, tokens_per_block=tokens_per_block,
                     kernels=kernels, kv_cache_dtype=kv_cache_dtype,
@@ -195,6 +199,9 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
         ckpt = HFCheckpoint(src)
         config = ckpt.config
         source = {"hf_model_dir": str(src)}
+        if is_gptq_checkpoint(src) and use_fp8:
+            raise QWenError(f"{src} is a GPTQ int4 checkpoint: --use_fp8 needs the float weights; build it without "
+                            "--use_fp8 or from the unquantised checkpoint")
         if is_gptq_checkpoint(src):  # already int4: its weights are repacked, not re-quantised
             gptq_groups = gptq_group_size(src)
             if world_size != 1 or weight_only_precision not in (None, "int4") or quantize_lm_head or \
@@ -225,7 +232,8 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
                        "checkpoint directory>, or run.py --tokenizer_dir")
 
     LOGGER.info(f"building {out} from {src}: {dtype}, {world_size} rank(s)"
-                f"{f', weight-only {weight_only_precision}' if weight_only_precision else ''}")
+                f"{f', weight-only {weight_only_precision}' if weight_only_precision else ''}"
+                f"{', fp8 (e4m3) linears' if use_fp8 else ''}")
     tmp = _temporary_output(out)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
@@ -252,11 +260,12 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
                     weights[k] = v
                     bar.update(1)
             del state
-            if weight_only_precision and not source.get("gptq"):
+            kind = "fp8" if use_fp8 else weight_only_precision
+            if kind and not source.get("gptq"):
                 from qwen_trtllm.quantization import quantize_state_dict
 
-                LOGGER.info(f"rank {r}: quantising the linear layers to {weight_only_precision}")
-                weights = quantize_state_dict(weights, weight_only_precision, group_size, quantize_lm_head)
+                LOGGER.info(f"rank {r}: quantising the linear layers to {kind}")
+                weights = quantize_state_dict(weights, kind, group_size, quantize_lm_head)
             nbytes = sum(t.nbytes for t in weights.values())
             LOGGER.info(f"rank {r}: writing {rank_file(out, r).name} ({nbytes / 1e9:.2f} GB)")
             save_file(weights, str(rank_file(tmp, r)), metadata={"format": "pt"})

@@ -26,15 +26,20 @@ KV_CACHE_DTYPES = ("auto", "int8", "fp8")  # the KV cache's format: the model's 
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """Weight-only quantisation of the engine's linear layers (TensorRT-LLM's --use_weight_only)."""
+    """Quantisation of the engine's linear layers: weight-only int8 / int4 (TensorRT-LLM's --use_weight_only) or
+    fp8 (--use_fp8: e4m3 weights with per-channel scales, activations quantised per token; mode "fp8")."""
 
-    precision: str  # "int8" | "int4"
+    precision: str  # "int8" | "int4" | "fp8"
     group_size: int = 128  # int4: input channels per scale
     quantize_lm_head: bool = False
-    mode: str = "weight_only"
+    mode: str = "weight_only"  # "weight_only" | "fp8" (set from precision fp8)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("int8", "int4") or self.mode != "weight_only":
+        if self.precision == "fp8":
+            object.__setattr__(self, "mode", "fp8")
+            if self.quantize_lm_head:
+                raise QWenError("--use_fp8 keeps lm_head in --dtype: drop --quantize_lm_head")
+        elif self.precision not in ("int8", "int4") or self.mode != "weight_only":
             raise QWenError(f"--weight_only_precision {self.precision} is not one of int8, int4")
         if self.group_size < 1:
             raise QWenError(f"--group_size must be >= 1, got {self.group_size}")

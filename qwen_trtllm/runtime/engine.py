@@ -66,6 +66,10 @@ class Engine:
         device = torch.device(device) if device is not None else default_device(rank)
         dtype = DTYPES[build.dtype]
         check_dtype_supported(dtype, device)
+        if build.quantization is not None and build.quantization.mode == "fp8":
+            from qwen_trtllm.quantization.fp8 import check_fp8_supported  # before any reading
+
+            check_fp8_supported(device)
         path = rank_file(engine_dir, rank)
         if not path.is_file():
             raise QWenError(f"{path} is missing: rebuild the engine with examples/qwen/build.py")
@@ -100,7 +104,7 @@ def use_triton_kernels(build: BuildConfig, device: torch.device) -> bool:
 
 
 def model_skeleton(config: QWenConfig, world_size: int, quantization: QuantizationConfig | None) -> QWen:
-    """One rank's model on the meta device, its linears weight-only where the build's `quantization` record says;
+    """One rank's model on the meta device, its linears quantised where the build's `quantization` record says;
     load_state_dict(state, assign=True) fills it."""
     with torch.device("meta"):
         model = QWen(config, tp=world_size)
