@@ -41,7 +41,8 @@ def main() -> int:
                    help="fused Triton kernels or plain PyTorch ops")
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "int8", "fp8"],
                    help="--model: the KV cache's format (build.py --int8_kv_cache / --fp8_kv_cache)")
-    p.add_argument("--quant", default="", help="also time weight-only quantised copies: int8, int4 or int8,int4")
+    p.add_argument("--quant", default="", help="also time quantised copies: int8, int4 (weight-only), fp8 "
+                   "(build.py --use_fp8), comma-separated")
     p.add_argument("--group_size", type=int, default=None, help="int4 rows of --quant: input channels per scale "
                    "(default: 128)")
     p.add_argument("--quantize_lm_head", action="store_true", help="--quant rows also quantise the lm_head")

@@ -64,8 +64,14 @@ def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max
 
 
 def quantized_engine(engine: Engine, precision: str, group_size: int = 128, quantize_lm_head: bool = False) -> Engine:
-    """A weight-only quantised copy of an engine (the original is kept), as build.py --use_weight_only makes."""
+    """A quantised copy of an engine (the original is kept), as build.py --use_weight_only (precision int8 / int4)
+    or --use_fp8 (precision fp8) makes."""
     from qwen_trtllm.quantization import quantize_state_dict
+
+    if precision == "fp8":
+        from qwen_trtllm.quantization.fp8 import check_fp8_supported
+
+        check_fp8_supported(engine.device)
 
     build = replace(engine.build, quantization=QuantizationConfig(precision, group_size, quantize_lm_head))
     model = model_skeleton(engine.config, engine.world_size, build.quantization)
