@@ -40,7 +40,7 @@ def _check_precision(precision: str) -> None:
 
 def _check_kind(precision: str) -> None:
     if precision not in KINDS:
-        raise QWenError(f"quantisation {precision!r} is not one of {', '.join(KINDS)}")
+        raise QWenError(f"quantisation precision {precision!r} is not one of {', '.join(KINDS)}")
 
 
 def _fp16_scale(amax: Tensor, qmax: int) -> Tensor:
