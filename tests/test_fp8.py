@@ -176,6 +176,12 @@ def test_build_flag_conflicts(tiny_checkpoint, run_script, tmp_path):
 
     with pytest.raises(QWenError, match="mutually exclusive"):
         build_engine(tmp_path / "bad", hf_dir=tiny_checkpoint, use_fp8=True, weight_only_precision="int8")
+    from qwen_trtllm.checkpoint.gptq import write_gptq_checkpoint
+
+    gptq = write_gptq_checkpoint(tiny_checkpoint, tmp_path / "gptq", group_size=16)
+    with pytest.raises(QWenError, match="GPTQ int4 checkpoint.*--use_fp8") as e:
+        build_engine(tmp_path / "bad", hf_dir=gptq, use_fp8=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("capability,ok", [((8, 6), False), ((8, 0), False), ((8, 9), True), ((9, 0), True)])
