@@ -720,6 +720,43 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(server):
     assert "Shutting down" in server.log_tail()
 
 
+def test_sigterm_past_the_drain_timeout_cancels_cleanly(engine_dir, tmp_path):
+    """--shutdown_timeout 0: SIGTERM cancels in-flight requests in the engine at once; a stream still ends with an
+    error event and [DONE], a plain request gets a 503 in OpenAI's shape (not uvicorn's bare 500), exit 0."""
+    import threading
+
+    port, log = free_port(), tmp_path / "server.log"
+    cmd = [sys.executable, str(ROOT / "examples/qwen/serve.py"), "--engine_dir", str(engine_dir), "--host",
+           "127.0.0.1", "--port", str(port), "--num_scheduler_steps", "1", "--shutdown_timeout", "0"]
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=script_env(), cwd=tmp_path)
+    url, tail = f"http://127.0.0.1:{port}", lambda: log.read_text(errors="replace")[-3000:]
+    try:
+        wait_healthy(url, proc, tail)
+        body = {"model": MODEL, "prompt": "tell me a very long story " * 20, "max_tokens": MAX_OUTPUT_LEN,
+                "temperature": 0, "ignore_eos": True}
+        plain: dict = {}
+        worker = threading.Thread(target=lambda: plain.update(r=httpx.post(url + "/v1/completions", json=body,
+                                                                            timeout=60)))
+        worker.start()
+        with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions",
+                                                     json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            first = sse_data([next(lines)])
+            proc.send_signal(signal.SIGTERM)
+            data = first + sse_data(lines)
+        worker.join(60)
+        assert data[-1] == "[DONE]", data[-3:]
+        assert "shutting down" in json.loads(data[-2])["error"]["message"], data[-2]
+        assert plain["r"].status_code == 503 and "shutting down" in plain["r"].json()["error"]["message"]
+        assert proc.wait(timeout=60) == 0, tail()
+        assert "Traceback" not in tail(), tail()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize("text", ["", "plain", 'quote " backslash \\ newline \n tab \t', "汉字 é \u2028 \x01", "@@"])
 def test_streamed_chunk_template_equals_the_pydantic_chunk(text):
     """The per-token chunk is pydantic's JSON made once with markers and filled in: the same object as the model's."""

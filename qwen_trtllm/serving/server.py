@@ -486,18 +486,39 @@ def create_app(llm: LLM, *, model_name: str | None = None, defaults: dict | None
     return app
 
 
+CANCEL_GRACE_S = 5.0  # after the drain timeout cancels what is left: time for handlers to send 503s / [DONE]
+
+
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, sock=None, shutdown_timeout: float = 10.0,
           log_level: str = "info") -> None:
     """Run uvicorn until SIGTERM / SIGINT. SIGTERM: stop accepting, wait up to shutdown_timeout for in-flight
-    requests, cancel the rest, stop the engine; the call then returns (exit status 0 for the caller).
+    requests, then cancel the rest in the engine (streams end with an error event and [DONE], other requests get a
+    503 in OpenAI's shape), stop the engine; the call then returns (exit status 0 for the caller).
     sock: an already bound socket (bind errors are then the caller's, before the engine loads)."""
     import signal
 
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
-                            lifespan="on")
-    server = uvicorn.Server(config)
+    openai_server: OpenAIServer = app.state.server
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's shutdown, with the engine's requests cancelled at the drain timeout: uvicorn's own timeout
+        (CANCEL_GRACE_S later) would cancel the handlers mid-response instead."""
+
+        async def shutdown(self, sockets=None) -> None:
+            def cancel() -> None:
+                openai_server.stopping = True
+                openai_server.cancel_all()
+
+            timer = asyncio.get_running_loop().call_later(shutdown_timeout, cancel)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=shutdown_timeout + CANCEL_GRACE_S)
+    server = DrainingServer(config)
     # uvicorn re-raises the signal it caught once it has shut down; with this handler a SIGTERM ends the process
     # normally (exit 0) instead of by the signal's default action
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
