@@ -425,6 +425,8 @@ def test_bad_requests_get_openai_errors(server, kind, body, status, message):
     assert err["type"] == "invalid_request_error" and "Traceback" not in r.text
     if status == 404:
         assert err["code"] == "model_not_found" and err["param"] == "model"
+    if message in ("temperature", "top_p"):  # the bad sampling field is named, alone
+        assert err["param"] == message and err["message"].startswith(message), err
 
 
 def test_unknown_routes_and_methods_and_the_client_error_types(server):

@@ -254,7 +254,8 @@ def read_ft_config(ft_dir: str | Path) -> tuple[QWenConfig, dict]:
     if not d.is_dir():
         raise QWenError(f"FT directory {d} does not exist: run hf_qwen_convert.py first (it writes <out>/<tp>-gpu)")
     if not ini.is_file():
-        raise QWenError(f"{ini} not found: {d} is not an FT directory; run hf_qwen_convert.py")
+        raise QWenError(f"{ini} not found: {d} is not an FT directory; run hf_qwen_convert.py first, or build "
+                        "from a Hugging Face checkpoint with --hf_model_dir")
     cp = configparser.ConfigParser(interpolation=None)
     try:
         cp.read(ini)

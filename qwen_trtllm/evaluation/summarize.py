@@ -187,7 +187,8 @@ def run_engine(llm, prompts: list[list[int]], batch_size: int, output_len: int, 
                      ignore_eos=False)
     res = BackendResult("engine", [[] for _ in range(params.n)])
     batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), batch_size)]
-    for batch in tqdm(batches, desc="engine", disable=not (progress and llm.is_leader), file=sys.stderr):
+    for batch in tqdm(batches, desc="engine", disable=not (progress and llm.is_leader and sys.stderr.isatty()),
+                      file=sys.stderr):
         t0 = time.perf_counter()
         outputs = llm.generate(batch, params)
         res.seconds += time.perf_counter() - t0
@@ -216,7 +217,8 @@ def run_reference(model, prompts: list[list[int]], output_len: int, sampling: Sa
                   repetition_penalty=1.0)
     elif sampling.repetition_penalty != 1.0:
         kw["repetition_penalty"] = sampling.repetition_penalty
-    for i, p in enumerate(tqdm(prompts, desc="hf", disable=not progress, file=sys.stderr)):
+    for i, p in enumerate(tqdm(prompts, desc="hf", disable=not (progress and sys.stderr.isatty()),
+                                      file=sys.stderr)):
         torch.manual_seed(sampling.seed + i)
         t0 = time.perf_counter()
         out = model.generate(torch.tensor([p], device=device), **kw)

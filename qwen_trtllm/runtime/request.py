@@ -71,12 +71,14 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise QWenError naming the bad value and the valid range."""
-        ok = (self.temperature >= 0 and math.isfinite(self.temperature) and self.top_k >= 0
-              and 0 < self.top_p <= 1 and self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty))
-        if not ok:
-            raise QWenError(f"invalid sampling settings (temperature={self.temperature}, top_k={self.top_k}, "
-                            f"top_p={self.top_p}, repetition_penalty={self.repetition_penalty}): need temperature "
-                            ">= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
+        checks = (("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0 (0 = greedy)"),
+                  ("top_k", self.top_k >= 0, ">= 0 (1 = greedy, 0 = off)"),
+                  ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
+                  ("repetition_penalty", self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
+                   "> 0 (1 = off)"))
+        for name, ok, need in checks:
+            if not ok:  # the message starts with the field's name (the server's 400 names it as the param)
+                raise QWenError(f"{name} {getattr(self, name)} is invalid: it must be {need}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise QWenError(f"max_tokens {self.max_tokens} must be a positive integer")
         if not isinstance(self.n, int) or self.n < 1 or (self.best_of is not None and self.best_of < self.n):

@@ -363,8 +363,10 @@ def resolve_sampling(req: _GenerationRequest, defaults: dict, max_tokens: int, s
                            repetition_penalty=req.repetition_penalty, seed=seed)
     try:
         params = sampling_from_args(args, defaults, max_tokens)
-    except QWenError as e:
-        raise invalid(str(e)) from None
+    except QWenError as e:  # SamplingParams.validate names the field first
+        field = str(e).split(" ", 1)[0]
+        raise invalid(str(e), field if field in ("temperature", "top_k", "top_p", "repetition_penalty") else None) \
+            from None
     params.ignore_eos = bool(req.ignore_eos)
     params.stop_token_ids = [] if params.ignore_eos else sorted(set(stop_ids))
     params.end_id, params.stop = end_id, stop_strings(req.stop)
