@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from net import free_port
 from safetensors.torch import load_file, save_file
 
 from qwen_trtllm import QWenError
@@ -155,7 +156,7 @@ def test_llm_generate_raises_and_generate_async_ends_with_the_error(overflow_eng
 
 
 def script(name: str, *args: str, stdin: str | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": "29660"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun)] if torchrun \
         else [sys.executable]
     return subprocess.run([*launcher, str(ROOT / "examples/qwen" / name), *args], input=stdin, capture_output=True,

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from net import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from qwen_trtllm.builder.build import build_engine
@@ -46,12 +46,6 @@ def engine_dir(make_checkpoint, tiktoken_file, tmp_path_factory) -> Path:
     ckpt = make_checkpoint(vocab_size=151936, seq_length=2048, tokenizer_file=tiktoken_file, seed=5)
     return build_engine(tmp_path_factory.mktemp("serve") / MODEL, hf_dir=ckpt, dtype="float32", max_batch_size=8,
                         max_input_len=MAX_INPUT_LEN, max_output_len=MAX_OUTPUT_LEN, tokens_per_block=16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def script_env() -> dict:

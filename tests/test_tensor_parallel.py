@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from net import free_port
 
 from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.evaluation.teacher_forced import engine_logits
@@ -99,7 +100,7 @@ def test_rank_files_hold_only_their_shard(tp_engines):
 
 
 def _torchrun(engine: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + nproc)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            str(ROOT / "examples/qwen/run.py"), "--engine_dir", str(engine), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -153,7 +154,7 @@ def test_summarize_under_torchrun_matches_tp1(make_checkpoint, tiktoken_file, tm
         eng = build_engine(tmp_path / f"e{world}", hf_dir=ckpt, dtype="float32", max_batch_size=2, max_input_len=256,
                            max_output_len=8, world_size=world)
         out = tmp_path / f"o{world}.jsonl"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29700 + world)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
                             str(ROOT / "examples/qwen/summarize.py"), "--test_trt_llm", "--engine_dir", str(eng),
                             "--max_ite", "2", "--output_len", "6", "--no_progress", "--output_file", str(out)],
@@ -165,7 +166,7 @@ def test_summarize_under_torchrun_matches_tp1(make_checkpoint, tiktoken_file, tm
 
 
 def test_eval_accuracy_under_torchrun(tp_engines):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": "29650"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         str(ROOT / "examples/qwen/eval_accuracy.py"), "--engine_dir", str(tp_engines[2]),
                         "--reference_engine_dir", str(tp_engines[1]), "--num_prompts", "6", "--prompt_len", "8",
