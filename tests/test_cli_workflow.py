@@ -124,6 +124,8 @@ def test_more_prompts_than_max_batch_size_queue(workdir):
     ("--engine_dir missing", "does not exist"),
     ("--num_beams 2 --streaming", "beam search"),
     ("--num_beams 0", "--num_beams"),
+    ("--max_output_len 5000", "exceeds the engine's max_output_len"),  # both said before the engine loads
+    ("--input_tokens missing.csv", "does not exist"),
 ])
 def test_run_bad_input(workdir, args, message):
     r = sh(workdir, f"python3 examples/qwen/run.py --max_output_len 4 {args}")

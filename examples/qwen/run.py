@@ -78,9 +78,13 @@ def main() -> int:
     for flag in ("output_csv", "output_npy", "profile"):
         check_output_file(getattr(args, flag), f"--{flag}")
     _, build = read_engine_config(args.engine_dir)
+    if args.max_output_len is not None and args.max_output_len > build.max_output_len:  # said before loading
+        raise QWenError(f"--max_output_len {args.max_output_len} exceeds the engine's max_output_len "
+                        f"{build.max_output_len}: lower it or rebuild with a larger --max_output_len")
     max_new = args.max_output_len or min(512, build.max_output_len)
     defaults = generation_defaults(args.engine_dir)
     sampling = beam_search_from_args(args, sampling_from_args(args, defaults, max_new))
+    token_prompts = read_input_tokens(args.input_tokens) if args.input_tokens is not None else None
 
     from qwen_trtllm.tokenizer import decode_response, make_context, stop_token_ids
 
@@ -90,7 +94,7 @@ def main() -> int:
     if rank == 0:
         print(llm.executor.kv_cache_report(), file=sys.stderr)
     if args.input_tokens is not None:
-        prompts, texts = read_input_tokens(args.input_tokens), None
+        prompts, texts = token_prompts, None
         stops = stop_token_ids(tokenizer, args.chat_format) if tokenizer else {QWEN_EOD_ID}
     else:
         texts = args.input_text or [DEFAULT_QUESTION]
