@@ -374,6 +374,31 @@ def test_stop_string_split_across_tokens_stops_and_is_not_returned(server, llm, 
     assert chunks[-1].finish_reason == "stop"
 
 
+def test_beam_search_returns_the_n_best_beams(server, llm, tok):
+    """use_beam_search (vLLM's extension) with n = 3: three choices, best first, each equal to the runtime's beam
+    search of the same prompt (chatml, stop ids); the sampling fields do not apply; usage counts every beam."""
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    prompt = make_context(tok, "Tell me about lighthouses")[1]
+    want = llm.generate([prompt], SamplingParams(max_tokens=12, use_beam_search=True, n=3, length_penalty=0.5,
+                                                 stop_token_ids=chat_stops(tok), end_id=EOD))[0].beams
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me about lighthouses"}],
+                                  max_tokens=12, n=3, temperature=0.9, top_p=0.5,
+                                  extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert [ch.index for ch in r.choices] == [0, 1, 2] and len(set(map(tuple, want))) == 3
+    assert [ch.message.content for ch in r.choices] == [text_of(tok, b, chat_stops(tok)) for b in want]
+    assert [ch.finish_reason for ch in r.choices] == ["stop" if b[-1] in chat_stops(tok) else "length" for b in want]
+    assert r.usage.completion_tokens == sum(map(len, want))
+    raw = c.completions.create(model=MODEL, prompt=prompt, max_tokens=12, n=3, best_of=4,
+                               extra_body={"use_beam_search": True, "return_token_ids": True})
+    want4 = llm.generate([prompt], SamplingParams(max_tokens=12, use_beam_search=True, n=3, best_of=4,
+                                                  stop_token_ids=chat_stops(tok), end_id=EOD))[0].beams
+    assert [ch.model_extra["token_ids"] for ch in raw.choices] == want4
+    for body, param in (({"n": 2, "use_beam_search": True, "stream": True}, "stream"),
+                        ({"n": 2, "use_beam_search": True, "stop": ["x"]}, None)):
+        r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", **body}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 # --- errors ------------------------------------------------------------------------------------------------------
 USER = {"role": "user", "content": "Hi"}
 BAD_REQUESTS = [

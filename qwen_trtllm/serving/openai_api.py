@@ -1,7 +1,8 @@
 """OpenAI's API shapes (pydantic) and their translation into the runtime's terms.
 
 Requests: `ChatCompletionRequest` (/v1/chat/completions) and `CompletionRequest` (/v1/completions), with the
-extensions `top_k`, `repetition_penalty` and `ignore_eos`, and on completions `return_token_ids` (vLLM's names).
+extensions `top_k`, `repetition_penalty`, `ignore_eos` and beam search (`use_beam_search` with `n` / `best_of`,
+`length_penalty`, `early_stopping`; not streamed), and on completions `return_token_ids` (vLLM's names).
 Responses, stream chunks, model cards and the error body are in the shapes the official `openai` client parses.
 The translation helpers need no web framework (examples/qwen/chat.py uses them too): `chat_prompt` (messages ->
 Qwen's chatml prompt via make_context, history trimmed to the window), `resolve_sampling` (request fields +
@@ -15,6 +16,7 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -104,6 +106,10 @@ class _GenerationRequest(_Request):
     top_k: int | None = None  # 0 = off, 1 = greedy
     repetition_penalty: float | None = None  # 1 = off
     ignore_eos: bool | None = None  # True: stop tokens end nothing; exactly max_tokens tokens (stop strings still end)
+    # beam search (vLLM's names): the n best of best_of (default n) beams, one choice each; not streamed
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None  # 1.0: scores = log-probability sums / output length
+    early_stopping: bool | Literal["never"] | None = None  # False: Hugging Face's heuristic
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -321,9 +327,12 @@ def window_size(defaults: dict, max_input_len: int, requested: int | None = None
 
 def check_unsupported(req: _GenerationRequest) -> None:
     """400 for settings this engine cannot honour (rather than silently ignoring them)."""
-    if req.n is not None and req.n != 1:
-        raise invalid(f"n={req.n} is not supported by this server: use n=1 (several outputs per prompt: beam search "
-                      "in run.py --num_beams or the Python API)", "n")
+    if req.n is not None and req.n != 1 and not req.use_beam_search:
+        raise invalid(f"n={req.n} is not supported by this server without use_beam_search: use n=1, or "
+                      "use_beam_search: true for the n best beams (several sampled outputs are not supported)", "n")
+    if req.use_beam_search and req.stream:
+        raise invalid("use_beam_search does not stream (a beam is final only when the search ends): set stream "
+                      "false", "stream")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise invalid(f"{name} is not supported: use repetition_penalty (Qwen's generation_config uses 1.1)",
@@ -338,9 +347,9 @@ def check_unsupported(req: _GenerationRequest) -> None:
     if isinstance(req, CompletionRequest):
         if req.logprobs is not None:
             raise invalid("logprobs are not supported", "logprobs")
-        if req.best_of not in (None, 1):
-            raise invalid(f"best_of={req.best_of} is not supported by this server: use 1 (beam search: run.py "
-                          "--num_beams or the Python API)", "best_of")
+        if req.best_of not in (None, 1) and not req.use_beam_search:
+            raise invalid(f"best_of={req.best_of} needs use_beam_search: true (the best n of best_of beams); "
+                          "sampling several outputs is not supported", "best_of")
         if req.suffix:
             raise invalid("suffix is not supported", "suffix")
 
@@ -370,4 +379,12 @@ def resolve_sampling(req: _GenerationRequest, defaults: dict, max_tokens: int, s
     params.ignore_eos = bool(req.ignore_eos)
     params.stop_token_ids = [] if params.ignore_eos else sorted(set(stop_ids))
     params.end_id, params.stop = end_id, stop_strings(req.stop)
+    if req.use_beam_search:  # deterministic: the sampling fields above do not apply (SamplingParams' rule)
+        params = replace(params, use_beam_search=True, n=req.n or 1, best_of=getattr(req, "best_of", None),
+                         length_penalty=1.0 if req.length_penalty is None else req.length_penalty,
+                         early_stopping=False if req.early_stopping is None else req.early_stopping)
+        try:
+            params.validate()
+        except QWenError as e:
+            raise invalid(str(e)) from None
     return params

@@ -109,9 +109,11 @@ class ChatShape:
         return ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[],
                                    usage=usage).model_dump_json()
 
-    def response(self, text: str, finish_reason: str, usage: UsageInfo, token_ids: list[int]) -> dict:
+    def response(self, choices: list[tuple[str, str, list[int]]], usage: UsageInfo) -> dict:
+        """The whole response: one choice per (text, finish_reason, token ids) (beam search: one per beam)."""
         return ChatCompletionResponse(id=self.rid, created=self.created, model=self.model, usage=usage, choices=[
-            ChatCompletionChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)]).model_dump()
+            ChatCompletionChoice(index=i, message=AssistantMessage(content=text), finish_reason=reason)
+            for i, (text, reason, _) in enumerate(choices)]).model_dump()
 
 
 class CompletionShape(ChatShape):
@@ -139,7 +141,8 @@ class CompletionShape(ChatShape):
         return CompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[],
                                usage=usage).model_dump_json()
 
-    def response(self, text: str, finish_reason: str, usage: UsageInfo, token_ids: list[int]) -> dict:
+    def response(self, choices: list[tuple[str, str, list[int]]], usage: UsageInfo) -> dict:
         return CompletionResponse(id=self.rid, created=self.created, model=self.model, usage=usage, choices=[
-            CompletionChoice(text=self.echo + text, finish_reason=finish_reason,
-                             token_ids=list(token_ids) if self.token_ids else None)]).model_dump()
+            CompletionChoice(index=i, text=self.echo + text, finish_reason=reason,
+                             token_ids=list(ids) if self.token_ids else None)
+            for i, (text, reason, ids) in enumerate(choices)]).model_dump()

@@ -268,9 +268,13 @@ class OpenAIServer:
         if final.finish_reason == "error":
             logger.error("generation failed: %s", final.error)
             raise generation_error(final)
-        usage = UsageInfo.of(len(ids), len(final.token_ids))
-        return JSONResponse(shape.response(text.text, text.finish_reason(final.finish_reason), usage,
-                                           final.token_ids))
+        if final.beams:  # beam search: one choice per beam, best first
+            choices = [(IncrementalText(self.tokenizer, stops).update(b, True), "stop" if b and b[-1] in stops
+                        else "length", b) for b in final.beams]
+        else:
+            choices = [(text.text, text.finish_reason(final.finish_reason), final.token_ids)]
+        usage = UsageInfo.of(len(ids), sum(len(c[2]) for c in choices))
+        return JSONResponse(shape.response(choices, usage))
 
     async def _outputs(self, ids: list[int], params: SamplingParams, t0: float) -> AsyncIterator[RequestOutput]:
         """llm.generate_async with the metrics; closing this generator cancels the request."""
