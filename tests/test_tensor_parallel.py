@@ -120,8 +120,8 @@ def test_run_py_under_torchrun(tp_engines, tmp_path):
     assert np.array_equal(np.load(out), np.load(single))
 
 
-def test_world_size_mismatch_fails_on_all_ranks(tp_engines):
-    r = _torchrun(tp_engines[4], 2, "--input_tokens", "unused.csv")
+def test_world_size_mismatch_fails_on_all_ranks(tp_engines, tmp_path):
+    r = _torchrun(tp_engines[4], 2, "--input_tokens", str(_write_tokens(tmp_path)))
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "world size" in errors[0]
