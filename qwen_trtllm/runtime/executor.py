@@ -202,7 +202,7 @@ class Executor:
         return plan, new_rows, slots, params, groups
 
     def _beam_group(self, r: Request, first_row: int, logprobs: list[float]) -> BeamGroup:
-        return BeamGroup(first_row, logprobs, max(2, 1 + len(r.stop_ids)) * r.params.beam_width)
+        return BeamGroup(first_row, logprobs, r.num_beam_candidates)
 
     def _update(self, sched: SchedulerOutput, out: StepOutput) -> list[Request]:
         now, done, row, group = time.perf_counter(), [], 0, 0
@@ -246,7 +246,7 @@ class Executor:
             if reason:
                 break
         if reason == "error":
-            self._finish(r, reason, self.non_finite_message(len(r.output_token_ids) + 1), NON_FINITE_LOGITS)
+            self._fail_non_finite(r)
         elif reason:
             self._finish(r, reason)
         else:
@@ -257,12 +257,11 @@ class Executor:
                       now: float) -> str | None:
         """A beam-search request after a step (tokens: its rows' sampler marks); its finish reason when done."""
         if NON_FINITE in tokens:
-            reason = "error"
-            self._finish(r, reason, self.non_finite_message(len(r.output_token_ids) + 1), NON_FINITE_LOGITS)
-        else:
-            reason = self._beam_step(r, logprobs, indices, now)
-            if reason:
-                self._finish(r, reason)
+            self._fail_non_finite(r)
+            return "error"
+        reason = self._beam_step(r, logprobs, indices, now)
+        if reason:
+            self._finish(r, reason)
         return reason
 
     def _beam_step(self, r: Request, logprobs: list[float], indices: list[int], now: float) -> str | None:
@@ -274,7 +273,7 @@ class Executor:
         p, width, vocab = r.params, r.params.beam_width, self.engine.config.vocab_size
         parents = r.beams or [Beam([], r.block_ids, 0.0)]
         length = len(parents[0].token_ids) + 1
-        k = self._beam_group(r, 0, []).k  # the step's candidates: the first k (the batch's widest may be more)
+        k = r.num_beam_candidates  # the step's candidates: the first k (the batch's widest group may have more)
         cands = [(v, parents[j // vocab], j % vocab) for v, j in zip(logprobs[:k], indices[:k], strict=True)]
         ends = [length >= p.max_tokens or t in r.stop_ids for _, _, t in cands]
         if r.beam_can_improve and not (p.early_stopping is True and len(r.beam_hyps) == width):
@@ -301,6 +300,10 @@ class Executor:
             return None
         r.output_token_ids[:] = r.beam_hyps[0][1]
         return "stop" if r.output_token_ids[-1] in r.stop_ids else "length"
+
+    def _fail_non_finite(self, r: Request) -> None:
+        """End r with the non-finite-logits error at its next output token (the others go on)."""
+        self._finish(r, "error", self.non_finite_message(len(r.output_token_ids) + 1), NON_FINITE_LOGITS)
 
     def non_finite_message(self, index: int) -> str:
         """The error of a request whose logits held NaN or inf at its index-th output token (1-based)."""

@@ -185,6 +185,12 @@ class Request:
     def is_beam_search(self) -> bool:
         return self.params.beam_width > 1
 
+    @property
+    def num_beam_candidates(self) -> int:
+        """Continuations a beam step ranks over all beams: Hugging Face's max(2, 1 + number of stop ids) x width,
+        so that width of them survive even when the best ones all end."""
+        return max(2, 1 + len(self.stop_ids)) * self.params.beam_width
+
     def block_tables(self) -> list[list[int]]:
         """Every block table the request holds: its own (the prompt's) and its beams'."""
         return [self.block_ids] + [b.block_ids for b in self.beams]

@@ -182,13 +182,17 @@ class ChatCompletionChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
+def _without_none(data: dict, key: str) -> dict:
+    """A serialised model without `key` when it is None (OpenAI leaves such fields out)."""
+    if key in data and data[key] is None:
+        del data[key]
+    return data
+
+
 class _Chunk(BaseModel):
     @model_serializer(mode="wrap")
     def _usage_only_in_the_usage_chunk(self, handler):
-        data = handler(self)
-        if data.get("usage", 0) is None:
-            data.pop("usage")
-        return data
+        return _without_none(handler(self), "usage")
 
 
 class ChatCompletionChunk(_Chunk):
@@ -209,10 +213,7 @@ class CompletionChoice(BaseModel):
 
     @model_serializer(mode="wrap")
     def _token_ids_when_asked(self, handler):
-        data = handler(self)
-        if data.get("token_ids", 0) is None:
-            data.pop("token_ids")
-        return data
+        return _without_none(handler(self), "token_ids")
 
 
 class CompletionResponse(BaseModel):
