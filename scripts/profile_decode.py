@@ -1,66 +1,76 @@
-"""Profile the engine on the GPU: per-kernel time of prefill and decode (torch profiler, CUDA graphs included).
+"""Where a decode step's time goes, on the GPU: torch profiler over decode steps of the in-flight batching executor
+(kernels inside CUDA graphs included), GPU time per kernel per step, against the step's wall time.
 
-python3 scripts/profile_decode.py [--batch 1] [--input_len 128] [--steps 16] [--trace trace.json]
+python3 scripts/profile_decode.py [--batch 1] [--context 128] [--steps 32] [--quant int8|int4|fp8]
 
-The batch goes through the in-flight batching runtime as one static batch: all prompts in one prefill step, then
-decode steps (num_scheduler_steps at a time, as CUDA graphs).
+Prints one line per kernel (us per step, launches per step, share) and a last line: wall ms/step, kernel ms/step,
+launches per step; the difference is time the GPU sat idle between kernels (launch gaps, host work).
 """
 
 import argparse
 import time
+from collections import defaultdict
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from qwen_trtllm.evaluation.benchmark import random_engine
-from qwen_trtllm.runtime import LLM, ExecutorConfig, KvCacheConfig, SamplingParams
+from qwen_trtllm.evaluation.benchmark import quantized_engine, random_engine
+from qwen_trtllm.runtime.executor import ExecutorConfig
+from qwen_trtllm.runtime.kv_cache import KvCacheConfig
+from qwen_trtllm.runtime.llm import LLM
+from qwen_trtllm.runtime.request import SamplingParams
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="qwen-7b")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--input_len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--trace", default=None)
-    ap.add_argument("--quant", default="", choices=["", "int8", "int4"], help="a weight-only quantised copy")
-    args = ap.parse_args()
-    engine = random_engine(args.model, "float16", "cuda", max_batch_size=args.batch, max_input_len=args.input_len,
-                           max_output_len=args.steps)
-    if args.quant:
-        from qwen_trtllm.evaluation.benchmark import quantized_engine
-
-        engine = quantized_engine(engine, args.quant)
-    seq, bs = args.input_len + args.steps, 64
-    kv = KvCacheConfig(max_tokens=args.batch * -(-seq // bs) * bs, tokens_per_block=bs)  # this batch's blocks
-    llm = LLM.from_engine(engine, config=ExecutorConfig(max_batch_size=args.batch, max_seq_len=seq, kv_cache=kv,
-                                                        max_num_tokens=args.batch * args.input_len))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen-7b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=128, help="prompt tokens before the profiled steps")
+    p.add_argument("--steps", type=int, default=32, help="decode steps profiled")
+    p.add_argument("--quant", default="", help="int8, int4 or fp8 (default: the fp16 engine)")
+    p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "int8", "fp8"])
+    p.add_argument("--top", type=int, default=14)
+    a = p.parse_args()
+    engine = random_engine(a.model, max_batch_size=max(a.batch, 1), max_input_len=a.context,
+                           max_output_len=2 * a.steps + 64, kv_cache_dtype=a.kv_cache_dtype)
+    if a.quant:
+        engine = quantized_engine(engine, a.quant)
+    total = a.context + 2 * a.steps + 64
+    kv = KvCacheConfig(max_tokens=a.batch * -(-total // 64) * 64, tokens_per_block=64)
+    llm = LLM.from_engine(engine, config=ExecutorConfig(max_batch_size=a.batch, max_num_tokens=a.batch * a.context,
+                                                        max_seq_len=total, kv_cache=kv))
     ex = llm.executor
-    prompts = torch.randint(0, engine.config.vocab_size, (args.batch, args.input_len)).tolist()
-    params = SamplingParams(max_tokens=args.steps, top_k=1, ignore_eos=True)
-
-    def run() -> dict:
-        for p in prompts:
-            ex.add_request(p, params)
-        t0 = time.perf_counter()
-        ex.step()  # the prefill step (and the first token)
+    prompts = torch.randint(0, engine.config.vocab_size, (a.batch, a.context)).tolist()
+    for _ in range(2):  # warm-up (graphs, compilation), then the profiled run
+        reqs = [ex.add_request(pr, SamplingParams(max_tokens=2 * a.steps + 32, ignore_eos=True)) for pr in prompts]
+        ex.step()  # prefill
+        while len(reqs[0].output_token_ids) < 16:
+            ex.step()
+        n0 = len(reqs[0].output_token_ids)
         torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        steps = ex.stats["steps"]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            while len(reqs[0].output_token_ids) - n0 < a.steps:
+                ex.step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        positions = len(reqs[0].output_token_ids) - n0  # decode positions (a host step may run several)
         while ex.has_work:
             ex.step()
-        torch.cuda.synchronize()
-        return {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (time.perf_counter() - t1) * 1e3,
-                "decode_steps": ex.stats["steps"] - steps}
-
-    run()  # warm-up and capture
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        timing = run()
-    print(timing)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
+    per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            rec = per_name[ev.name[:70]]
+            rec[0] += ev.time_range.elapsed_us()
+            rec[1] += 1
+    kernel_us = sum(t for t, _ in per_name.values())
+    launches = sum(n for _, n in per_name.values())
+    print(f"{'kernel':<72}{'us/step':>9}{'launch/step':>12}{'share':>7}")
+    for name, (t, n) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:a.top]:
+        print(f"{name:<72}{t / positions:9.1f}{n / positions:12.1f}{100 * t / kernel_us:6.1f}%")
+    print(f"batch {a.batch} context {a.context} {a.quant or engine.build.dtype}: wall {wall * 1e3 / positions:.3f} "
+          f"ms/step, kernels {kernel_us / 1e3 / positions:.3f} ms/step, {launches / positions:.0f} launches/step "
+          f"({positions} steps)")
 
 
 if __name__ == "__main__":
