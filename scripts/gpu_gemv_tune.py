@@ -58,7 +58,7 @@ def tune(name: str, N: int, K: int, rows: int) -> None:
                                                       num_stages=stages, launch_pdl=pdl)
         results.append((time_graph(run), cfg))
     results.sort()
-    current = G._config(N, K)
+    current = G._config(N, K, x.device)
     for ms, cfg in results:
         if cfg == current:
             print(f"{name:<8} current {cfg}  {ms * 1e3 / copies:7.1f} us {nbytes / ms / 1e6:6.0f} GB/s", flush=True)

@@ -3,11 +3,16 @@
 
 python3 scripts/profile_decode.py [--batch 1] [--context 128] [--steps 32] [--quant int8|int4|fp8]
 
+--ablate rms_norm,attention,rotary replaces those kernels with no-ops (wrong numbers, right timing): the wall
+time saved is what each costs in the step's chain of dependent kernels, which the per-kernel times (inflated by
+PDL's early launch: a kernel's time includes its wait for the previous one) do not show.
+
 Prints one line per kernel (us per step, launches per step, share) and a last line: wall ms/step, kernel ms/step,
 launches per step; the difference is time the GPU sat idle between kernels (launch gaps, host work).
 """
 
 import argparse
+import functools
 import time
 from collections import defaultdict
 
@@ -21,6 +26,22 @@ from qwen_trtllm.runtime.llm import LLM
 from qwen_trtllm.runtime.request import SamplingParams
 
 
+def ablate(ops, names: list[str]) -> None:
+    """Replace the named kernels of a model's Kernels with shape-correct no-ops (launch nothing)."""
+    for name in names:
+        if name == "rms_norm":
+            ops.rms_norm = lambda x, w, eps, residual=None: (x, x if residual is None else residual)
+        elif name == "attention":
+            ops.decode_attention = lambda q, *args, **kw: q
+        elif name == "one_split":  # real numbers: single-pass decode attention (no merge kernel)
+            ops.decode_attention = functools.partial(ops.decode_attention, num_splits=1)
+        elif name == "rotary":
+            ops.rotary_kv_write = lambda qkv, inv_freq, pos, slots, kc, vc, heads, head_dim, *args, **kw: \
+                qkv[:, :heads * head_dim].view(qkv.shape[0], heads, head_dim)
+        else:
+            raise SystemExit(f"--ablate {name}: expected rms_norm, attention, one_split or rotary")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen-7b")
@@ -30,11 +51,13 @@ def main() -> None:
     p.add_argument("--quant", default="", help="int8, int4 or fp8 (default: the fp16 engine)")
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "int8", "fp8"])
     p.add_argument("--top", type=int, default=14)
+    p.add_argument("--ablate", default="", help="comma-separated: rms_norm, attention, rotary (timing only)")
     a = p.parse_args()
     engine = random_engine(a.model, max_batch_size=max(a.batch, 1), max_input_len=a.context,
                            max_output_len=2 * a.steps + 64, kv_cache_dtype=a.kv_cache_dtype)
     if a.quant:
         engine = quantized_engine(engine, a.quant)
+    ablate(engine.model.ops, [n for n in a.ablate.split(",") if n])
     total = a.context + 2 * a.steps + 64
     kv = KvCacheConfig(max_tokens=a.batch * -(-total // 64) * 64, tokens_per_block=64)
     llm = LLM.from_engine(engine, config=ExecutorConfig(max_batch_size=a.batch, max_num_tokens=a.batch * a.context,
@@ -48,12 +71,16 @@ def main() -> None:
             ex.step()
         n0 = len(reqs[0].output_token_ids)
         torch.cuda.synchronize()
+        t0 = time.perf_counter()  # wall time without the profiler
+        while len(reqs[0].output_token_ids) - n0 < a.steps:
+            ex.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / (len(reqs[0].output_token_ids) - n0)
+        n0 = len(reqs[0].output_token_ids)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
             while len(reqs[0].output_token_ids) - n0 < a.steps:
                 ex.step()
             torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
         positions = len(reqs[0].output_token_ids) - n0  # decode positions (a host step may run several)
         while ex.has_work:
             ex.step()
@@ -68,7 +95,8 @@ def main() -> None:
     print(f"{'kernel':<72}{'us/step':>9}{'launch/step':>12}{'share':>7}")
     for name, (t, n) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:a.top]:
         print(f"{name:<72}{t / positions:9.1f}{n / positions:12.1f}{100 * t / kernel_us:6.1f}%")
-    print(f"batch {a.batch} context {a.context} {a.quant or engine.build.dtype}: wall {wall * 1e3 / positions:.3f} "
+    what = f"{a.quant or engine.build.dtype} ablate [{a.ablate}]"
+    print(f"batch {a.batch} context {a.context} {what}: wall {wall * 1e3:.3f} "
           f"ms/step, kernels {kernel_us / 1e3 / positions:.3f} ms/step, {launches / positions:.0f} launches/step "
           f"({positions} steps)")
 

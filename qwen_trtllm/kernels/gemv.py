@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qwen_trtllm.kernels.activation import silu_times
-from qwen_trtllm.kernels.launch import l2_prefetch_bytes, l2_prefetch_rows, pdl_enabled, pdl_start
+from qwen_trtllm.kernels.launch import gpu_model, l2_prefetch_bytes, l2_prefetch_rows, pdl_enabled, pdl_start
 
 MAX_ROWS = 4
 PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+)
@@ -51,14 +51,24 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.con
         tl.store(y_ptr + m * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _config(N: int, K: int, on_cuda: bool = True) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the best of scripts/gpu_gemv_tune.py on an H100 for the Qwen-7B
-    shapes (1 KiB-wide K tiles; narrow outputs want wider row blocks to keep enough loads in flight). Off CUDA
-    (Triton's interpreter, in the tests) programs run one after another: fewer, larger ones, K tiles no wider
-    than K."""
-    if not on_cuda:
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per GPU model for narrow (N <= 4096) and wide outputs: the best of
+# scripts/gpu_gemv_tune.py (in-graph sweep, PDL + prefetch launch as the engine runs it) for the Qwen-7B shapes.
+# H200 (2026-12-01): 4 warps; 512-code K tiles for wide outputs (qkv 26.3 us, gate_up 45.1, lm_head 292.5: 3.8-4.3
+# TB/s) and 1 KiB ones for narrow (dense 9.8, c_proj 22.4); the H100 table (2026-11-25) measured 5-18% slower there.
+_CONFIGS = {
+    "H200": ((16, 1024, 4, 3), (8, 512, 4, 3)),
+    "H100": ((16, 1024, 8, 3), (8, 1024, 8, 3)),
+}
+
+
+def _config(N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) from the table of the device's GPU model (the H100's for a GPU
+    without one: narrow outputs want wider row blocks to keep enough loads in flight). Off CUDA (Triton's
+    interpreter, in the tests) programs run one after another: fewer, larger ones, K tiles no wider than K."""
+    if device.type != "cuda":
         return 64, min(1024, triton.next_power_of_2(K)), 8, 3
-    return (16 if N <= 4096 else 8), 1024, 8, 3
+    narrow, wide = _CONFIGS.get(gpu_model(device), _CONFIGS["H100"])
+    return narrow if N <= 4096 else wide
 
 
 def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = False) -> Tensor:
@@ -69,7 +79,7 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = Fa
     M = x2.shape[0]
     assert M <= MAX_ROWS and weight.is_contiguous() and x2.stride(1) == 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = _config(N, K, x.is_cuda)
+    bn, bk, warps, stages = _config(N, K, x.device)
     pdl = pdl_enabled(x.device)
     row_bytes = K * weight.element_size()
     prefetch = l2_prefetch_bytes(x.device, PREFETCH_BYTES, row_bytes, row_bytes)

@@ -54,6 +54,18 @@ def sm_count(device: torch.device, default: int) -> int:
     return _cuda_properties(device).multi_processor_count if device.type == "cuda" else default
 
 
+def gpu_model(device: torch.device) -> str:
+    """The GPU model that kernel config tables are keyed by ("H200", "H100", ...: the first name among them in the
+    CUDA device name); "" off CUDA or for a GPU no table names."""
+    if device.type != "cuda":
+        return ""
+    name = _cuda_properties(device).name
+    return next((m for m in TUNED_MODELS if m in name), "")
+
+
+TUNED_MODELS = ("H200", "H100")
+
+
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL and prefetch weights (compiled CUDA on sm_90+)."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
