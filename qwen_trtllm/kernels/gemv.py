@@ -22,6 +22,28 @@ PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+
 
 
 @triton.jit
+def row_dots(x_row_ptr, w_ptr, offs_n, n_ok, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+             GATED: tl.constexpr = False):
+    """float32 [BLOCK_N]: the dot products of one activation row with the weight rows offs_n (W [N, K] row-major,
+    rows anywhere), K walked in BLOCK_K tiles, products summed per row at the end. GATED: the row is [gate | up]
+    and the activation is SiLU(gate) * up with silu_mul's roundings, never written to memory."""
+    acc = tl.zeros((offs_n.shape[0], BLOCK_K), tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        if EVEN_K:
+            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+        x = tl.load(x_row_ptr + offs_k, mask=k_ok, other=0.0)
+        if GATED:
+            x = silu_times(x, tl.load(x_row_ptr + K + offs_k, mask=k_ok, other=0.0))
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr, HAS_BIAS: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False,
                  PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
@@ -32,20 +54,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.con
         l2_prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * K, PREFETCH)
     pdl_start(PDL)
     for m in tl.static_range(M):  # each row re-reads W from L2, not HBM: programs finish a tile before moving on
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            if EVEN_K:
-                w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None], other=0.0)
-            else:
-                w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                            other=0.0)
-            x = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
-            if GATED:  # x row = [gate | up]: SiLU(gate) * up with silu_mul's roundings, never written to memory
-                x = silu_times(x, tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0))
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        y = tl.sum(acc, axis=1)
+        y = row_dots(x_ptr + m * stride_x, w_ptr, offs_n, n_ok, K, EVEN_K, BLOCK_K, GATED)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
