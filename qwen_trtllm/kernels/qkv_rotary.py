@@ -73,19 +73,20 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, b_ptr, freq_ptr, pos_ptr, slot_ptr, idx_ptr
             k_out = kc_ptr + (slot // BLOCK_SIZE) * kc_sb + (head - N_HEADS) * kc_sh + (slot % BLOCK_SIZE) * kc_ss + i
             tl.store(k_out, r_lo.to(kc_ptr.dtype.element_ty), mask=~is_q)
             tl.store(k_out + HALF, r_hi.to(kc_ptr.dtype.element_ty), mask=~is_q)
-    else:
-        rows = (pid - ROT_PROGRAMS) * (2 * PAIRS) + tl.arange(0, 2 * PAIRS)  # v channels, 2 x PAIRS per program
-        ok = rows < N_HEADS * HEAD_DIM
-        n = 2 * N_HEADS * HEAD_DIM + tl.minimum(rows, N_HEADS * HEAD_DIM - 1)
+    else:  # (names distinct from the branch above: Triton requires one type per name across an if)
+        v_rows = (pid - ROT_PROGRAMS) * (2 * PAIRS) + tl.arange(0, 2 * PAIRS)  # v channels, 2 x PAIRS per program
+        v_ok = v_rows < N_HEADS * HEAD_DIM
+        v_n = 2 * N_HEADS * HEAD_DIM + tl.minimum(v_rows, N_HEADS * HEAD_DIM - 1)
         if PREFETCH > 0:
-            l2_prefetch_rows(w_ptr + n.to(tl.int64) * K, PREFETCH)
+            l2_prefetch_rows(w_ptr + v_n.to(tl.int64) * K, PREFETCH)
         pdl_start(PDL)
         for m in tl.static_range(M):
-            v = row_dots(x_ptr + m * stride_x, w_ptr, n, ok, K, EVEN_K, BLOCK_K) + tl.load(b_ptr + n).to(tl.float32)
-            v = v.to(q_ptr.dtype.element_ty)
-            slot = tl.load(slot_ptr + m * stride_slot).to(tl.int64)
-            v_out = vc_ptr + (slot // BLOCK_SIZE) * vc_sb + (rows // HEAD_DIM) * vc_sh + (slot % BLOCK_SIZE) * vc_ss
-            tl.store(v_out + rows % HEAD_DIM, v.to(vc_ptr.dtype.element_ty), mask=ok)
+            v = row_dots(x_ptr + m * stride_x, w_ptr, v_n, v_ok, K, EVEN_K, BLOCK_K)
+            v = (v + tl.load(b_ptr + v_n).to(tl.float32)).to(q_ptr.dtype.element_ty)
+            v_slot = tl.load(slot_ptr + m * stride_slot).to(tl.int64)
+            v_out = vc_ptr + (v_slot // BLOCK_SIZE) * vc_sb + (v_rows // HEAD_DIM) * vc_sh \
+                + (v_slot % BLOCK_SIZE) * vc_ss
+            tl.store(v_out + v_rows % HEAD_DIM, v.to(vc_ptr.dtype.element_ty), mask=v_ok)
 
 
 def qkv_rotary_supported(x: Tensor, weight: Tensor, bias: Tensor | None, k_cache: Tensor, head_dim: int,
