@@ -37,21 +37,20 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, b_ptr, freq_ptr, pos_ptr, slot_ptr, idx_ptr
     HALF: tl.constexpr = HEAD_DIM // 2
     ROT_PROGRAMS: tl.constexpr = 2 * N_HEADS * HALF // PAIRS  # q and k heads, PAIRS pairs per program
     if pid < ROT_PROGRAMS:
-        pair = pid * PAIRS + tl.arange(0, PAIRS)
+        r = tl.arange(0, 2 * PAIRS)  # interleaved rows: (lo, hi) of each pair, one K loop for both
+        pair = pid * PAIRS + r // 2
         head = pair // HALF  # 0..N_HEADS-1: q heads; N_HEADS..2 N_HEADS-1: k heads (one per program)
-        i = pair % HALF
-        lo = head * HEAD_DIM + i
-        hi = lo + HALF
-        ok = pair >= 0
+        rows = head * HEAD_DIM + pair % HALF + (r % 2) * HALF
         if PREFETCH > 0:
-            l2_prefetch_rows(w_ptr + lo.to(tl.int64) * K, PREFETCH)
-            l2_prefetch_rows(w_ptr + hi.to(tl.int64) * K, PREFETCH)
+            l2_prefetch_rows(w_ptr + rows.to(tl.int64) * K, PREFETCH)
         pdl_start(PDL)
-        is_q = head < N_HEADS
+        p = pid * PAIRS + tl.arange(0, PAIRS)
+        i = p % HALF
+        is_q = p // HALF < N_HEADS
         for m in tl.static_range(M):
-            x_row = x_ptr + m * stride_x
-            y_lo = row_dots(x_row, w_ptr, lo, ok, K, EVEN_K, BLOCK_K) + tl.load(b_ptr + lo).to(tl.float32)
-            y_hi = row_dots(x_row, w_ptr, hi, ok, K, EVEN_K, BLOCK_K) + tl.load(b_ptr + hi).to(tl.float32)
+            y = row_dots(x_ptr + m * stride_x, w_ptr, rows, rows >= 0, K, EVEN_K, BLOCK_K)
+            y = y + tl.load(b_ptr + rows).to(tl.float32)
+            y_lo, y_hi = tl.split(tl.reshape(y, (PAIRS, 2)))
             y_lo = y_lo.to(q_ptr.dtype.element_ty).to(tl.float32)  # the unfused GEMV's output rounding
             y_hi = y_hi.to(q_ptr.dtype.element_ty).to(tl.float32)
             s = tl.load(idx_ptr + m * stride_idx).to(tl.int64) if HAS_INDEX else m
@@ -66,11 +65,12 @@ def _qkv_rotary_kernel(x_ptr, w_ptr, b_ptr, freq_ptr, pos_ptr, slot_ptr, idx_ptr
                 scale = tl.where(p1 > logn_len, tl.log(p1) / log_logn_len, 1.0)
                 q_lo = (q_lo.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
                 q_hi = (q_hi.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
-            q_out = q_ptr + (m * N_HEADS + head) * HEAD_DIM + i
+            head_p = p // HALF
+            q_out = q_ptr + (m * N_HEADS + head_p) * HEAD_DIM + i
             tl.store(q_out, q_lo, mask=is_q)
             tl.store(q_out + HALF, q_hi, mask=is_q)
             slot = tl.load(slot_ptr + m * stride_slot).to(tl.int64)
-            k_out = kc_ptr + (slot // BLOCK_SIZE) * kc_sb + (head - N_HEADS) * kc_sh + (slot % BLOCK_SIZE) * kc_ss + i
+            k_out = kc_ptr + (slot // BLOCK_SIZE) * kc_sb + (head_p - N_HEADS) * kc_sh + (slot % BLOCK_SIZE) * kc_ss + i
             tl.store(k_out, r_lo.to(kc_ptr.dtype.element_ty), mask=~is_q)
             tl.store(k_out + HALF, r_hi.to(kc_ptr.dtype.element_ty), mask=~is_q)
     else:  # (names distinct from the branch above: Triton requires one type per name across an if)
