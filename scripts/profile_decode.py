@@ -35,15 +35,11 @@ def ablate(ops, names: list[str]) -> None:
             ops.decode_attention = lambda q, *args, **kw: q
         elif name == "one_split":  # real numbers: single-pass decode attention (no merge kernel)
             ops.decode_attention = functools.partial(ops.decode_attention, num_splits=1)
-        elif name == "unfused_qkv":  # real numbers: the QKV GEMV, then rotary_kv_write (two kernels)
-            ops.fuse_qkv_rotary = False
         elif name == "rotary":
             ops.rotary_kv_write = lambda qkv, inv_freq, pos, slots, kc, vc, heads, head_dim, *args, **kw: \
                 qkv[:, :heads * head_dim].view(qkv.shape[0], heads, head_dim)
-            ops.fuse_qkv_rotary = False
         else:
-            raise SystemExit(f"--ablate {name}: expected rms_norm, attention, one_split, "
-                             "unfused_qkv or rotary")
+            raise SystemExit(f"--ablate {name}: expected rms_norm, attention, one_split or rotary")
 
 
 def main() -> None:
@@ -56,7 +52,7 @@ def main() -> None:
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "int8", "fp8"])
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--ablate", default="", help="comma-separated: rms_norm, attention, rotary (no-ops: timing "
-                   "only), one_split, unfused_qkv (other real kernels)")
+                   "only), one_split (real kernels)")
     a = p.parse_args()
     engine = random_engine(a.model, max_batch_size=max(a.batch, 1), max_input_len=a.context,
                            max_output_len=2 * a.steps + 64, kv_cache_dtype=a.kv_cache_dtype)

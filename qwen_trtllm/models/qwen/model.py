@@ -87,7 +87,6 @@ class Kernels:
             pick("silu_mul")
         self.decode_attention, self.prefill_attention = pick("paged_decode_attention"), \
             pick("paged_prefill_attention")
-        self.fuse_qkv_rotary = triton  # the QKV GEMV with rotary + KV write in its epilogue where it applies
 
     def linear(self, layer: nn.Module, x: Tensor, gated: bool = False) -> Tensor:
         """A linear layer; plain nn.Linear goes through the Triton GEMV for decode-sized inputs (SiLU*mul fused
@@ -97,21 +96,6 @@ class Kernels:
 
             return linear(x, layer.weight, layer.bias, gated=gated)
         return layer(self.silu_mul(x) if gated else x)
-
-    def qkv_rotary_kv_write(self, layer: nn.Module, x: Tensor, inv_freq: Tensor, positions: Tensor,
-                            slot_mapping: Tensor, k_cache: Tensor, v_cache: Tensor, heads: int, head_dim: int,
-                            rotary_dim: int, logn_len: int, seq_index: Tensor | None = None, **scales) -> Tensor:
-        """q [N, heads, head_dim] of the QKV projection of x [N, hidden], rotated (+ logn), k and v written to the
-        caches: one kernel for decode-sized inputs to a plain layer with an unquantised cache (qkv_rotary.py),
-        else the projection and then rotary_kv_write."""
-        if self.fuse_qkv_rotary and type(layer) is nn.Linear and not scales:
-            from qwen_trtllm.kernels.qkv_rotary import qkv_rotary_kv_write, qkv_rotary_supported
-
-            if qkv_rotary_supported(x, layer.weight, layer.bias, k_cache, head_dim, rotary_dim):
-                return qkv_rotary_kv_write(x, layer.weight, layer.bias, inv_freq, positions, slot_mapping, k_cache,
-                                           v_cache, heads, head_dim, logn_len, seq_index)
-        return self.rotary_kv_write(self.linear(layer, x), inv_freq, positions, slot_mapping, k_cache, v_cache,
-                                    heads, head_dim, rotary_dim, logn_len, seq_index=seq_index, **scales)
 
 
 def all_reduce(x: Tensor, tp: int) -> Tensor:
@@ -143,9 +127,9 @@ class Attention(nn.Module):
         kc, vc = meta.k_cache[self.layer], meta.v_cache[self.layer]
         scales = {} if meta.k_scale is None else {"k_scale": meta.k_scale[self.layer],
                                                   "v_scale": meta.v_scale[self.layer]}  # quantised cache
-        q = ops.qkv_rotary_kv_write(self.qkv, x, meta.inv_freq, meta.positions, meta.slot_mapping, kc, vc,
-                                    self.heads, self.head_dim, self.rotary_dim, self.logn_len,
-                                    seq_index=meta.seq_index, **scales)
+        q = ops.rotary_kv_write(ops.linear(self.qkv, x), meta.inv_freq, meta.positions, meta.slot_mapping, kc, vc,
+                                self.heads, self.head_dim, self.rotary_dim, self.logn_len, seq_index=meta.seq_index,
+                                **scales)
         D, scale = meta.num_decode, 1.0 / math.sqrt(self.head_dim)
         parts = []
         if D:
