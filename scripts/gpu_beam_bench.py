@@ -1,6 +1,10 @@
 """GPU (issue 14): beam search, 8 prompts x 4 beams, beside greedy batch 32, 128 in / 128 out, random 7B fp16.
 
-PYTHONPATH=$PWD python3 scripts/gpu_beam_bench.py [OUT_JSON]
+PYTHONPATH=$PWD python3 scripts/gpu_beam_bench.py [OUT_JSON]     (or: bash scripts/gpu_check_bench.sh beam)
+
+Run from the repository root; the package is found through PYTHONPATH, not installed. Kept as a tool of its own
+(not a CLI flag, not library code): it drives the executor step by step to read the KV pool's occupancy and the
+block-copy count after every step, and checks the beams against their reference before timing them.
 
 Both runs compute 32 rows x 128 positions. Each is timed end to end (prefill included) after a warm-up that
 compiles the kernels and captures the CUDA graphs; KV blocks in use are read after every step. Greedy runs twice:

@@ -7,7 +7,11 @@ triton.testing.do_bench (median, L2 flushed between calls) against the PyTorch p
 rotary) or SDPA over contiguous copies of the same keys (attention: what a static cache would cost). GB/s counts
 the bytes the operation must move (for decode attention: q, the valid keys and values, out), the same for both
 columns; for prefill the last column is the triton kernel's TFLOP/s (causal: only the unmasked products).
-Run on the GPU machine: python3 scripts/gpu_kernel_bench.py [--dtype bf16] [--block_size 64] [--quick]
+On the GPU machine, from the repository root (the package is found through PYTHONPATH, not installed):
+
+    PYTHONPATH=$PWD python3 scripts/gpu_kernel_bench.py [--dtype bf16] [--block_size 64] [--quick]
+    PYTHONPATH=$PWD python3 scripts/gpu_kernel_bench.py --quick --batches 64,256,512 --contexts 192,1024,2048
+                                                      # decode attention at serving shapes
 """
 
 import argparse
@@ -136,7 +140,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--block_size", type=int, default=64, choices=[16, 32, 64, 128])
     ap.add_argument("--quick", action="store_true", help="attention only, fewer shapes")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="decode batch sizes (comma-separated)")
+    ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="decode context lengths")
     args = ap.parse_args()
+    batches, contexts = (tuple(int(v) for v in a.split(",")) for a in (args.batches, args.contexts))
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     bs = args.block_size
     tol = 2e-3 if dt == torch.float16 else 1e-2
@@ -145,18 +152,18 @@ def main() -> None:
     print(f"{name}  {dt}  block_size {bs}  (times in us; GB/s of required traffic)")
     print(f"{'kernel':<16} {'shape':<28} {'triton':>9} {'torch':>9} {'speedup':>8} {'GB/s tri':>8} {'GB/s ref':>8} "
           f"{'rel err':>9}")
-    max_ctx = max(max(CONTEXTS), max(q + c for _, q, c in PREFILLS))
+    max_ctx = max(max(contexts), max(q + c for _, q, c in PREFILLS))
     max_blocks = triton.cdiv(max_ctx, bs)
-    max_seqs = max(max(BATCHES), max(p for p, _, _ in PREFILLS))
+    max_seqs = max(max(batches), max(p for p, _, _ in PREFILLS))
     num_blocks = max_seqs * max_blocks + 1
     tables = (torch.randperm(num_blocks - 1, device=DEVICE)[:max_seqs * max_blocks] + 1).view(max_seqs, max_blocks)
     tables = tables.to(torch.int32)
     kc = torch.randn(num_blocks, HEADS, bs, D, device=DEVICE, dtype=dt)
     vc = torch.randn_like(kc)
-    for B in BATCHES:
+    for B in batches:
         if not args.quick:
             bench_batch(B, dt, tol)
-        for ctx in CONTEXTS:
+        for ctx in contexts:
             bench_context(B, ctx, kc, vc, tables, tol)
     for P, qlen, ctx in PREFILLS:
         bench_prefill(P, qlen, ctx, kc, vc, tables, tol)

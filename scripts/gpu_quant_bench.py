@@ -4,12 +4,19 @@ int8 and int4 (group 128) Triton kernels, M = 1, 16, 64 (decode batches) and 102
 Each variant is checked against an fp32 matmul with the dequantised weights, then timed as a CUDA graph of
 back-to-back calls (as the decode engine runs them) that rotates over enough weight copies (> 4x the L2) for every
 call to stream its weights from HBM; triton.testing.do_bench takes the median replay. GB/s counts the weight bytes
-(qweight + scales; fp16 weights for F.linear) per call. Runs in well under 2 minutes on an H100:
+(qweight + scales; fp16 weights for F.linear) per call. Runs in well under 2 minutes on an H100. On the GPU
+machine, from the repository root (the package is found through PYTHONPATH, not installed):
 
-    python3 scripts/gpu_quant_bench.py            # the table
-    python3 scripts/gpu_quant_bench.py --sweep    # also time alternative kernel configs (tuning; minutes)
-    python3 scripts/gpu_quant_bench.py --layers   # 32 decoder layers' four matmuls chained in one graph, M=1:
-                                                  # launch variants (split-K reduction, PDL, L2 prefetch)
+    PYTHONPATH=$PWD python3 scripts/gpu_quant_bench.py                # the table
+    PYTHONPATH=$PWD python3 scripts/gpu_quant_bench.py --sweep        # also time alternative kernel configs
+                                                                      # (tuning; minutes)
+    PYTHONPATH=$PWD python3 scripts/gpu_quant_bench.py --layers 32 --ms   # 32 decoder layers' four matmuls
+                          # chained in one graph, M=1: launch variants (PDL, L2 prefetch) and a race check
+    ncu --kernel-name regex:_wo_mma_kernel --launch-count 1 --section SpeedOfLight \
+        python3 scripts/gpu_quant_bench.py --ms 1 --shapes qkv --impls int4   # one kernel under Nsight Compute
+
+Its config sweep and layer chain are tuning: they belong in scripts/gpu_gemv_tune.py (the tuner), where they
+are to move; this script goes then.
 """
 
 from __future__ import annotations
@@ -22,8 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"qkv": (4096, 12288), "dense": (4096, 4096), "gate_up": (4096, 22016), "c_proj": (11008, 4096)}  # K, N
 MS = (1, 16, 64, 1024)
