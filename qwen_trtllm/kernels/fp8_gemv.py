@@ -1,51 +1,115 @@
 """The FP8 GEMV of decode: y = x @ (codes * scales)^T (+ bias) for 1-16 rows of x, e4m3 weights [N, K] streamed
-once from HBM (1 byte per weight, half of fp16's) with one float32 scale per output channel.
+once from HBM (1 byte per weight, half of fp16's) with one float32 scale per output channel. The activations are
+not quantised (quantization/fp8.py says why).
 
-Each program owns BLOCK_N whole weight rows and walks K in BLOCK_K tiles: the e4m3 codes are converted in
-registers to x's dtype (exact: e4m3's 3 mantissa bits and exponent range fit fp16 and bf16) and multiplied with
-the activation tile by tl.dot (rows padded to 16, float32 accumulation; fp32 activations in full IEEE
-precision; bf16 ones in float32 under the interpreter, whose tl.dot misreads bf16); the per-channel scale
-multiplies the accumulated row once at the end. The activations are not quantised (quantization/fp8.py says
-why). The codes are only loaded and widened, never produced, so Triton's CPU interpreter (which converts
-float32 -> fp8 wrongly but loads e4m3 correctly) runs it as the GPU does.
+Two kernels, both giving each program BLOCK_N whole weight rows and walking K in BLOCK_K tiles:
+  * `_fp8_gemv_kernel`, 1-GEMV_ROWS rows (decode at batch 1-4), the fp16 GEMV's scheme (kernels/gemv.py): each
+    e4m3 tile [BLOCK_N, BLOCK_K] (BLOCK_K bytes per row) is converted once, straight to float32, multiplied
+    elementwise with the activation tile in float32 and accumulated in a [BLOCK_N, BLOCK_K] float32 tile that is
+    reduced over K once at the end; one x row after another (the later rows re-read the weights from L2).
+  * `_fp8_mma_kernel`, GEMV_ROWS+1 to MAX_ROWS rows: tl.dot on 16-row tiles (rows padded with zeros), the codes
+    converted straight to x's dtype (exact: e4m3's 3 mantissa bits and exponent range fit fp16 and bf16),
+    float32 accumulation; fp32 activations in full IEEE precision; bf16 ones in float32 under the interpreter,
+    whose tl.dot misreads bf16.
+In both the per-channel scale multiplies the accumulated row once at the end, then the bias is added (float32),
+then the row is rounded to x's dtype. gated=True reads x as [gate | up] ([M, 2K]) and multiplies with
+SiLU(gate) * up (silu_times: silu_mul's roundings, never written to memory), the MLP's c_proj.
+On sm_90+ both launch with programmatic dependent launch and prefetch the first PREFETCH_BYTES of each weight
+row into L2 before waiting for the previous kernel (kernels/launch.py). Launch configs come from the GPU's name
+and static shapes only (`_config`): CUDA-graph safe. The codes are only loaded and widened, never produced, so
+Triton's CPU interpreter (which converts float32 -> fp8 wrongly but loads e4m3 correctly) runs them as the GPU
+does.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwen_trtllm.kernels.activation import silu_times
+from qwen_trtllm.kernels.launch import l2_prefetch_bytes, l2_prefetch_rows, pdl_enabled, pdl_start
+
+GEMV_ROWS = 4  # rows up to which the elementwise kernel runs (tl.dot above)
 MAX_ROWS = 16
+PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+)
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_y, HAS_BIAS: tl.constexpr,
-                     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GATED: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     pid = tl.program_id(0)
+    n0 = pid * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    w_blk = w_ptr + n0.to(tl.int64) * K  # the block's first row; offsets inside a block fit int32
+    row_off = (tl.minimum(offs_n, N - 1) - n0) * K  # rows past N re-read the last row (their stores are masked)
+    if PREFETCH > 0:  # the weights never depend on the previous kernel: start streaming them before the wait
+        l2_prefetch_rows(w_blk + row_off, PREFETCH)
+    pdl_start(PDL)
+    for m in tl.static_range(M):  # each row re-reads W from L2, not HBM: programs finish a tile before moving on
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                codes = tl.load(w_blk + row_off[:, None] + offs_k[None, :])
+                xv = tl.load(x_ptr + m * stride_x + offs_k)
+                if GATED:  # x row = [gate | up]: SiLU(gate) * up with silu_mul's roundings
+                    xv = silu_times(xv, tl.load(x_ptr + m * stride_x + K + offs_k))
+            else:
+                k_ok = offs_k < K
+                codes = tl.load(w_blk + row_off[:, None] + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+                xv = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
+                if GATED:
+                    xv = silu_times(xv, tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0))
+            acc += codes.to(tl.float32) * xv.to(tl.float32)[None, :]  # e4m3 -> float32 exactly, one conversion
+        y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _fp8_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_y, HAS_BIAS: tl.constexpr,
+                    EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False,
+                    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+    pid = tl.program_id(0)
+    n0 = pid * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
+    w_blk = w_ptr + n0.to(tl.int64) * K
+    row_off = (tl.minimum(offs_n, N - 1) - n0) * K
+    if PREFETCH > 0:
+        l2_prefetch_rows(w_blk + row_off, PREFETCH)
+    pdl_start(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in tl.range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
+        x_ptrs = x_ptr + offs_m[:, None] * stride_x + offs_k[None, :]
         if EVEN_K:
-            w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=n_ok[:, None], other=0.0)
+            codes = tl.load(w_blk + row_off[:, None] + offs_k[None, :])
+            xt = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)  # padding rows read nothing
+            if GATED:
+                xt = silu_times(xt, tl.load(x_ptrs + K, mask=m_ok[:, None], other=0.0))
         else:
-            w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = w.to(tl.float32).to(x.dtype)  # e4m3 -> the activations' dtype, exactly
+            k_ok = offs_k < K
+            codes = tl.load(w_blk + row_off[:, None] + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if GATED:
+                xt = silu_times(xt, tl.load(x_ptrs + K, mask=m_ok[:, None] & k_ok[None, :], other=0.0))
         if UPCAST:  # bf16 under the interpreter, whose tl.dot multiplies bf16 operands as raw bits: exact in fp32
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            acc = tl.dot(xt.to(tl.float32), tl.trans(codes.to(tl.float32)), acc, input_precision="ieee")
         elif IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+            acc = tl.dot(xt, tl.trans(codes.to(tl.float32)), acc, input_precision="ieee")
+        else:  # e4m3 -> fp16 / bf16 exactly, one conversion
+            acc = tl.dot(xt, tl.trans(codes.to(xt.dtype)), acc)
     y = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -53,40 +117,81 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, strid
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _config(N: int, K: int, on_cuda: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages). On CUDA 16-row blocks (256 programs for N = 4096, enough for
-    132 SMs) and 512-byte K tiles: a first guess, to be tuned on the H200 (scripts/gpu_gemv_tune.py's method).
-    Off CUDA (the interpreter, in tests) few, large programs."""
-    if not on_cuda:
-        return 64, min(256, triton.next_power_of_2(K)), 4, 1
-    return 16, min(512, max(16, triton.next_power_of_2(K))), 4, 4
+class Fp8GemvConfig(NamedTuple):
+    """Launch parameters of one kernel: BLOCK_N weight rows per program, BLOCK_K codes (bytes) per row tile."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
 
 
-def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+# Per GPU (a substring of torch.cuda.get_device_name), per kernel ("gemv": <= GEMV_ROWS rows, "mma": above) and
+# output width (narrow: N <= 4096, Qwen-7B's dense and c_proj). First guesses from the fp16 GEMV's sweeps (its
+# best on the H200: 4 warps, 512-1024-byte row tiles), to be replaced by scripts/gpu_gemv_tune.py --format fp8's.
+# Other CUDA GPUs take the first entry.
+_G, _D = Fp8GemvConfig(8, 1024, 4, 3), Fp8GemvConfig(16, 512, 4, 4)
+_TABLE: dict[str, dict[tuple[str, bool], Fp8GemvConfig]] = {
+    "H200": {("gemv", True): _G, ("gemv", False): _G, ("mma", True): _D, ("mma", False): _D},
+    "H100": {("gemv", True): _G, ("gemv", False): _G, ("mma", True): _D, ("mma", False): _D},
+}
+
+
+@functools.cache
+def _gpu_table(index: int) -> dict[tuple[str, bool], Fp8GemvConfig]:
+    name = torch.cuda.get_device_name(index)
+    return next((t for key, t in _TABLE.items() if key in name), next(iter(_TABLE.values())))
+
+
+def _config(N: int, K: int, device: torch.device, rows: int = 1) -> Fp8GemvConfig:
+    """The launch config for x [rows, K] @ W [N, K]^T on `device`: the GPU's table entry on CUDA (K tiles no
+    wider than K, at least 16 for tl.dot). Off CUDA (Triton's interpreter, in tests) few, large programs and
+    256-wide K tiles, so small test shapes cross several tiles."""
+    kind = "gemv" if rows <= GEMV_ROWS else "mma"
+    if device.type != "cuda":
+        return Fp8GemvConfig(64, max(16, min(256, triton.next_power_of_2(K))), 4, 1)
+    cfg = _gpu_table(device.index if device.index is not None else torch.cuda.current_device())[kind, N <= 4096]
+    return cfg._replace(block_k=min(cfg.block_k, max(16, triton.next_power_of_2(K))))
+
+
+def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, gated: bool = False,
+             config: Fp8GemvConfig | None = None) -> Tensor:
     """x [M, K] (M <= 16; fp16/bf16/fp32) @ (qweight e4m3 [N, K] * scales float32 [N])^T (+ bias [N]) -> [M, N]
-    in x.dtype."""
-    M, K = x.shape
+    in x.dtype. gated: x is [M, 2K] = [gate | up] and the product uses SiLU(gate) * up. config: the launch
+    parameters (default `_config`'s; the tuner passes its own)."""
+    M, KX = x.shape
     N = qweight.shape[0]
-    if not (0 < M <= MAX_ROWS) or qweight.shape != (N, K) or qweight.dtype != torch.float8_e4m3fn \
-            or scales.shape != (N,) or scales.dtype != torch.float32:
-        raise ValueError(f"fp8 GEMV: x [{M}, {K}] (1-{MAX_ROWS} rows) needs qweight float8_e4m3fn [N, {K}] and "
-                         f"float32 scales [N]; got {qweight.dtype} {tuple(qweight.shape)}, {scales.dtype} "
-                         f"{tuple(scales.shape)}")
+    K = KX // 2 if gated else KX
+    if not (0 < M <= MAX_ROWS) or qweight.shape != (N, K) or KX != (2 * K if gated else K) \
+            or qweight.dtype != torch.float8_e4m3fn or scales.shape != (N,) or scales.dtype != torch.float32:
+        raise ValueError(f"fp8 GEMV: x [{M}, {KX}] (1-{MAX_ROWS} rows{', [gate | up]' if gated else ''}) needs "
+                         f"qweight float8_e4m3fn [N, {K}] and float32 scales [N]; got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}, {scales.dtype} {tuple(scales.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
     assert qweight.is_contiguous() and scales.is_contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = _config(N, K, x.is_cuda)
-    _fp8_gemv_kernel[(triton.cdiv(N, bn),)](x, qweight, scales, bias if bias is not None else scales, y, M, N, K,
-                                           x.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-                                           EVEN_K=K % bk == 0, IEEE=x.dtype == torch.float32,
-                                           UPCAST=x.dtype == torch.bfloat16 and not x.is_cuda, BLOCK_M=16,
-                                           BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    cfg = config or _config(N, K, x.device, M)
+    pdl = pdl_enabled(x.device)
+    common = dict(HAS_BIAS=bias is not None, EVEN_K=K % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                  GATED=gated, PDL=pdl, PREFETCH=l2_prefetch_bytes(x.device, PREFETCH_BYTES, K, K),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
+    args = (x, qweight, scales, bias if bias is not None else scales, y)
+    grid = (triton.cdiv(N, cfg.block_n),)
+    if M <= GEMV_ROWS:
+        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, **common)
+    else:
+        _fp8_mma_kernel[grid](*args, M, N, K, x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,
+                              UPCAST=x.dtype == torch.bfloat16 and not x.is_cuda, BLOCK_M=16, **common)
     return y
 
 
-def fp8_gemv_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    """The GEMV's product in float32 with unquantised activations -> [M, N] in x.dtype."""
+def fp8_gemv_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
+                       gated: bool = False) -> Tensor:
+    """The GEMV's product in float32 with unquantised activations -> [M, N] in x.dtype; gated: silu_mul first
+    (PyTorch's roundings)."""
+    from qwen_trtllm.kernels.activation import silu_mul_reference
     from qwen_trtllm.quantization.fp8 import fp8_linear_reference
 
-    return fp8_linear_reference(x, qweight, scales, bias, quantize_activations=False)
+    return fp8_linear_reference(silu_mul_reference(x) if gated else x, qweight, scales, bias,
+                                quantize_activations=False)
