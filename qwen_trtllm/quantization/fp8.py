@@ -11,7 +11,9 @@ The product, y = (codes_x * scale_x) @ (codes_w * scale_w)^T, is computed three 
   * up to GEMV_MAX_ROWS rows on CUDA (decode at batch 1-16): the Triton FP8 GEMV of kernels/fp8_gemv.py. Its
     activations are *not* quantised: at these sizes the step streams the weights once and their bytes are all
     that count (a 4096 x 4096 layer: 16 MiB of e4m3 against 8 KiB of fp16 activations per row), so quantising x
-    would add an amax pass and error for no bandwidth gain (W8A16 in e4m3);
+    would add an amax pass and error for no bandwidth gain (W8A16 in e4m3). The MLP's c_proj hands it
+    [gate | up] (Fp8Linear.forward(x, gated=True)) and SiLU(gate) * up is computed in the GEMV, not by a kernel
+    of its own (up to GATED_MAX_ROWS rows);
   * anywhere else (the CPU, --kernels torch, shapes cuBLASLt refuses): fp8_linear_reference, which dequantises
     in float32 and follows the CUDA path's choice for the same number of rows (activations quantised above
     GEMV_MAX_ROWS rows, not at or below), so the CPU engine computes what the GPU engine computes.
@@ -30,6 +32,11 @@ from qwen_trtllm import QWenError
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value
 GEMV_MAX_ROWS = 16  # rows of x up to which the Triton GEMV runs on CUDA (torch._scaled_mm above)
+# rows up to which the MLP's c_proj takes [gate | up] and fuses SiLU*mul into the GEMV (no silu_mul kernel); above,
+# silu_mul runs first. At 5-16 rows the GEMV's tl.dot kernel computes SiLU on whole 16-row tiles in every program
+# (the int8/int4 tensor-core kernels lost time that way, docs/PERF.md): 4 would keep the fusion to the
+# elementwise kernel if the GPU measures that.
+GATED_MAX_ROWS = GEMV_MAX_ROWS
 _SCALE_MIN = 2.0**-30  # keeps all-zero rows from a zero scale (their codes are 0 whatever the scale)
 MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada (sm_89), Hopper (sm_90) and later
 
@@ -124,7 +131,11 @@ class Fp8Linear(nn.Module):
 
     use_triton: None = the CUDA kernels on CUDA (GEMV up to GEMV_MAX_ROWS rows, torch._scaled_mm above), the
     reference elsewhere; True also runs the Triton GEMV on CPU under TRITON_INTERPRET=1 (tests); False never
-    (fp8_linear_reference)."""
+    (fp8_linear_reference). accepts_gated: forward(x, gated=True) takes the MLP's [gate | up] and applies
+    SiLU(gate) * up itself (fused into the GEMV up to GATED_MAX_ROWS rows, silu_mul then the product above);
+    Kernels.linear hands it gated inputs instead of running silu_mul first."""
+
+    accepts_gated = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float16,
                  device: torch.device | str | None = None):
@@ -149,21 +160,29 @@ class Fp8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_fp8(self.qweight, self.scales, dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gated: bool = False) -> Tensor:
+        """x [..., in_features] (gated: [..., 2 * in_features] = [gate | up]) -> [..., out_features] in x.dtype."""
         use = self.use_triton if self.use_triton is not None else x.is_cuda
-        x2 = x.reshape(-1, self.in_features)
-        M = x2.shape[0]
+        x2 = x.reshape(-1, 2 * self.in_features if gated else self.in_features)
+        M, out_shape = x2.shape[0], (*x.shape[:-1], self.out_features)
+        kernels = False
         if use:
             from qwen_trtllm.kernels import triton_available
 
-            if 0 < M <= GEMV_MAX_ROWS and triton_available(x.device):
-                from qwen_trtllm.kernels.fp8_gemv import fp8_gemv
+            kernels = triton_available(x.device)
+        gemv = kernels and 0 < M <= GEMV_MAX_ROWS
+        fused = gated and gemv and M <= GATED_MAX_ROWS
+        if gated and not fused:
+            from qwen_trtllm.kernels import silu_mul, silu_mul_reference
 
-                return fp8_gemv(x2, self.qweight, self.scales, self.bias).view(*x.shape[:-1], self.out_features)
-            if M > GEMV_MAX_ROWS and scaled_mm_supported(M, self.out_features, self.in_features, x.device):
-                y = fp8_scaled_mm(x2.contiguous(), self.qweight, self.scales, self.bias)
-                return y.view(*x.shape[:-1], self.out_features)
-        return fp8_linear_reference(x, self.qweight, self.scales, self.bias)
+            x2 = silu_mul(x2) if kernels else silu_mul_reference(x2)
+        if gemv:
+            from qwen_trtllm.kernels.fp8_gemv import fp8_gemv
+
+            return fp8_gemv(x2, self.qweight, self.scales, self.bias, gated=fused).view(out_shape)
+        if kernels and M > GEMV_MAX_ROWS and scaled_mm_supported(M, self.out_features, self.in_features, x.device):
+            return fp8_scaled_mm(x2.contiguous(), self.qweight, self.scales, self.bias).view(out_shape)
+        return fp8_linear_reference(x2, self.qweight, self.scales, self.bias).view(out_shape)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
