@@ -15,10 +15,14 @@ if not torch.cuda.is_available():  # the Triton kernels run in its CPU interpret
 
 from safetensors import safe_open
 
+import qwen_trtllm.kernels as kernels_pkg
+import qwen_trtllm.kernels.fp8_gemv as fp8_gemv_mod
 from qwen_trtllm import QWenError
-from qwen_trtllm.kernels.fp8_gemv import fp8_gemv, fp8_gemv_reference
+from qwen_trtllm.kernels import silu_mul_reference
+from qwen_trtllm.kernels.fp8_gemv import _TABLE, GEMV_ROWS, MAX_ROWS, fp8_gemv, fp8_gemv_reference
 from qwen_trtllm.quantization.fp8 import (
     FP8_DTYPE,
+    GATED_MAX_ROWS,
     GEMV_MAX_ROWS,
     Fp8Linear,
     check_fp8_supported,
@@ -100,6 +104,102 @@ def test_fp8_gemv_matches_reference(dtype, M, N, K):
     torch.testing.assert_close(got.float(), ref.float(), rtol=rtol, atol=atol * ref.float().abs().max().item())
 
 
+# The GEMV against the exact product (float64 of the same e4m3 codes, scales, activations and bias). Its only
+# errors are float32 rounding and the output's rounding to x's dtype:
+#  * fp16/bf16 activations times e4m3 codes are exact in float32 (11 + 4 significant bits); the sum over K, the
+#    scale and the bias round at u = 2^-24 per step: with random-sign terms the error stays below
+#    6 sqrt(K + 3) u sum|terms| (Higham & Mary's probabilistic bound, lambda = 6: ~1e-8 odds per element);
+#  * the rounding to x's dtype: one ulp (the interpreter truncates float32 -> bf16; the GPU rounds to nearest),
+#    and a subnormal step near zero;
+#  * gated: SiLU(gate) * up rounds twice in x's dtype (kernel: silu_times, reference: silu_mul_reference, whose
+#    exp and, under the interpreter, bf16 roundings may land an ulp apart): two ulps of each input element.
+_ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _gemv_error_ratio(got: torch.Tensor, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bias, gated: bool,
+                      ) -> float:
+    """max |got - exact| / bound over the [M, N] outputs (<= 1 passes); the bound as explained above."""
+    xe = (silu_mul_reference(x) if gated else x).double().cpu()
+    c, sc = q.cpu().double(), s.cpu().double()
+    b = bias.cpu().double() if bias is not None else torch.zeros_like(sc)
+    exact = (xe @ c.t()) * sc + b
+    terms = (xe.abs() @ c.abs().t()) * sc
+    dt, K = x.dtype, c.shape[1]
+    tiny = torch.finfo(dt).smallest_normal * torch.finfo(dt).eps
+    bound = _ULP[dt] * exact.abs() + tiny + 6 * (K + 3) ** 0.5 * 2.0**-24 * (terms + b.abs())
+    if gated:
+        bound += 2 * _ULP[dt] * terms
+    return ((got.cpu().double() - exact).abs() / bound).max().item()
+
+
+# (M, N, K, bias): every kernel row count (1-4 elementwise, 5-16 tl.dot), K a multiple of the interpreter's
+# 256-wide K tiles and not, one or several tiles, ragged N (64-row blocks).
+GEMV_CASES = [(1, 96, 512, True), (1, 40, 200, False), (3, 130, 600, True), (4, 72, 256, False),
+              (5, 130, 512, True), (5, 96, 200, False), (16, 64, 200, False), (16, 48, 768, True)]
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,has_bias", GEMV_CASES)
+def test_fp8_gemv_rows_bias_gated_within_fp32_rounding(M, N, K, has_bias, dtype, gated):
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    q, s = (t.to(DEVICE) for t in quantize_fp8_weight(_weights(N, K, M + K)))
+    x = (torch.randn(M, 2 * K if gated else K, generator=g) * 2).to(DEVICE, dtype)
+    bias = torch.randn(N, generator=g).to(DEVICE, dtype) if has_bias else None
+    got, ref = fp8_gemv(x, q, s, bias, gated=gated), fp8_gemv_reference(x, q, s, bias, gated=gated)
+    assert got.dtype == ref.dtype == dtype and got.shape == ref.shape == (M, N)
+    assert _gemv_error_ratio(got, x, q, s, bias, gated) <= 1  # the kernel
+    assert _gemv_error_ratio(ref, x, q, s, bias, gated) <= 1  # the reference (kernel == reference to rounding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fp8_gemv_error_bound_catches_wrong_results(dtype):
+    """The bound above is tight enough to fail on plausible bugs: a dropped bias, a dropped last K column, a
+    scale 2^-3 off, fp32 activations rounded to bf16 or fp16, gate and up swapped."""
+    M, N, K = 3, 64, 200
+    g = torch.Generator().manual_seed(7)
+    q, s = quantize_fp8_weight(_weights(N, K, 7))
+    x, bias = torch.randn(M, 2 * K, generator=g).to(dtype), torch.randn(N, generator=g).to(dtype)
+    xp = x[:, :K]
+    ok = fp8_gemv_reference(xp, q, s, bias)
+    assert _gemv_error_ratio(ok, xp, q, s, bias, False) <= 1
+    wrong = [fp8_gemv_reference(xp, q, s), fp8_gemv_reference(xp[:, :-1], q[:, :-1], s, bias),
+             fp8_gemv_reference(xp, q, s * (1 + 2.0**-3), bias)]
+    if dtype == torch.float32:
+        wrong += [fp8_gemv_reference(xp.to(low).float(), q, s, bias) for low in (torch.bfloat16, torch.float16)]
+    assert all(_gemv_error_ratio(w, xp, q, s, bias, False) > 1 for w in wrong)
+    swapped = torch.cat([x[:, K:], x[:, :K]], dim=1)
+    ok_gated = fp8_gemv_reference(x, q, s, bias, gated=True)
+    assert _gemv_error_ratio(ok_gated, x, q, s, bias, True) <= 1
+    assert _gemv_error_ratio(fp8_gemv_reference(swapped, q, s, bias, gated=True), x, q, s, bias, True) > 1
+
+
+@pytest.mark.parametrize("gpu", sorted(_TABLE))
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS + 1])
+def test_fp8_gemv_gpu_configs(gpu, rows):
+    """Every config of the GPU table (1 KiB K tiles, 8-16-row blocks) gives the same product (here in the
+    interpreter; the shapes cross two K tiles, evenly and not)."""
+    g = torch.Generator().manual_seed(rows)
+    for (kind, narrow), cfg in _TABLE[gpu].items():
+        if (kind == "gemv") != (rows <= GEMV_ROWS):
+            continue
+        for K in (2 * cfg.block_k, 2 * cfg.block_k - 48):
+            N = 2 * cfg.block_n + 3 if narrow else 3 * cfg.block_n
+            q, s = (t.to(DEVICE) for t in quantize_fp8_weight(_weights(N, K, K)))
+            x = torch.randn(rows, 2 * K, generator=g).to(DEVICE, torch.float16)
+            bias = torch.randn(N, generator=g).to(DEVICE, torch.float16)
+            for gated in (False, True):
+                got = fp8_gemv(x if gated else x[:, :K], q, s, bias, gated=gated, config=cfg)
+                assert _gemv_error_ratio(got, x if gated else x[:, :K], q, s, bias, gated) <= 1, (cfg, K, gated)
+
+
+def test_fp8_gemv_refuses_bad_shapes():
+    q, s = quantize_fp8_weight(_weights(32, 64, 0))
+    for x, gated in ((torch.randn(MAX_ROWS + 1, 64), False), (torch.randn(2, 64), True), (torch.randn(2, 96), False)):
+        with pytest.raises(ValueError, match="fp8 GEMV"):
+            fp8_gemv(x, q, s, gated=gated)
+
+
 def test_fp8_linear_layer_picks_its_kernel():
     lin = torch.nn.Linear(64, 48, bias=True)
     layer = Fp8Linear.from_linear(lin).to(DEVICE)
@@ -112,6 +212,48 @@ def test_fp8_linear_layer_picks_its_kernel():
         got = layer(x)
         tol = 1e-5 if rows <= GEMV_MAX_ROWS or DEVICE == "cpu" else 2e-3
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.fixture
+def calls(monkeypatch) -> dict[str, list]:
+    """Records the rows of every silu_mul and (rows, gated) of every fp8_gemv call (the functions still run)."""
+    rec: dict[str, list] = {"silu_mul": [], "fp8_gemv": []}
+    real_silu, real_gemv = kernels_pkg.silu_mul, fp8_gemv_mod.fp8_gemv
+
+    def silu(x, *a, **k):
+        rec["silu_mul"].append(x.numel() // x.shape[-1])
+        return real_silu(x, *a, **k)
+
+    def gemv(x, *a, gated=False, **k):
+        rec["fp8_gemv"].append((x.shape[0], gated))
+        return real_gemv(x, *a, gated=gated, **k)
+
+    monkeypatch.setattr(kernels_pkg, "silu_mul", silu)
+    monkeypatch.setattr(fp8_gemv_mod, "fp8_gemv", gemv)
+    return rec
+
+
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS, GEMV_ROWS + 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 5])
+def test_fp8_linear_gated_fuses_silu_mul(rows, calls):
+    """Kernels.linear(c_proj, [gate | up], gated=True) on an Fp8Linear: the GEMV applies SiLU(gate) * up itself up
+    to GATED_MAX_ROWS rows (no silu_mul kernel), silu_mul then the product above; the same as silu_mul_reference
+    then the reference product."""
+    from qwen_trtllm.models.qwen.model import Kernels
+
+    K = 200
+    layer = Fp8Linear.from_linear(torch.nn.Linear(K, 48, bias=False)).to(DEVICE)
+    gu = torch.randn(rows, 1, 2 * K, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
+    layer.use_triton = False
+    ref = Kernels(triton=False).linear(layer, gu, gated=True)
+    torch.testing.assert_close(ref, layer(silu_mul_reference(gu)), rtol=0, atol=0)
+    layer.use_triton = True
+    got = Kernels(triton=True).linear(layer, gu, gated=True)
+    assert got.shape == (rows, 1, 48)
+    fused = rows <= GATED_MAX_ROWS
+    assert calls["silu_mul"] == ([] if fused else [rows])
+    assert calls["fp8_gemv"] == ([(rows, True)] if fused else [] if rows > GEMV_MAX_ROWS else [(rows, False)])
+    tol = 1e-5 if rows <= GEMV_MAX_ROWS or DEVICE == "cpu" else 2e-3
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
 @pytest.mark.skipif(not FP8_GPU, reason="torch._scaled_mm's e4m3 GEMM needs an sm_89+ GPU (none here)")
@@ -147,6 +289,40 @@ def test_engine_files_and_config(engines):
         assert f.get_tensor("layers.0.attn.qkv.bias").dtype == torch.float32
         assert f.get_tensor("lm_head.weight").dtype == f.get_tensor("embed.weight").dtype == torch.float32
     assert "layers.0.attn.dense.weight" not in keys
+
+
+def test_fp8_engine_triton_path_matches_plain(engines, calls):
+    """The fp8 engine with its Triton kernels (the interpreter on CPU) against its PyTorch path: the same
+    teacher-forced logits to float32 rounding. 12-row prefills and batch-6 decode take the GEMV's tl.dot kernel,
+    batch-3 decode its elementwise one; no SiLU*mul kernel runs at those sizes (c_proj fuses it)."""
+    from qwen_trtllm.evaluation.teacher_forced import compare_logits, engine_logits
+    from qwen_trtllm.runtime import LLM, Engine, ExecutorConfig, KvCacheConfig
+
+    if DEVICE == "cuda" and not FP8_GPU:
+        pytest.skip("fp8 engines need an sm_89+ GPU")
+    engine = Engine.load(engines["fp8"], device=DEVICE)
+    if not kernels_pkg.triton_available(engine.device):
+        pytest.skip("Triton kernels unavailable on this device")
+    llm = LLM.from_engine(engine, config=ExecutorConfig(kv_cache=KvCacheConfig(max_tokens=6 * 64),
+                                                        cuda_graphs=False))
+    g = torch.Generator().manual_seed(0)
+    vocab, built = engine.config.vocab_size, engine.model.ops.triton
+    for lens in ((5, 3, 4), (2,) * 6):
+        prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+        forced = torch.randint(0, vocab, (len(lens), 4), generator=g)
+        logits = {}
+        try:
+            for triton in (True, False):
+                engine.model.set_kernels(triton)
+                logits[triton] = engine_logits(llm.executor, prompts, forced)
+        finally:
+            engine.model.set_kernels(built)
+        stats = compare_logits(logits[True], logits[False])
+        assert stats["max_rel_err"] < 1e-5 and stats["top1_agreement"] == 1.0, stats
+    layers = engine.config.num_hidden_layers
+    assert calls["silu_mul"] == []
+    gated = [rows for rows, fused in calls["fp8_gemv"] if fused]
+    assert sorted(set(gated)) == [3, 6, 12] and len(gated) == layers * (2 + 2 * 3)  # 2 prefills, 2 x 3 decodes
 
 
 # Random tiny model (hidden 64, vocab 1024), fp32: e4m3 rounds each weight with a relative error <= 2^-4 (~2.5%
