@@ -150,6 +150,9 @@ def test_fp8_gemv_rows_bias_gated_within_fp32_rounding(M, N, K, has_bias, dtype,
     assert got.dtype == ref.dtype == dtype and got.shape == ref.shape == (M, N)
     assert _gemv_error_ratio(got, x, q, s, bias, gated) <= 1  # the kernel
     assert _gemv_error_ratio(ref, x, q, s, bias, gated) <= 1  # the reference (kernel == reference to rounding)
+    if M <= GEMV_ROWS:  # the integer e4m3 widening: every partial sum 2^-8 of the same, the same bits out
+        bits = fp8_gemv_mod._config(N, K, x.device, M)._replace(bits=True)
+        assert torch.equal(fp8_gemv(x, q, s, bias, gated=gated, config=bits), got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -177,8 +180,8 @@ def test_fp8_gemv_error_bound_catches_wrong_results(dtype):
 @pytest.mark.parametrize("gpu", sorted(_TABLE))
 @pytest.mark.parametrize("rows", [1, GEMV_ROWS + 1])
 def test_fp8_gemv_gpu_configs(gpu, rows):
-    """Every config of the GPU table (1 KiB K tiles, 8-16-row blocks) gives the same product (here in the
-    interpreter; the shapes cross two K tiles, evenly and not)."""
+    """Every config of the GPU table (1 KiB K tiles, 8-16-row blocks), and the integer e4m3 widening, give the
+    same product (here in the interpreter; the shapes cross two K tiles, evenly and not)."""
     g = torch.Generator().manual_seed(rows)
     for (kind, narrow), cfg in _TABLE[gpu].items():
         if (kind == "gemv") != (rows <= GEMV_ROWS):
@@ -188,9 +191,10 @@ def test_fp8_gemv_gpu_configs(gpu, rows):
             q, s = (t.to(DEVICE) for t in quantize_fp8_weight(_weights(N, K, K)))
             x = torch.randn(rows, 2 * K, generator=g).to(DEVICE, torch.float16)
             bias = torch.randn(N, generator=g).to(DEVICE, torch.float16)
-            for gated in (False, True):
-                got = fp8_gemv(x if gated else x[:, :K], q, s, bias, gated=gated, config=cfg)
-                assert _gemv_error_ratio(got, x if gated else x[:, :K], q, s, bias, gated) <= 1, (cfg, K, gated)
+            for gated, bits in ((False, False), (True, False), (True, True)):  # bits: the elementwise kernel's
+                cfg_b = cfg._replace(bits=bits)                                  # integer e4m3 widening
+                got = fp8_gemv(x if gated else x[:, :K], q, s, bias, gated=gated, config=cfg_b)
+                assert _gemv_error_ratio(got, x if gated else x[:, :K], q, s, bias, gated) <= 1, (cfg_b, K)
 
 
 def test_fp8_gemv_refuses_bad_shapes():

@@ -4,9 +4,10 @@ not quantised (quantization/fp8.py says why).
 
 Two kernels, both giving each program BLOCK_N whole weight rows and walking K in BLOCK_K tiles:
   * `_fp8_gemv_kernel`, 1-GEMV_ROWS rows (decode at batch 1-4), the fp16 GEMV's scheme (kernels/gemv.py): each
-    e4m3 tile [BLOCK_N, BLOCK_K] (BLOCK_K bytes per row) is converted once, straight to float32, multiplied
-    elementwise with the activation tile in float32 and accumulated in a [BLOCK_N, BLOCK_K] float32 tile that is
-    reduced over K once at the end; one x row after another (the later rows re-read the weights from L2).
+    e4m3 tile [BLOCK_N, BLOCK_K] (BLOCK_K bytes per row) is converted once, straight to float32 (or, with the
+    config's `bits`, by integer bit moves to fp16 = code * 2^-8, then to float32), multiplied elementwise with
+    the activation tile in float32 and accumulated in a [BLOCK_N, BLOCK_K] float32 tile that is reduced over K
+    once at the end; one x row after another (the later rows re-read the weights from L2).
   * `_fp8_mma_kernel`, GEMV_ROWS+1 to MAX_ROWS rows: tl.dot on 16-row tiles (rows padded with zeros), the codes
     converted straight to x's dtype (exact: e4m3's 3 mantissa bits and exponent range fit fp16 and bf16),
     float32 accumulation; fp32 activations in full IEEE precision; bf16 ones in float32 under the interpreter,
@@ -42,7 +43,8 @@ PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GATED: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                     GATED: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+                     BITS: tl.constexpr = False):
     pid = tl.program_id(0)
     n0 = pid * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -67,8 +69,16 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y
                 xv = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
                 if GATED:
                     xv = silu_times(xv, tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0))
-            acc += codes.to(tl.float32) * xv.to(tl.float32)[None, :]  # e4m3 -> float32 exactly, one conversion
-        y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+            if BITS:  # the e4m3 bits moved into fp16's (= code * 2^-8 exactly, subnormals too), then fp16 -> fp32
+                b16 = codes.to(tl.uint8, bitcast=True).to(tl.uint16)
+                wf = (((b16 & 0x80) << 8) | ((b16 & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
+            else:  # e4m3 -> float32 exactly, one conversion
+                wf = codes.to(tl.float32)
+            acc += wf * xv.to(tl.float32)[None, :]
+        scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+        if BITS:  # the codes were 2^-8 of their values: 2^8 exactly, the same roundings
+            scale = scale * 256.0
+        y = tl.sum(acc, axis=1) * scale
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -118,12 +128,15 @@ def _fp8_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride
 
 
 class Fp8GemvConfig(NamedTuple):
-    """Launch parameters of one kernel: BLOCK_N weight rows per program, BLOCK_K codes (bytes) per row tile."""
+    """Launch parameters of one kernel: BLOCK_N weight rows per program, BLOCK_K codes (bytes) per row tile.
+    bits (elementwise kernel only): widen e4m3 by integer bit moves into fp16, then to fp32, instead of the
+    conversion instructions (e4m3x2 -> f16x2 cvt + f16 -> f32), in case those bound the kernel on a GPU."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    bits: bool = False
 
 
 # Per GPU (a substring of torch.cuda.get_device_name), per kernel ("gemv": <= GEMV_ROWS rows, "mma": above) and
@@ -179,7 +192,7 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
     args = (x, qweight, scales, bias if bias is not None else scales, y)
     grid = (triton.cdiv(N, cfg.block_n),)
     if M <= GEMV_ROWS:
-        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, **common)
+        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, BITS=cfg.bits, **common)
     else:
         _fp8_mma_kernel[grid](*args, M, N, K, x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,
                               UPCAST=x.dtype == torch.bfloat16 and not x.is_cuda, BLOCK_M=16, **common)
