@@ -201,8 +201,8 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
 
 def fp8_gemv_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
                        gated: bool = False) -> Tensor:
-    """The GEMV's product in float32 with unquantised activations -> [M, N] in x.dtype; gated: silu_mul first
-    (PyTorch's roundings)."""
+    """fp8_gemv's product in PyTorch: x [M, K] (gated: [M, 2K] = [gate | up], silu_mul_reference first) @
+    dequantised weights (float32 [N, K]) in float32, unquantised activations (+ bias) -> [M, N] in x.dtype."""
     from qwen_trtllm.kernels.activation import silu_mul_reference
     from qwen_trtllm.quantization.fp8 import fp8_linear_reference
 
