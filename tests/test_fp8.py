@@ -19,7 +19,7 @@ import qwen_trtllm.kernels as kernels_pkg
 import qwen_trtllm.kernels.fp8_gemv as fp8_gemv_mod
 from qwen_trtllm import QWenError
 from qwen_trtllm.kernels import silu_mul_reference
-from qwen_trtllm.kernels.fp8_gemv import _TABLE, GEMV_ROWS, MAX_ROWS, fp8_gemv, fp8_gemv_reference
+from qwen_trtllm.kernels.fp8_gemv import _CONFIGS, GEMV_ROWS, MAX_ROWS, fp8_gemv, fp8_gemv_reference
 from qwen_trtllm.quantization.fp8 import (
     FP8_DTYPE,
     GATED_MAX_ROWS,
@@ -177,15 +177,13 @@ def test_fp8_gemv_error_bound_catches_wrong_results(dtype):
     assert _gemv_error_ratio(fp8_gemv_reference(swapped, q, s, bias, gated=True), x, q, s, bias, True) > 1
 
 
-@pytest.mark.parametrize("gpu", sorted(_TABLE))
+@pytest.mark.parametrize("gpu", sorted(_CONFIGS))
 @pytest.mark.parametrize("rows", [1, GEMV_ROWS + 1])
 def test_fp8_gemv_gpu_configs(gpu, rows):
     """Every config of the GPU table (1 KiB K tiles, 8-16-row blocks), and the integer e4m3 widening, give the
     same product (here in the interpreter; the shapes cross two K tiles, evenly and not)."""
     g = torch.Generator().manual_seed(rows)
-    for (kind, narrow), cfg in _TABLE[gpu].items():
-        if (kind == "gemv") != (rows <= GEMV_ROWS):
-            continue
+    for narrow, cfg in zip((True, False), _CONFIGS[gpu]["gemv" if rows <= GEMV_ROWS else "mma"], strict=True):
         for K in (2 * cfg.block_k, 2 * cfg.block_k - 48):
             N = 2 * cfg.block_n + 3 if narrow else 3 * cfg.block_n
             q, s = (t.to(DEVICE) for t in quantize_fp8_weight(_weights(N, K, K)))
@@ -195,6 +193,20 @@ def test_fp8_gemv_gpu_configs(gpu, rows):
                 cfg_b = cfg._replace(bits=bits)                                  # integer e4m3 widening
                 got = fp8_gemv(x if gated else x[:, :K], q, s, bias, gated=gated, config=cfg_b)
                 assert _gemv_error_ratio(got, x if gated else x[:, :K], q, s, bias, gated) <= 1, (cfg_b, K)
+
+
+def test_fp8_gemv_config_table(monkeypatch):
+    """On CUDA the GPU model's table: the elementwise kernel's configs up to GEMV_ROWS rows, the tl.dot kernel's
+    above, narrow (N <= 4096) or wide ones, K tiles clamped to K (>= 16); an unknown GPU takes the H100's."""
+    cuda = torch.device("cuda", 0)
+    for model, table in (("H200", _CONFIGS["H200"]), ("", _CONFIGS["H100"])):
+        monkeypatch.setattr(fp8_gemv_mod, "gpu_model", lambda device, m=model: m)
+        assert fp8_gemv_mod._config(4096, 11008, cuda, 1) == table["gemv"][0]
+        assert fp8_gemv_mod._config(22016, 4096, cuda, GEMV_ROWS) == table["gemv"][1]
+        assert fp8_gemv_mod._config(4096, 4096, cuda, GEMV_ROWS + 1) == table["mma"][0]
+        assert fp8_gemv_mod._config(12288, 4096, cuda, MAX_ROWS) == table["mma"][1]
+        assert fp8_gemv_mod._config(64, 40, cuda, 1).block_k == 64
+        assert fp8_gemv_mod._config(64, 8, cuda, GEMV_ROWS + 1).block_k == 16
 
 
 def test_fp8_gemv_refuses_bad_shapes():

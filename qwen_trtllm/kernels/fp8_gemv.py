@@ -16,7 +16,7 @@ In both the per-channel scale multiplies the accumulated row once at the end, th
 then the row is rounded to x's dtype. gated=True reads x as [gate | up] ([M, 2K]) and multiplies with
 SiLU(gate) * up (silu_times: silu_mul's roundings, never written to memory), the MLP's c_proj.
 On sm_90+ both launch with programmatic dependent launch and prefetch the first PREFETCH_BYTES of each weight
-row into L2 before waiting for the previous kernel (kernels/launch.py). Launch configs come from the GPU's name
+row into L2 before waiting for the previous kernel (kernels/launch.py). Launch configs come from the GPU model
 and static shapes only (`_config`): CUDA-graph safe. The codes are only loaded and widened, never produced, so
 Triton's CPU interpreter (which converts float32 -> fp8 wrongly but loads e4m3 correctly) runs them as the GPU
 does.
@@ -24,7 +24,6 @@ does.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -33,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qwen_trtllm.kernels.activation import silu_times
-from qwen_trtllm.kernels.launch import l2_prefetch_bytes, l2_prefetch_rows, pdl_enabled, pdl_start
+from qwen_trtllm.kernels.launch import gpu_model, l2_prefetch_bytes, l2_prefetch_rows, pdl_enabled, pdl_start
 
 GEMV_ROWS = 4  # rows up to which the elementwise kernel runs (tl.dot above)
 MAX_ROWS = 16
@@ -139,31 +138,30 @@ class Fp8GemvConfig(NamedTuple):
     bits: bool = False
 
 
-# Per GPU (a substring of torch.cuda.get_device_name), per kernel ("gemv": <= GEMV_ROWS rows, "mma": above) and
-# output width (narrow: N <= 4096, Qwen-7B's dense and c_proj). First guesses from the fp16 GEMV's sweeps (its
-# best on the H200: 4 warps, 512-1024-byte row tiles), to be replaced by scripts/gpu_gemv_tune.py --format fp8's.
-# Other CUDA GPUs take the first entry.
-_G, _D = Fp8GemvConfig(8, 1024, 4, 3), Fp8GemvConfig(16, 512, 4, 4)
-_TABLE: dict[str, dict[tuple[str, bool], Fp8GemvConfig]] = {
-    "H200": {("gemv", True): _G, ("gemv", False): _G, ("mma", True): _D, ("mma", False): _D},
-    "H100": {("gemv", True): _G, ("gemv", False): _G, ("mma", True): _D, ("mma", False): _D},
+# (narrow, wide) configs per GPU model (launch.gpu_model) and kernel ("gemv": <= GEMV_ROWS rows, "mma": above);
+# narrow: N <= 4096 (Qwen-7B's dense and c_proj). First guesses, not measured yet: the elementwise kernel takes
+# the fp16 GEMV's H200 best (kernels/gemv.py: 4 warps, 3 stages, 16-row blocks for narrow outputs, 8 for wide)
+# with 1024-code (1 KiB) row tiles, the same float32 accumulator size per thread as the fp16 kernel's narrow
+# config (16 x 1024 over 128 threads); on the H100 8 warps, as its fp16 table. The tl.dot kernel keeps its earlier
+# guess (16 x 512, 4 warps, 4 stages). To be replaced by the bests of scripts/gpu_gemv_tune.py --format fp8.
+# A GPU without an entry takes the H100's.
+_CONFIGS: dict[str, dict[str, tuple[Fp8GemvConfig, Fp8GemvConfig]]] = {
+    "H200": {"gemv": (Fp8GemvConfig(16, 1024, 4, 3), Fp8GemvConfig(8, 1024, 4, 3)),
+             "mma": (Fp8GemvConfig(16, 512, 4, 4), Fp8GemvConfig(16, 512, 4, 4))},
+    "H100": {"gemv": (Fp8GemvConfig(16, 1024, 8, 3), Fp8GemvConfig(8, 1024, 8, 3)),
+             "mma": (Fp8GemvConfig(16, 512, 4, 4), Fp8GemvConfig(16, 512, 4, 4))},
 }
 
 
-@functools.cache
-def _gpu_table(index: int) -> dict[tuple[str, bool], Fp8GemvConfig]:
-    name = torch.cuda.get_device_name(index)
-    return next((t for key, t in _TABLE.items() if key in name), next(iter(_TABLE.values())))
-
-
 def _config(N: int, K: int, device: torch.device, rows: int = 1) -> Fp8GemvConfig:
-    """The launch config for x [rows, K] @ W [N, K]^T on `device`: the GPU's table entry on CUDA (K tiles no
-    wider than K, at least 16 for tl.dot). Off CUDA (Triton's interpreter, in tests) few, large programs and
+    """The launch config for x [rows, K] @ W [N, K]^T on `device`: its GPU model's table entry on CUDA (K tiles
+    no wider than K, at least 16 for tl.dot). Off CUDA (Triton's interpreter, in tests) few, large programs and
     256-wide K tiles, so small test shapes cross several tiles."""
-    kind = "gemv" if rows <= GEMV_ROWS else "mma"
     if device.type != "cuda":
         return Fp8GemvConfig(64, max(16, min(256, triton.next_power_of_2(K))), 4, 1)
-    cfg = _gpu_table(device.index if device.index is not None else torch.cuda.current_device())[kind, N <= 4096]
+    table = _CONFIGS.get(gpu_model(device), _CONFIGS["H100"])
+    narrow, wide = table["gemv" if rows <= GEMV_ROWS else "mma"]
+    cfg = narrow if N <= 4096 else wide
     return cfg._replace(block_k=min(cfg.block_k, max(16, triton.next_power_of_2(K))))
 
 
