@@ -16,11 +16,9 @@ import argparse
 import itertools
 
 import torch
-import triton
 
 from qwen_trtllm.kernels import fp8_gemv as F
 from qwen_trtllm.kernels import gemv as G
-from qwen_trtllm.kernels.launch import l2_prefetch_bytes, pdl_enabled
 
 
 def time_graph(fn, reps: int = 20) -> float:
@@ -57,35 +55,15 @@ def tune(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
     copies = 32 if N * K * 2 * 32 <= 8 << 30 else 4  # distinct weights: no L2 reuse between calls
     ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
     x = torch.randn(rows, 2 * K if gated else K, device="cuda", dtype=torch.float16)
-    y = torch.empty(rows, N, device="cuda", dtype=torch.float16)
     nbytes = copies * N * K * 2
-    pdl = pdl_enabled(x.device)
-    prefetch = l2_prefetch_bytes(x.device, G.PREFETCH_BYTES, K * 2, K * 2)
     if not gated:
         ms = time_graph(lambda: [torch.nn.functional.linear(x, w) for w in ws])
         print(f"{name:<8} cublas                  {ms * 1e3 / copies:7.1f} us {nbytes / ms / 1e6:6.0f} GB/s",
               flush=True)
-    results = []
-    for cfg in itertools.product((8, 16), (256, 512, 1024), (4, 8), (2, 3, 4)):
-        bn, bk, warps, stages = cfg
-        if bn * bk > 16384 or bn * bk < 1024:
-            continue
-
-        def run(bn=bn, bk=bk, warps=warps, stages=stages):
-            for w in ws:
-                G._gemv_kernel[(triton.cdiv(N, bn),)](x, w, w, y, N, K, x.stride(0), y.stride(0), M=rows,
-                                                      HAS_BIAS=False, EVEN_K=K % bk == 0, BLOCK_N=bn, BLOCK_K=bk,
-                                                      GATED=gated, PDL=pdl, PREFETCH=prefetch, num_warps=warps,
-                                                      num_stages=stages, launch_pdl=pdl)
-        results.append((time_graph(run), cfg))
-    results.sort()
-    current = G._config(N, K, x.device)
-    for ms, cfg in results:
-        if cfg == current:
-            print(f"{name:<8} current {cfg}  {ms * 1e3 / copies:7.1f} us {nbytes / ms / 1e6:6.0f} GB/s", flush=True)
-    for ms, (bn, bk, warps, stages) in results[:3]:
-        print(f"{name:<8} bn{bn:<3} bk{bk:<5} w{warps} s{stages}    {ms * 1e3 / copies:7.1f} us "
-              f"{nbytes / ms / 1e6:6.0f} GB/s", flush=True)
+    configs = [c for c in itertools.product((8, 16), (256, 512, 1024), (4, 8), (2, 3, 4))
+               if 1024 <= c[0] * c[1] <= 16384]
+    results = [(time_graph(lambda c=c: [G.gemv(x, w, gated=gated, config=c) for w in ws]), c) for c in configs]
+    report(name, results, G.default_config(N, K, x.device), copies, nbytes)
 
 
 def fp8_configs(rows: int) -> list:
@@ -114,7 +92,7 @@ def tune_fp8(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
     results = [timed(cfg) for cfg in fp8_configs(rows)]
     if rows <= F.GEMV_ROWS:  # the integer widening on the three best
         results += [timed(cfg._replace(bits=True)) for _, cfg in sorted(results, key=lambda r: r[0])[:3]]
-    report(name, results, F._config(N, K, x.device, rows), copies, nbytes)
+    report(name, results, F.default_config(N, K, x.device, rows), copies, nbytes)
 
 
 def main() -> None:

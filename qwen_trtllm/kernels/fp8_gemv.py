@@ -17,7 +17,7 @@ then the row is rounded to x's dtype. gated=True reads x as [gate | up] ([M, 2K]
 SiLU(gate) * up (silu_times: silu_mul's roundings, never written to memory), the MLP's c_proj.
 On sm_90+ both launch with programmatic dependent launch and prefetch the first PREFETCH_BYTES of each weight
 row into L2 before waiting for the previous kernel (kernels/launch.py). Launch configs come from the GPU model
-and static shapes only (`_config`): CUDA-graph safe. The codes are only loaded and widened, never produced, so
+and static shapes only (`default_config`): CUDA-graph safe. The codes are only loaded and widened, never produced, so
 Triton's CPU interpreter (which converts float32 -> fp8 wrongly but loads e4m3 correctly) runs them as the GPU
 does.
 """
@@ -153,7 +153,7 @@ _CONFIGS: dict[str, dict[str, tuple[Fp8GemvConfig, Fp8GemvConfig]]] = {
 }
 
 
-def _config(N: int, K: int, device: torch.device, rows: int = 1) -> Fp8GemvConfig:
+def default_config(N: int, K: int, device: torch.device, rows: int = 1) -> Fp8GemvConfig:
     """The launch config for x [rows, K] @ W [N, K]^T on `device`: its GPU model's table entry on CUDA (K tiles
     no wider than K, at least 16 for tl.dot). Off CUDA (Triton's interpreter, in tests) few, large programs and
     256-wide K tiles, so small test shapes cross several tiles."""
@@ -169,7 +169,7 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
              config: Fp8GemvConfig | None = None) -> Tensor:
     """x [M, K] (M <= 16; fp16/bf16/fp32) @ (qweight e4m3 [N, K] * scales float32 [N])^T (+ bias [N]) -> [M, N]
     in x.dtype. gated: x is [M, 2K] = [gate | up] and the product uses SiLU(gate) * up. config: the launch
-    parameters (default `_config`'s; the tuner passes its own)."""
+    parameters (default_config's by default; the tuner passes its own)."""
     M, KX = x.shape
     N = qweight.shape[0]
     K = KX // 2 if gated else KX
@@ -182,7 +182,7 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
         x = x.contiguous()
     assert qweight.is_contiguous() and scales.is_contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    cfg = config or _config(N, K, x.device, M)
+    cfg = config or default_config(N, K, x.device, M)
     pdl = pdl_enabled(x.device)
     common = dict(HAS_BIAS=bias is not None, EVEN_K=K % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   GATED=gated, PDL=pdl, PREFETCH=l2_prefetch_bytes(x.device, PREFETCH_BYTES, K, K),

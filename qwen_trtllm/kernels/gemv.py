@@ -22,28 +22,6 @@ PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+
 
 
 @triton.jit
-def row_dots(x_row_ptr, w_ptr, offs_n, n_ok, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
-             GATED: tl.constexpr = False):
-    """float32 [BLOCK_N]: the dot products of one activation row with the weight rows offs_n (W [N, K] row-major,
-    rows anywhere), K walked in BLOCK_K tiles, products summed per row at the end. GATED: the row is [gate | up]
-    and the activation is SiLU(gate) * up with silu_mul's roundings, never written to memory."""
-    acc = tl.zeros((offs_n.shape[0], BLOCK_K), tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        if EVEN_K:
-            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None], other=0.0)
-        else:
-            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-        x = tl.load(x_row_ptr + offs_k, mask=k_ok, other=0.0)
-        if GATED:
-            x = silu_times(x, tl.load(x_row_ptr + K + offs_k, mask=k_ok, other=0.0))
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    return tl.sum(acc, axis=1)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr, HAS_BIAS: tl.constexpr,
                  EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False,
                  PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
@@ -54,7 +32,20 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.con
         l2_prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * K, PREFETCH)
     pdl_start(PDL)
     for m in tl.static_range(M):  # each row re-reads W from L2, not HBM: programs finish a tile before moving on
-        y = row_dots(x_ptr + m * stride_x, w_ptr, offs_n, n_ok, K, EVEN_K, BLOCK_K, GATED)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            if EVEN_K:
+                w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None], other=0.0)
+            else:
+                w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+            x = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
+            if GATED:  # x row = [gate | up]: SiLU(gate) * up with silu_mul's roundings, never written to memory
+                x = silu_times(x, tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0))
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -70,7 +61,7 @@ _CONFIGS = {
 }
 
 
-def _config(N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
+def default_config(N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) from the table of the device's GPU model (the H100's for a GPU
     without one: narrow outputs want wider row blocks to keep enough loads in flight). Off CUDA (Triton's
     interpreter, in the tests) programs run one after another: fewer, larger ones, K tiles no wider than K."""
@@ -80,15 +71,17 @@ def _config(N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
     return narrow if N <= 4096 else wide
 
 
-def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = False) -> Tensor:
+def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = False,
+         config: tuple[int, int, int, int] | None = None) -> Tensor:
     """x [..., K] with at most MAX_ROWS rows in total, weight [N, K] contiguous -> [..., N] in x.dtype.
-    gated: x is [..., 2K] = [gate | up] and the product uses SiLU(gate) * up (the MLP's c_proj)."""
+    gated: x is [..., 2K] = [gate | up] and the product uses SiLU(gate) * up (the MLP's c_proj). config:
+    (BLOCK_N, BLOCK_K, num_warps, num_stages), default_config's by default (the tuner passes its own)."""
     N, K = weight.shape
     x2 = x.reshape(-1, 2 * K if gated else K)
     M = x2.shape[0]
     assert M <= MAX_ROWS and weight.is_contiguous() and x2.stride(1) == 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = _config(N, K, x.device)
+    bn, bk, warps, stages = config or default_config(N, K, x.device)
     pdl = pdl_enabled(x.device)
     row_bytes = K * weight.element_size()
     prefetch = l2_prefetch_bytes(x.device, PREFETCH_BYTES, row_bytes, row_bytes)

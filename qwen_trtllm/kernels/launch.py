@@ -54,6 +54,9 @@ def sm_count(device: torch.device, default: int) -> int:
     return _cuda_properties(device).multi_processor_count if device.type == "cuda" else default
 
 
+TUNED_MODELS = ("H200", "H100")  # the GPU models with rows in the kernels' config tables
+
+
 def gpu_model(device: torch.device) -> str:
     """The GPU model that kernel config tables are keyed by ("H200", "H100", ...: the first name among them in the
     CUDA device name); "" off CUDA or for a GPU no table names."""
@@ -61,9 +64,6 @@ def gpu_model(device: torch.device) -> str:
         return ""
     name = _cuda_properties(device).name
     return next((m for m in TUNED_MODELS if m in name), "")
-
-
-TUNED_MODELS = ("H200", "H100")
 
 
 def pdl_enabled(device: torch.device) -> bool:
