@@ -5,14 +5,9 @@ engine built with --use_fp8 against the unquantised one, the build flags and the
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # the Triton kernels run in its CPU interpreter; set before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from safetensors import safe_open
 
 import qwen_trtllm.kernels as kernels_pkg
@@ -22,7 +17,6 @@ from qwen_trtllm.kernels import silu_mul_reference
 from qwen_trtllm.kernels.fp8_gemv import _CONFIGS, GEMV_ROWS, MAX_ROWS, fp8_gemv, fp8_gemv_reference
 from qwen_trtllm.quantization.fp8 import (
     FP8_DTYPE,
-    GATED_MAX_ROWS,
     GEMV_MAX_ROWS,
     Fp8Linear,
     check_fp8_supported,
@@ -151,7 +145,7 @@ def test_fp8_gemv_rows_bias_gated_within_fp32_rounding(M, N, K, has_bias, dtype,
     assert _gemv_error_ratio(got, x, q, s, bias, gated) <= 1  # the kernel
     assert _gemv_error_ratio(ref, x, q, s, bias, gated) <= 1  # the reference (kernel == reference to rounding)
     if M <= GEMV_ROWS:  # the integer e4m3 widening: every partial sum 2^-8 of the same, the same bits out
-        bits = fp8_gemv_mod._config(N, K, x.device, M)._replace(bits=True)
+        bits = fp8_gemv_mod.default_config(N, K, x.device, M)._replace(bits=True)
         assert torch.equal(fp8_gemv(x, q, s, bias, gated=gated, config=bits), got)
 
 
@@ -201,12 +195,12 @@ def test_fp8_gemv_config_table(monkeypatch):
     cuda = torch.device("cuda", 0)
     for model, table in (("H200", _CONFIGS["H200"]), ("", _CONFIGS["H100"])):
         monkeypatch.setattr(fp8_gemv_mod, "gpu_model", lambda device, m=model: m)
-        assert fp8_gemv_mod._config(4096, 11008, cuda, 1) == table["gemv"][0]
-        assert fp8_gemv_mod._config(22016, 4096, cuda, GEMV_ROWS) == table["gemv"][1]
-        assert fp8_gemv_mod._config(4096, 4096, cuda, GEMV_ROWS + 1) == table["mma"][0]
-        assert fp8_gemv_mod._config(12288, 4096, cuda, MAX_ROWS) == table["mma"][1]
-        assert fp8_gemv_mod._config(64, 40, cuda, 1).block_k == 64
-        assert fp8_gemv_mod._config(64, 8, cuda, GEMV_ROWS + 1).block_k == 16
+        assert fp8_gemv_mod.default_config(4096, 11008, cuda, 1) == table["gemv"][0]
+        assert fp8_gemv_mod.default_config(22016, 4096, cuda, GEMV_ROWS) == table["gemv"][1]
+        assert fp8_gemv_mod.default_config(4096, 4096, cuda, GEMV_ROWS + 1) == table["mma"][0]
+        assert fp8_gemv_mod.default_config(12288, 4096, cuda, MAX_ROWS) == table["mma"][1]
+        assert fp8_gemv_mod.default_config(64, 40, cuda, 1).block_k == 64
+        assert fp8_gemv_mod.default_config(64, 8, cuda, GEMV_ROWS + 1).block_k == 16
 
 
 def test_fp8_gemv_refuses_bad_shapes():
@@ -252,7 +246,7 @@ def calls(monkeypatch) -> dict[str, list]:
 @pytest.mark.parametrize("rows", [1, GEMV_ROWS, GEMV_ROWS + 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 5])
 def test_fp8_linear_gated_fuses_silu_mul(rows, calls):
     """Kernels.linear(c_proj, [gate | up], gated=True) on an Fp8Linear: the GEMV applies SiLU(gate) * up itself up
-    to GATED_MAX_ROWS rows (no silu_mul kernel), silu_mul then the product above; the same as silu_mul_reference
+    to GEMV_MAX_ROWS rows (no silu_mul kernel), silu_mul then the product above; the same as silu_mul_reference
     then the reference product."""
     from qwen_trtllm.models.qwen.model import Kernels
 
@@ -265,9 +259,9 @@ def test_fp8_linear_gated_fuses_silu_mul(rows, calls):
     layer.use_triton = True
     got = Kernels(triton=True).linear(layer, gu, gated=True)
     assert got.shape == (rows, 1, 48)
-    fused = rows <= GATED_MAX_ROWS
+    fused = rows <= GEMV_MAX_ROWS
     assert calls["silu_mul"] == ([] if fused else [rows])
-    assert calls["fp8_gemv"] == ([(rows, True)] if fused else [] if rows > GEMV_MAX_ROWS else [(rows, False)])
+    assert calls["fp8_gemv"] == ([(rows, True)] if fused else [])
     tol = 1e-5 if rows <= GEMV_MAX_ROWS or DEVICE == "cpu" else 2e-3
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
 
