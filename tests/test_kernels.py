@@ -1,25 +1,20 @@
 """The Triton kernels against their PyTorch references (Triton's interpreter on CPU, real kernels on CUDA).
 
 Off CUDA the interpreter must be on before qwen_trtllm.kernels is first imported (triton.jit picks it when a kernel
-is defined); this module sets TRITON_INTERPRET itself, and skips with a reason when another module imported the
-kernels earlier without it.
+is defined); tests/conftest.py sets TRITON_INTERPRET, and this module skips with a reason when the kernels were
+imported earlier without it.
 """
 
-import os
 
+import itertools
+import math
+
+import pytest
 import torch
+import torch.nn.functional as F
+import triton
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import itertools  # noqa: E402
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-
-from qwen_trtllm.kernels import (  # noqa: E402
+from qwen_trtllm.kernels import (
     default_num_splits,
     interpreted,
     paged_decode_attention,

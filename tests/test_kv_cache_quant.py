@@ -8,26 +8,21 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from test_fused_path import assert_fused_equals_plain
+from test_runtime import prompts_and_params
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from test_fused_path import assert_fused_equals_plain  # noqa: E402
-from test_runtime import prompts_and_params  # noqa: E402
-
-from qwen_trtllm import QWenError  # noqa: E402
-from qwen_trtllm.builder.build import build_engine  # noqa: E402
-from qwen_trtllm.builder.engine_format import read_engine_config  # noqa: E402
-from qwen_trtllm.evaluation.teacher_forced import batched, compare_logits, engine_logits, random_prompts  # noqa: E402
-from qwen_trtllm.kernels import (  # noqa: E402
+from qwen_trtllm import QWenError
+from qwen_trtllm.builder.build import build_engine
+from qwen_trtllm.builder.engine_format import read_engine_config
+from qwen_trtllm.evaluation.teacher_forced import batched, compare_logits, engine_logits, random_prompts
+from qwen_trtllm.kernels import (
     copy_kv_blocks,
     copy_kv_blocks_reference,
     dequantize_kv_reference,
@@ -40,9 +35,9 @@ from qwen_trtllm.kernels import (  # noqa: E402
     rotary_kv_write_reference,
     triton_available,
 )
-from qwen_trtllm.runtime import LLM, Engine, Executor, ExecutorConfig, KvCacheConfig, SamplingParams  # noqa: E402
-from qwen_trtllm.runtime.engine import check_kv_cache_supported  # noqa: E402
-from qwen_trtllm.runtime.kv_cache import KVCacheManager  # noqa: E402
+from qwen_trtllm.runtime import LLM, Engine, Executor, ExecutorConfig, KvCacheConfig, SamplingParams
+from qwen_trtllm.runtime.engine import check_kv_cache_supported
+from qwen_trtllm.runtime.kv_cache import KVCacheManager
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

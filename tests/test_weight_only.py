@@ -4,15 +4,11 @@ dequantised weights (CPU interpreter here, the compiled kernels on CUDA), and a 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # the Triton kernels run in its CPU interpreter; set before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from qwen_trtllm import QWenError
 from qwen_trtllm.checkpoint.random_checkpoint import PRESETS
