@@ -12,6 +12,7 @@ launches per step; the difference is time the GPU sat idle between kernels (laun
 """
 
 import argparse
+import contextlib
 import functools
 import time
 from collections import defaultdict
@@ -19,10 +20,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from qwen_trtllm.evaluation.benchmark import quantized_engine, random_engine
-from qwen_trtllm.runtime.executor import ExecutorConfig
-from qwen_trtllm.runtime.kv_cache import KvCacheConfig
-from qwen_trtllm.runtime.llm import LLM
+from qwen_trtllm.evaluation.benchmark import quantized_engine, random_engine, static_batch_llm
 from qwen_trtllm.runtime.request import SamplingParams
 
 
@@ -59,13 +57,10 @@ def main() -> None:
     if a.quant:
         engine = quantized_engine(engine, a.quant)
     ablate(engine.model.ops, [n for n in a.ablate.split(",") if n])
-    total = a.context + 2 * a.steps + 64
-    kv = KvCacheConfig(max_tokens=a.batch * -(-total // 64) * 64, tokens_per_block=64)
-    llm = LLM.from_engine(engine, config=ExecutorConfig(max_batch_size=a.batch, max_num_tokens=a.batch * a.context,
-                                                        max_seq_len=total, kv_cache=kv))
+    llm = static_batch_llm(engine, a.batch, a.context, 2 * a.steps + 64)
     ex = llm.executor
     prompts = torch.randint(0, engine.config.vocab_size, (a.batch, a.context)).tolist()
-    for _ in range(2):  # warm-up (graphs, compilation), then the profiled run
+    for run in range(2):  # warm-up (graphs, compilation), then the timed and profiled run
         reqs = [ex.add_request(pr, SamplingParams(max_tokens=2 * a.steps + 32, ignore_eos=True)) for pr in prompts]
         ex.step()  # prefill
         while len(reqs[0].output_token_ids) < 16:
@@ -78,7 +73,7 @@ def main() -> None:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / (len(reqs[0].output_token_ids) - n0)
         n0 = len(reqs[0].output_token_ids)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA]) if run else contextlib.nullcontext() as prof:
             while len(reqs[0].output_token_ids) - n0 < a.steps:
                 ex.step()
             torch.cuda.synchronize()

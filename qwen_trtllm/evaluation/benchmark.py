@@ -104,17 +104,26 @@ def decode_step_bytes(engine: Engine, batch: int, context: int) -> int:
     return weights + kv_cache_bytes(engine, batch, context)
 
 
+def static_batch_llm(engine: Engine, batch: int, input_len: int, output_len: int,
+                     tokens_per_block: int = 64) -> LLM:
+    """An LLM sized for one static batch: `batch` requests of input_len prompt tokens and output_len output tokens,
+    every prompt in one prefill step (max_num_tokens = batch x input_len), a KV cache of exactly their blocks."""
+    seq = input_len + output_len
+    kv = KvCacheConfig(max_tokens=batch * -(-seq // tokens_per_block) * tokens_per_block,
+                       tokens_per_block=tokens_per_block)
+    llm = LLM.from_engine(engine, config=ExecutorConfig(max_batch_size=batch, max_num_tokens=batch * input_len,
+                                                        max_seq_len=seq, kv_cache=kv))
+    llm.executor.max_input_len, llm.executor.max_output_len = input_len, output_len
+    return llm
+
+
 def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, runs: int = 3,
                  copy_gbs: float | None = None) -> BenchRow:
     """A static batch through the in-flight batching runtime: `batch` requests of input_len submitted together,
     all prompts in one prefill step (max_num_tokens = batch x input_len), output_len tokens each."""
     dev = engine.device
-    bs = 64
-    kv = KvCacheConfig(max_tokens=batch * -(-(input_len + output_len) // bs) * bs, tokens_per_block=bs)
-    llm = LLM.from_engine(engine, config=ExecutorConfig(max_batch_size=batch, max_num_tokens=batch * input_len,
-                                                        max_seq_len=input_len + output_len, kv_cache=kv))
+    llm = static_batch_llm(engine, batch, input_len, output_len)
     ex = llm.executor
-    ex.max_input_len, ex.max_output_len = input_len, output_len
     g = torch.Generator().manual_seed(batch * 1000 + input_len)
     prompts = torch.randint(0, engine.config.vocab_size, (batch, input_len), generator=g).tolist()
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
