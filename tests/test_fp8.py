@@ -17,6 +17,7 @@ from qwen_trtllm.kernels import silu_mul_reference
 from qwen_trtllm.kernels.fp8_gemv import _CONFIGS, GEMV_ROWS, MAX_ROWS, fp8_gemv, fp8_gemv_reference
 from qwen_trtllm.quantization.fp8 import (
     FP8_DTYPE,
+    GATED_MAX_ROWS,
     GEMV_MAX_ROWS,
     Fp8Linear,
     check_fp8_supported,
@@ -246,7 +247,7 @@ def calls(monkeypatch) -> dict[str, list]:
 @pytest.mark.parametrize("rows", [1, GEMV_ROWS, GEMV_ROWS + 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 5])
 def test_fp8_linear_gated_fuses_silu_mul(rows, calls):
     """Kernels.linear(c_proj, [gate | up], gated=True) on an Fp8Linear: the GEMV applies SiLU(gate) * up itself up
-    to GEMV_MAX_ROWS rows (no silu_mul kernel), silu_mul then the product above; the same as silu_mul_reference
+    to GATED_MAX_ROWS rows (no silu_mul kernel), silu_mul then the product above; the same as silu_mul_reference
     then the reference product."""
     from qwen_trtllm.models.qwen.model import Kernels
 
@@ -259,9 +260,9 @@ def test_fp8_linear_gated_fuses_silu_mul(rows, calls):
     layer.use_triton = True
     got = Kernels(triton=True).linear(layer, gu, gated=True)
     assert got.shape == (rows, 1, 48)
-    fused = rows <= GEMV_MAX_ROWS
+    fused = rows <= GATED_MAX_ROWS
     assert calls["silu_mul"] == ([] if fused else [rows])
-    assert calls["fp8_gemv"] == ([(rows, True)] if fused else [])
+    assert calls["fp8_gemv"] == ([(rows, True)] if fused else [] if rows > GEMV_MAX_ROWS else [(rows, False)])
     tol = 1e-5 if rows <= GEMV_MAX_ROWS or DEVICE == "cpu" else 2e-3
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
 
@@ -303,8 +304,8 @@ def test_engine_files_and_config(engines):
 
 def test_fp8_engine_triton_path_matches_plain(engines, calls):
     """The fp8 engine with its Triton kernels (the interpreter on CPU) against its PyTorch path: the same
-    teacher-forced logits to float32 rounding. 12-row prefills and batch-6 decode take the GEMV's tl.dot kernel,
-    batch-3 decode its elementwise one; no SiLU*mul kernel runs at those sizes (c_proj fuses it)."""
+    teacher-forced logits to float32 rounding. 12-row prefills and batch-6 decode take the GEMV's tl.dot kernel
+    after the SiLU*mul kernel, batch-3 decode its elementwise one with SiLU*mul fused into c_proj."""
     from qwen_trtllm.evaluation.teacher_forced import compare_logits, engine_logits
     from qwen_trtllm.runtime import LLM, Engine, ExecutorConfig, KvCacheConfig
 
@@ -330,9 +331,9 @@ def test_fp8_engine_triton_path_matches_plain(engines, calls):
         stats = compare_logits(logits[True], logits[False])
         assert stats["max_rel_err"] < 1e-5 and stats["top1_agreement"] == 1.0, stats
     layers = engine.config.num_hidden_layers
-    assert calls["silu_mul"] == []
-    gated = [rows for rows, fused in calls["fp8_gemv"] if fused]
-    assert sorted(set(gated)) == [3, 6, 12] and len(gated) == layers * (2 + 2 * 3)  # 2 prefills, 2 x 3 decodes
+    assert sorted(set(calls["silu_mul"])) == [6, 12] and len(calls["silu_mul"]) == layers * (2 + 3)  # 2 prefills
+    gated = [rows for rows, fused in calls["fp8_gemv"] if fused]  # and 3 decodes of 6 rows; 3 decodes of 3 rows:
+    assert set(gated) == {3} and len(gated) == layers * 3
 
 
 # Random tiny model (hidden 64, vocab 1024), fp32: e4m3 rounds each weight with a relative error <= 2^-4 (~2.5%

@@ -13,7 +13,7 @@ The product, y = (codes_x * scale_x) @ (codes_w * scale_w)^T, is computed three 
     that count (a 4096 x 4096 layer: 16 MiB of e4m3 against 8 KiB of fp16 activations per row), so quantising x
     would add an amax pass and error for no bandwidth gain (W8A16 in e4m3). The MLP's c_proj hands it
     [gate | up] (Fp8Linear.forward(x, gated=True)) and SiLU(gate) * up is computed in the GEMV, not by a kernel
-    of its own;
+    of its own (up to GATED_MAX_ROWS rows);
   * anywhere else (the CPU, --kernels torch, shapes cuBLASLt refuses): fp8_linear_reference, which dequantises
     in float32 and follows the CUDA path's choice for the same number of rows (activations quantised above
     GEMV_MAX_ROWS rows, not at or below), so the CPU engine computes what the GPU engine computes.
@@ -31,11 +31,14 @@ from qwen_trtllm import QWenError
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value
-# Rows of x up to which the Triton GEMV runs on CUDA (torch._scaled_mm above); the MLP's c_proj hands it
-# [gate | up] and SiLU*mul is fused into it. H200, 2026-12-01: batch 1 3.13 ms/token; the GEMV's tl.dot kernel for
-# 5-16 rows measured 13.0 ms at batch 16 (5.56 before it took gated inputs) and failed one GPU test (gated, fp32,
-# 5 rows): issue 17 is open for it (next: this bound at 4, with the tests that assume 16 updated).
+# Rows of x up to which the Triton GEMV runs on CUDA (torch._scaled_mm above). H200, 2026-12-01: batch 1
+# 3.13 ms/token; the GEMV's tl.dot kernel for 5-16 rows measured 13.0 ms at batch 16 with SiLU*mul fused into it
+# (5.56 before it took gated inputs) and failed one GPU test (gated, fp32, 5 rows): issue 17 is open for it.
 GEMV_MAX_ROWS = 16
+# Rows up to which the MLP's c_proj hands the GEMV [gate | up] and SiLU*mul is fused (the elementwise kernel, 1-4
+# rows); above, silu_mul runs first: the tl.dot kernel would recompute SiLU on whole 16-row tiles in every program,
+# which is how the int8/int4 tensor-core kernels lost time (docs/PERF.md) -- the suspected cause of the 13.0 ms.
+GATED_MAX_ROWS = 4
 _SCALE_MIN = 2.0**-30  # keeps all-zero rows from a zero scale (their codes are 0 whatever the scale)
 MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada (sm_89), Hopper (sm_90) and later
 
@@ -131,7 +134,7 @@ class Fp8Linear(nn.Module):
     use_triton: None = the CUDA kernels on CUDA (GEMV up to GEMV_MAX_ROWS rows, torch._scaled_mm above), the
     reference elsewhere; True also runs the Triton GEMV on CPU under TRITON_INTERPRET=1 (tests); False never
     (fp8_linear_reference). accepts_gated: forward(x, gated=True) takes the MLP's [gate | up] and applies
-    SiLU(gate) * up itself (fused into the GEMV up to GEMV_MAX_ROWS rows, silu_mul then the product above);
+    SiLU(gate) * up itself (fused into the GEMV up to GATED_MAX_ROWS rows, silu_mul then the product above);
     Kernels.linear hands it gated inputs instead of running silu_mul first."""
 
     accepts_gated = True
@@ -170,7 +173,7 @@ class Fp8Linear(nn.Module):
 
             kernels = triton_available(x.device)
         gemv = kernels and 0 < M <= GEMV_MAX_ROWS
-        fused = gated and gemv
+        fused = gated and gemv and M <= GATED_MAX_ROWS
         if gated and not fused:
             from qwen_trtllm.kernels import silu_mul, silu_mul_reference
 
