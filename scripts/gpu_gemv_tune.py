@@ -108,6 +108,8 @@ def main() -> None:
     fp8 = args.format == "fp8"
     if fp8 and not 1 <= args.rows <= F.MAX_ROWS:
         ap.error(f"--format fp8 takes --rows 1-{F.MAX_ROWS} (above, the engine runs torch._scaled_mm)")
+    if fp8 and args.gated and args.rows > F.GEMV_ROWS:
+        ap.error(f"--format fp8 --gated takes --rows 1-{F.GEMV_ROWS} (above, silu_mul runs before the GEMV)")
     if args.prefetch is not None:
         (F if fp8 else G).PREFETCH_BYTES = args.prefetch
     default = "qkv,dense,gate_up,c_proj" + ("" if fp8 else ",lm_head")

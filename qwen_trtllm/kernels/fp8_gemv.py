@@ -13,8 +13,10 @@ Two kernels, both giving each program BLOCK_N whole weight rows and walking K in
     float32 accumulation; fp32 activations in full IEEE precision; bf16 ones in float32 under the interpreter,
     whose tl.dot misreads bf16.
 In both the per-channel scale multiplies the accumulated row once at the end, then the bias is added (float32),
-then the row is rounded to x's dtype. gated=True reads x as [gate | up] ([M, 2K]) and multiplies with
-SiLU(gate) * up (silu_times: silu_mul's roundings, never written to memory), the MLP's c_proj.
+then the row is rounded to x's dtype. gated=True (elementwise kernel only, 1-GEMV_ROWS rows) reads x as
+[gate | up] ([M, 2K]) and multiplies with SiLU(gate) * up (silu_times: silu_mul's roundings, never written to
+memory), the MLP's c_proj; the tl.dot kernel would recompute SiLU on whole 16-row tiles in every program (13.0 ms
+at batch 16 on the H200 against 5.56 without, and a failed GPU test), so above GEMV_ROWS silu_mul runs first.
 On sm_90+ both launch with programmatic dependent launch and prefetch the first PREFETCH_BYTES of each weight
 row into L2 before waiting for the previous kernel (kernels/launch.py). Launch configs come from the GPU model
 and static shapes only (`default_config`): CUDA-graph safe. The codes are only loaded and widened, never produced, so
@@ -86,8 +88,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y
 @triton.jit
 def _fp8_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_y, HAS_BIAS: tl.constexpr,
                     EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False,
-                    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+                    PREFETCH: tl.constexpr = 0):
     pid = tl.program_id(0)
     n0 = pid * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
@@ -105,14 +107,10 @@ def _fp8_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride
         if EVEN_K:
             codes = tl.load(w_blk + row_off[:, None] + offs_k[None, :])
             xt = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)  # padding rows read nothing
-            if GATED:
-                xt = silu_times(xt, tl.load(x_ptrs + K, mask=m_ok[:, None], other=0.0))
         else:
             k_ok = offs_k < K
             codes = tl.load(w_blk + row_off[:, None] + offs_k[None, :], mask=k_ok[None, :], other=0.0)
             xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if GATED:
-                xt = silu_times(xt, tl.load(x_ptrs + K, mask=m_ok[:, None] & k_ok[None, :], other=0.0))
         if UPCAST:  # bf16 under the interpreter, whose tl.dot multiplies bf16 operands as raw bits: exact in fp32
             acc = tl.dot(xt.to(tl.float32), tl.trans(codes.to(tl.float32)), acc, input_precision="ieee")
         elif IEEE:
@@ -168,14 +166,15 @@ def default_config(N: int, K: int, device: torch.device, rows: int = 1) -> Fp8Ge
 def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, gated: bool = False,
              config: Fp8GemvConfig | None = None) -> Tensor:
     """x [M, K] (M <= 16; fp16/bf16/fp32) @ (qweight e4m3 [N, K] * scales float32 [N])^T (+ bias [N]) -> [M, N]
-    in x.dtype. gated: x is [M, 2K] = [gate | up] and the product uses SiLU(gate) * up. config: the launch
-    parameters (default_config's by default; the tuner passes its own)."""
+    in x.dtype. gated (M <= GEMV_ROWS): x is [M, 2K] = [gate | up] and the product uses SiLU(gate) * up. config:
+    the launch parameters (default_config's by default; the tuner passes its own). ValueError on other shapes."""
     M, KX = x.shape
     N = qweight.shape[0]
     K = KX // 2 if gated else KX
-    if not (0 < M <= MAX_ROWS) or qweight.shape != (N, K) or KX != (2 * K if gated else K) \
+    if not (0 < M <= (GEMV_ROWS if gated else MAX_ROWS)) or qweight.shape != (N, K) or KX != (2 * K if gated else K) \
             or qweight.dtype != torch.float8_e4m3fn or scales.shape != (N,) or scales.dtype != torch.float32:
-        raise ValueError(f"fp8 GEMV: x [{M}, {KX}] (1-{MAX_ROWS} rows{', [gate | up]' if gated else ''}) needs "
+        rows = f"1-{GEMV_ROWS} rows, [gate | up]" if gated else f"1-{MAX_ROWS} rows"
+        raise ValueError(f"fp8 GEMV: x [{M}, {KX}] ({rows}) needs "
                          f"qweight float8_e4m3fn [N, {K}] and float32 scales [N]; got {qweight.dtype} "
                          f"{tuple(qweight.shape)}, {scales.dtype} {tuple(scales.shape)}")
     if x.stride(1) != 1:
@@ -185,12 +184,12 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
     cfg = config or default_config(N, K, x.device, M)
     pdl = pdl_enabled(x.device)
     common = dict(HAS_BIAS=bias is not None, EVEN_K=K % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  GATED=gated, PDL=pdl, PREFETCH=l2_prefetch_bytes(x.device, PREFETCH_BYTES, K, K),
+                  PDL=pdl, PREFETCH=l2_prefetch_bytes(x.device, PREFETCH_BYTES, K, K),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
     args = (x, qweight, scales, bias if bias is not None else scales, y)
     grid = (triton.cdiv(N, cfg.block_n),)
     if M <= GEMV_ROWS:
-        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, BITS=cfg.bits, **common)
+        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, GATED=gated, BITS=cfg.bits, **common)
     else:
         _fp8_mma_kernel[grid](*args, M, N, K, x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,
                               UPCAST=x.dtype == torch.bfloat16 and not x.is_cuda, BLOCK_M=16, **common)

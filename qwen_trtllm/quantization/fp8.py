@@ -31,13 +31,10 @@ from qwen_trtllm import QWenError
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value
-# Rows of x up to which the Triton GEMV runs on CUDA (torch._scaled_mm above). H200, 2026-12-01: batch 1
-# 3.13 ms/token; the GEMV's tl.dot kernel for 5-16 rows measured 13.0 ms at batch 16 with SiLU*mul fused into it
-# (5.56 before it took gated inputs) and failed one GPU test (gated, fp32, 5 rows): issue 17 is open for it.
+# Rows of x up to which the Triton GEMV runs on CUDA (torch._scaled_mm above).
 GEMV_MAX_ROWS = 16
-# Rows up to which the MLP's c_proj hands the GEMV [gate | up] and SiLU*mul is fused (the elementwise kernel, 1-4
-# rows); above, silu_mul runs first: the tl.dot kernel would recompute SiLU on whole 16-row tiles in every program,
-# which is how the int8/int4 tensor-core kernels lost time (docs/PERF.md) -- the suspected cause of the 13.0 ms.
+# Rows up to which the MLP's c_proj hands the GEMV [gate | up] and SiLU*mul is fused: its elementwise kernel's
+# (kernels/fp8_gemv.py GEMV_ROWS, which says why not above); above, silu_mul runs first.
 GATED_MAX_ROWS = 4
 _SCALE_MIN = 2.0**-30  # keeps all-zero rows from a zero scale (their codes are 0 whatever the scale)
 MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada (sm_89), Hopper (sm_90) and later
