@@ -58,6 +58,14 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
+def require_cuda(tool: str) -> None:
+    """Exit with one line (status 1) when no CUDA GPU is visible: for the GPU tools of scripts/."""
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit(f"{tool} times CUDA kernels and needs an NVIDIA GPU: run it on the GPU machine")
+
+
 # --- output paths ---------------------------------------------------------------------------------------------
 def _probe_writable(directory: Path, what: str) -> None:
     """Create and remove a file in directory: the one check that also holds for root and read-only mounts."""

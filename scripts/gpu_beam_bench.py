@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import torch
 
+from qwen_trtllm.cli import atomic_write, check_output_file, parser, require_cuda
 from qwen_trtllm.evaluation.benchmark import random_engine
 from qwen_trtllm.runtime import LLM, ExecutorConfig, SamplingParams
 
@@ -57,8 +57,15 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
 
 
 def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("out_json", nargs="?", default=None, help="also write the report here as JSON")
+    args = ap.parse_args()
+    check_output_file(args.out_json, "OUT_JSON")
+    if DEVICE == "cuda":
+        require_cuda("gpu_beam_bench.py")
     engine = random_engine(PRESET, "float16" if DEVICE == "cuda" else "float32", DEVICE, max_batch_size=64,
-                           max_input_len=2048, max_output_len=1024)
+                           max_input_len=2048, max_output_len=1024,
+                           kernels="triton" if DEVICE == "cuda" else "torch")
     vocab = engine.config.vocab_size
     prompts = torch.randint(0, vocab, (32, IN), generator=torch.Generator().manual_seed(0)).tolist()
     beam = SamplingParams(max_tokens=OUT, use_beam_search=True, n=BEAMS, end_id=None)
@@ -72,9 +79,10 @@ def main() -> None:
     short = SamplingParams(max_tokens=32, use_beam_search=True, n=BEAMS, end_id=None)
     alone = llm.generate([prompts[0]], short)[0]
     together = llm.generate(prompts[:PROMPTS], short)
-    llms[1].executor.kv_cache.triton_kernels = False  # block copies through the PyTorch reference
+    kv, built = llms[1].executor.kv_cache, llms[1].executor.kv_cache.triton_kernels
+    kv.triton_kernels = False  # block copies through the PyTorch reference
     reference_copies = llms[1].generate(prompts[:PROMPTS], short)
-    llms[1].executor.kv_cache.triton_kernels = True
+    kv.triton_kernels = built
     same_with_reference_copies = [a.beams == b.beams for a, b in zip(together, reference_copies, strict=True)]
     together = together[0]
     check = {"beams_alone_equal_batched": alone.beams == together.beams,
@@ -100,8 +108,8 @@ def main() -> None:
             llm.generate(prompts[:PROMPTS], SamplingParams(max_tokens=16, use_beam_search=True, n=BEAMS, end_id=None))
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
+    if args.out_json:
+        with atomic_write(args.out_json) as f:
             json.dump(report, f, indent=1)
 
 

@@ -21,18 +21,18 @@ subcommands (each ends with a table; ARGS are passed through to the CLI named, l
   decode [ARGS]        examples/qwen/benchmark.py --model $MODEL --batch_size 1,16,64
                        --input_output_len "128,128;2048,128" --runs 3, e.g. --quant int8,int4,fp8, --quantize_lm_head,
                        --kv_cache_dtype fp8, --batch_size 1 --compare_hf, --engine_dir DIR. QWEN_TRTLLM_PDL=0: PDL off.
-                       PEER=FILE also runs that peer (shared/baselines/plain_cuda_graph_decode.py, COMPILE=1,
+                       PEER=FILE also runs that peer (../shared/baselines/plain_cuda_graph_decode.py, COMPILE=1,
                        batches PEER_BS, default 1,64) in the same call.
   e2e [BUILD_ARGS]     the seed's workflow on a random $PRESET checkpoint: make_random_checkpoint.py ->
-                       hf_qwen_convert.py -> build.py (fp16, the seed's plugin flags) -> run.py -> eval_accuracy.py
-                       (64 prompts x 32 positions, teacher-forced): fused fp16 vs
+                       hf_qwen_convert.py -> build.py ($DTYPE, the seed's plugin flags) -> run.py -> eval_accuracy.py
+                       (64 prompts x 32 positions, teacher-forced): fused $DTYPE vs
                        the fp32 reference, unfused (--kernels torch) vs fp32, fused vs unfused. BUILD_ARGS (e.g.
                        --use_weight_only --weight_only_precision int4, --use_fp8, --int8_kv_cache) build a second
-                       engine from the same FT directory, chatted with and compared against the fp16 engine.
+                       engine from the same FT directory, chatted with and compared against the $DTYPE engine.
                        EVAL_ARGS: more eval_accuracy.py flags (e.g. "--prompt_len 960"); MIN_TOP1: the second
-                       engine's goal against fp16. Table: accuracy per pair, engine sizes.
-  summarize [ARGS]     examples/qwen/summarize.py --test_trt_llm --test_hf (engine fp16 vs Hugging Face fp16, 5
-                       articles, 100 tokens) on e2e's checkpoint and fp16 engine (made if missing; needs rouge-score
+                       engine's goal against it. Table: accuracy per pair, engine sizes.
+  summarize [ARGS]     examples/qwen/summarize.py --test_trt_llm --test_hf (engine vs Hugging Face, both $DTYPE, 5
+                       articles, 100 tokens) on e2e's checkpoint and $DTYPE engine (made if missing; needs rouge-score
                        and nltk).
   load [ARGS]          examples/qwen/benchmark_serving.py in-process: 2048 x 128/128 at once (max_batch_size 512),
                        the chat mix of 1000 with --compare_hf (transformers' generate_batch), and the interference
@@ -212,10 +212,10 @@ cmd_e2e() {
   local build=("$PY" examples/qwen/build.py --force --model_dir "$W/c-model/1-gpu" --dtype "$dt"
     --use_gpt_attention_plugin "$dt" --use_layernorm_plugin "$dt" --use_gemm_plugin "$dt" --max_batch_size 16
     --max_input_len 1024 --max_output_len 128)
-  say "build.py fp16 -> $W/fp16"
-  time "${build[@]}" --output_dir "$W/fp16" > "$OUT/build_fp16.log" 2>&1 ||
-    { tail -20 "$OUT/build_fp16.log"; return 1; }
-  local engine=$W/fp16
+  say "build.py $dt -> $W/base"
+  time "${build[@]}" --output_dir "$W/base" > "$OUT/build_base.log" 2>&1 ||
+    { tail -20 "$OUT/build_base.log"; return 1; }
+  local engine=$W/base
   if [ $# -gt 0 ]; then
     say "build.py $* -> $W/variant"
     time "${build[@]}" --output_dir "$W/variant" "$@" > "$OUT/build_variant.log" 2>&1 ||
@@ -230,21 +230,21 @@ cmd_e2e() {
   local acc=("$PY" examples/qwen/eval_accuracy.py --num_prompts 64 --steps 32 "${extra[@]}")
   local ref=(--hf_model_dir "$W/hf" --reference_dtype float32)
   rm -f "$OUT"/acc_*.json
-  say "eval_accuracy.py: fp16 fused / unfused vs fp32, fused vs unfused"
-  "${acc[@]}" --engine_dir "$W/fp16" "${ref[@]}" --min_top1 0.98 --json_output "$OUT/acc_fused_vs_fp32.json"
-  "${acc[@]}" --engine_dir "$W/fp16" --kernels torch "${ref[@]}" --min_top1 0.98 \
+  say "eval_accuracy.py: $dt fused / unfused vs fp32, fused vs unfused"
+  "${acc[@]}" --engine_dir "$W/base" "${ref[@]}" --min_top1 0.98 --json_output "$OUT/acc_fused_vs_fp32.json"
+  "${acc[@]}" --engine_dir "$W/base" --kernels torch "${ref[@]}" --min_top1 0.98 \
     --json_output "$OUT/acc_unfused_vs_fp32.json"
-  "${acc[@]}" --engine_dir "$W/fp16" --reference_engine_dir "$W/fp16" --reference_kernels torch --min_top1 0.995 \
+  "${acc[@]}" --engine_dir "$W/base" --reference_engine_dir "$W/base" --reference_kernels torch --min_top1 0.995 \
     --json_output "$OUT/acc_fused_vs_unfused.json"
   if [ $# -gt 0 ]; then
-    say "eval_accuracy.py: the variant vs the fp16 engine"
-    "${acc[@]}" --engine_dir "$W/variant" --reference_engine_dir "$W/fp16" --min_top1 "${MIN_TOP1:-0}" \
-      --json_output "$OUT/acc_variant_vs_fp16.json"
+    say "eval_accuracy.py: the variant vs the $dt engine"
+    "${acc[@]}" --engine_dir "$W/variant" --reference_engine_dir "$W/base" --min_top1 "${MIN_TOP1:-0}" \
+      --json_output "$OUT/acc_variant_vs_base.json"
   fi
   echo
-  du -sh "$W/fp16" ${1:+"$W/variant"}
+  du -sh "$W/base" ${1:+"$W/variant"}
   local results=("$OUT/acc_fused_vs_fp32.json" "$OUT/acc_unfused_vs_fp32.json" "$OUT/acc_fused_vs_unfused.json")
-  [ $# -eq 0 ] || results+=("$OUT/acc_variant_vs_fp16.json")
+  [ $# -eq 0 ] || results+=("$OUT/acc_variant_vs_base.json")
   accuracy_table "${results[@]}"
   for f in "${results[@]}"; do
     [ -f "$f" ] || rc=1  # a missing result is a failed run (a missed goal is not: the table says which)
@@ -254,15 +254,16 @@ cmd_e2e() {
 
 cmd_summarize() {
   make_checkpoint || return 1
-  if [ ! -f "$W/fp16/config.json" ]; then
-    say "build.py --hf_model_dir $W/hf -> $W/fp16"
+  if [ ! -f "$W/base/config.json" ]; then
+    say "build.py --hf_model_dir $W/hf -> $W/base"
     "$PY" examples/qwen/build.py --force --hf_model_dir "$W/hf" --dtype "${DTYPE:-float16}" --max_batch_size 16 \
-      --max_input_len 1024 --max_output_len 128 --output_dir "$W/fp16" > "$OUT/build_fp16.log" 2>&1 ||
-      { tail -20 "$OUT/build_fp16.log"; return 1; }
+      --max_input_len 1024 --max_output_len 128 --output_dir "$W/base" > "$OUT/build_base.log" 2>&1 ||
+      { tail -20 "$OUT/build_base.log"; return 1; }
   fi
-  say "summarize.py --engine_dir $W/fp16 $*"
-  "$PY" examples/qwen/summarize.py --test_trt_llm --test_hf --hf_model_dir "$W/hf" --engine_dir "$W/fp16" \
-    --data_type fp16 --max_ite 5 --batch_size 1 --output_len 100 --check_accuracy --tensorrt_llm_rouge1_threshold 15 \
+  say "summarize.py --engine_dir $W/base $*"
+  "$PY" examples/qwen/summarize.py --test_trt_llm --test_hf --hf_model_dir "$W/hf" --engine_dir "$W/base" \
+    --data_type "${DTYPE:-float16}" --max_ite 5 --batch_size 1 --output_len 100 --check_accuracy \
+    --tensorrt_llm_rouge1_threshold 15 \
     --no_progress "$@" 2>&1 | tee "$OUT/summarize.txt" | no_hf_log
 }
 

@@ -12,11 +12,11 @@ per byte. --gated times c_proj as the MLP runs it (x = [gate | up], SiLU*mul fus
 of each weight row prefetched into L2 before the PDL wait (default: the kernel module's PREFETCH_BYTES).
 """
 
-import argparse
 import itertools
 
 import torch
 
+from qwen_trtllm.cli import parser, require_cuda
 from qwen_trtllm.kernels import fp8_gemv as F
 from qwen_trtllm.kernels import gemv as G
 
@@ -96,13 +96,14 @@ def tune_fp8(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=1)
+    ap = parser(__doc__)
+    ap.add_argument("--rows", type=int, default=1, help="rows of x (decode batch)")
     ap.add_argument("--shapes", default=None, help="default qkv,dense,gate_up,c_proj,lm_head (fp8: no lm_head)")
     ap.add_argument("--format", choices=("fp16", "fp8"), default="fp16")
     ap.add_argument("--gated", action="store_true", help="c_proj with SiLU*mul fused, as the MLP runs it")
     ap.add_argument("--prefetch", type=int, default=None, help="L2 prefetch bytes per weight row (sm_90+)")
     args = ap.parse_args()
+    require_cuda("gpu_gemv_tune.py")
     shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "gate_up": (22016, 4096), "c_proj": (4096, 11008),
               "lm_head": (151936, 4096)}
     fp8 = args.format == "fp8"

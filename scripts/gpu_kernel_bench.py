@@ -14,13 +14,13 @@ On the GPU machine, from the repository root (the package is found through PYTHO
                                                       # decode attention at serving shapes
 """
 
-import argparse
 import math
 
 import torch
 import torch.nn.functional as F
 import triton
 
+from qwen_trtllm.cli import parser, require_cuda
 from qwen_trtllm.kernels import (
     default_num_splits,
     paged_decode_attention,
@@ -136,19 +136,20 @@ def bench_prefill(P: int, qlen: int, ctx: int, kc: torch.Tensor, vc: torch.Tenso
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--block_size", type=int, default=64, choices=[16, 32, 64, 128])
     ap.add_argument("--quick", action="store_true", help="attention only, fewer shapes")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="decode batch sizes (comma-separated)")
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="decode context lengths")
     args = ap.parse_args()
+    require_cuda("gpu_kernel_bench.py")
     batches, contexts = (tuple(int(v) for v in a.split(",")) for a in (args.batches, args.contexts))
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     bs = args.block_size
     tol = 2e-3 if dt == torch.float16 else 1e-2
     torch.manual_seed(0)
-    name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
+    name = torch.cuda.get_device_name()
     print(f"{name}  {dt}  block_size {bs}  (times in us; GB/s of required traffic)")
     print(f"{'kernel':<16} {'shape':<28} {'triton':>9} {'torch':>9} {'speedup':>8} {'GB/s tri':>8} {'GB/s ref':>8} "
           f"{'rel err':>9}")

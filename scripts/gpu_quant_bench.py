@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qwen_trtllm.cli import require_cuda
+
 SHAPES = {"qkv": (4096, 12288), "dense": (4096, 4096), "gate_up": (4096, 22016), "c_proj": (11008, 4096)}  # K, N
 MS = (1, 16, 64, 1024)
 GROUP = 128
@@ -213,8 +215,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write all results (and sweep results) to this file")
     ap.add_argument("--layers", type=int, default=0, help="also time this many decoder layers' matmuls chained")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_quant_bench.py needs a CUDA GPU")
+    require_cuda("gpu_quant_bench.py")
     if args.layers:
         gen = torch.Generator(device="cuda").manual_seed(0)
         chains = [r for p in args.impls if p != "fp16" for r in layer_chain(p, args.layers, gen)]

@@ -11,7 +11,6 @@ Prints one line per kernel (us per step, launches per step, share) and a last li
 launches per step; the difference is time the GPU sat idle between kernels (launch gaps, host work).
 """
 
-import argparse
 import contextlib
 import functools
 import time
@@ -20,6 +19,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from qwen_trtllm.cli import parser, require_cuda
 from qwen_trtllm.evaluation.benchmark import quantized_engine, random_engine, static_batch_llm
 from qwen_trtllm.runtime.request import SamplingParams
 
@@ -41,17 +41,19 @@ def ablate(ops, names: list[str]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="qwen-7b")
-    p.add_argument("--batch", type=int, default=1)
+    p = parser(__doc__)
+    p.add_argument("--model", default="qwen-7b", help="random weights of a named shape: tiny, qwen-1.8b, qwen-7b, "
+                   "qwen-14b (made on the GPU)")
+    p.add_argument("--batch", type=int, default=1, help="requests decoded together")
     p.add_argument("--context", type=int, default=128, help="prompt tokens before the profiled steps")
     p.add_argument("--steps", type=int, default=32, help="decode steps profiled")
     p.add_argument("--quant", default="", help="int8, int4 or fp8 (default: the fp16 engine)")
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "int8", "fp8"])
-    p.add_argument("--top", type=int, default=14)
+    p.add_argument("--top", type=int, default=14, help="kernels listed (the most GPU time first)")
     p.add_argument("--ablate", default="", help="comma-separated: rms_norm, attention, rotary (no-ops: timing "
                    "only), one_split (real kernels)")
     a = p.parse_args()
+    require_cuda("profile_decode.py")
     engine = random_engine(a.model, max_batch_size=max(a.batch, 1), max_input_len=a.context,
                            max_output_len=2 * a.steps + 64, kv_cache_dtype=a.kv_cache_dtype)
     if a.quant:
