@@ -5,11 +5,11 @@ then the best three configs, best first.
 python3 scripts/gpu_gemv_tune.py [--rows 1] [--format fp16|fp8] [--gated] [--prefetch BYTES]
 
 --format fp8 sweeps the FP8 GEMV (kernels/fp8_gemv.py: e4m3 weights, 1 byte each, fp16 activations) instead: its
-elementwise kernel for --rows 1-4, its tl.dot kernel for 5-16, each over that kernel's configs (Fp8GemvConfig),
-then the elementwise kernel's three best again with the integer e4m3 widening (bits=True); the fp8 engine's
-shapes (no lm_head: --use_fp8 keeps it fp16). GB/s count the e4m3 bytes, so they compare with the fp16 sweep's
-per byte. --gated times c_proj as the MLP runs it (x = [gate | up], SiLU*mul fused); --prefetch sets the bytes
-of each weight row prefetched into L2 before the PDL wait (default: the kernel module's PREFETCH_BYTES).
+elementwise kernel for --rows 1-4, its tl.dot kernel for 5-16, each over that kernel's configs
+(Fp8GemvConfig); the fp8 engine's shapes (no lm_head: --use_fp8 keeps it fp16). GB/s count the e4m3 bytes, so
+they compare with the fp16 sweep's per byte. --gated times c_proj as the MLP runs it (x = [gate | up], SiLU*mul
+fused); --prefetch sets the bytes of each weight row prefetched into L2 before the PDL wait (default: the kernel
+module's PREFETCH_BYTES).
 """
 
 import itertools
@@ -90,9 +90,7 @@ def tune_fp8(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
         return time_graph(lambda: [F.fp8_gemv(x, q, s, gated=gated, config=cfg) for q, s in ws]), cfg
 
     results = [timed(cfg) for cfg in fp8_configs(rows)]
-    if rows <= F.GEMV_ROWS:  # the integer widening on the three best
-        results += [timed(cfg._replace(bits=True)) for _, cfg in sorted(results, key=lambda r: r[0])[:3]]
-    report(name, results, F.default_config(N, K, x.device, rows), copies, nbytes)
+    report(name, results, F.default_config(N, K, x.device, rows, gated), copies, nbytes)
 
 
 def main() -> None:

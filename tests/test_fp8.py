@@ -15,6 +15,7 @@ import qwen_trtllm.kernels.fp8_gemv as fp8_gemv_mod
 from qwen_trtllm import QWenError
 from qwen_trtllm.kernels import silu_mul_reference
 from qwen_trtllm.kernels.fp8_gemv import _CONFIGS, GEMV_ROWS, MAX_ROWS, fp8_gemv, fp8_gemv_reference
+from qwen_trtllm.kernels.fp8_quant import quantize_fp8_rows, quantize_fp8_rows_reference
 from qwen_trtllm.quantization.fp8 import (
     FP8_DTYPE,
     GATED_MAX_ROWS,
@@ -47,7 +48,8 @@ def test_weight_quantisation_error_bound_and_per_channel_scales():
     q, s = quantize_fp8_weight(w)
     assert q.dtype == FP8_DTYPE and q.shape == w.shape and s.dtype == torch.float32 and s.shape == (48,)
     assert (q[0].float() == 0).all() and torch.isfinite(s).all() and (s > 0).all()
-    torch.testing.assert_close(s[1:], w[1:].abs().amax(dim=1) / 448, rtol=0, atol=0)  # amax / 448 per row
+    amax = w[1:].abs().amax(dim=1)
+    torch.testing.assert_close(s[1:], (amax.double() / 448).float(), rtol=0, atol=0)  # amax / 448 per row
     assert len(set(s.tolist())) == 48  # one scale per output channel, each row its own
     assert (q[1:].float().abs().amax(dim=1) == 448).all()  # every non-zero row uses e4m3's full range
     deq = dequantize_fp8(q, s)
@@ -63,7 +65,7 @@ def test_activation_scales_are_per_token():
     x = torch.randn(6, 96) * torch.tensor([1e-3, 0.1, 1, 10, 300, 0.0])[:, None]
     q, s = quantize_fp8_activation(x)
     assert q.dtype == FP8_DTYPE and s.shape == (6,) and torch.isfinite(s).all()
-    torch.testing.assert_close(s[:5], x[:5].abs().amax(dim=1) / 448, rtol=0, atol=0)
+    torch.testing.assert_close(s[:5], (x[:5].abs().amax(dim=1).double() / 448).float(), rtol=0, atol=0)
     assert (q[5].float() == 0).all()
     rel = (dequantize_fp8(q, s) - x).abs() / x.abs().clamp_min(1e-30)
     assert (rel[:5][(x[:5] / s[:5, None]).abs() >= 2.0**-6] <= 2.0**-4 * (1 + 1e-6)).all()
@@ -145,9 +147,6 @@ def test_fp8_gemv_rows_bias_gated_within_fp32_rounding(M, N, K, has_bias, dtype,
     assert got.dtype == ref.dtype == dtype and got.shape == ref.shape == (M, N)
     assert _gemv_error_ratio(got, x, q, s, bias, gated) <= 1  # the kernel
     assert _gemv_error_ratio(ref, x, q, s, bias, gated) <= 1  # the reference (kernel == reference to rounding)
-    if M <= GEMV_ROWS:  # the integer e4m3 widening: every partial sum 2^-8 of the same, the same bits out
-        bits = fp8_gemv_mod.default_config(N, K, x.device, M)._replace(bits=True)
-        assert torch.equal(fp8_gemv(x, q, s, bias, gated=gated, config=bits), got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -173,32 +172,33 @@ def test_fp8_gemv_error_bound_catches_wrong_results(dtype):
 
 
 @pytest.mark.parametrize("gpu", sorted(_CONFIGS))
-@pytest.mark.parametrize("rows", [1, GEMV_ROWS + 1])
-def test_fp8_gemv_gpu_configs(gpu, rows):
-    """Every config of the GPU table (1 KiB K tiles, 8-16-row blocks), and the integer e4m3 widening, give the
-    same product (here in the interpreter; the shapes cross two K tiles, evenly and not)."""
+@pytest.mark.parametrize("kind", ["gemv", "gated", "mma"])
+def test_fp8_gemv_gpu_configs(gpu, kind):
+    """Every config of the GPU table gives the product within float32 rounding (here in the interpreter; the
+    shapes cross two K tiles, evenly and not, and end in a partial row block)."""
+    rows = GEMV_ROWS + 1 if kind == "mma" else GEMV_ROWS
+    gated = kind == "gated"
     g = torch.Generator().manual_seed(rows)
-    for narrow, cfg in zip((True, False), _CONFIGS[gpu]["gemv" if rows <= GEMV_ROWS else "mma"], strict=True):
+    for cfg in _CONFIGS[gpu][kind]:
         for K in (2 * cfg.block_k, 2 * cfg.block_k - 48):
-            N = 2 * cfg.block_n + 3 if narrow else 3 * cfg.block_n
+            N = 2 * cfg.block_n + 3
             q, s = (t.to(DEVICE) for t in quantize_fp8_weight(_weights(N, K, K)))
-            x = torch.randn(rows, 2 * K, generator=g).to(DEVICE, torch.float16)
+            x = torch.randn(rows, 2 * K if gated else K, generator=g).to(DEVICE, torch.float16)
             bias = torch.randn(N, generator=g).to(DEVICE, torch.float16)
-            variants = ((False, False), (True, False), (True, True)) if rows <= GEMV_ROWS else ((False, False),)
-            for gated, bits in variants:  # gated, and bits (the integer e4m3 widening): the elementwise kernel's
-                cfg_b = cfg._replace(bits=bits)
-                got = fp8_gemv(x if gated else x[:, :K], q, s, bias, gated=gated, config=cfg_b)
-                assert _gemv_error_ratio(got, x if gated else x[:, :K], q, s, bias, gated) <= 1, (cfg_b, K)
+            got = fp8_gemv(x, q, s, bias, gated=gated, config=cfg)
+            assert _gemv_error_ratio(got, x, q, s, bias, gated) <= 1, (cfg, K)
 
 
 def test_fp8_gemv_config_table(monkeypatch):
     """On CUDA the GPU model's table: the elementwise kernel's configs up to GEMV_ROWS rows, the tl.dot kernel's
-    above, narrow (N <= 4096) or wide ones, K tiles clamped to K (>= 16); an unknown GPU takes the H100's."""
+    above, narrow (N <= 4096) or wide ones, the gated one for c_proj with SiLU*mul, K tiles clamped to K (>= 16);
+    an unknown GPU takes the H100's."""
     cuda = torch.device("cuda", 0)
     for model, table in (("H200", _CONFIGS["H200"]), ("", _CONFIGS["H100"])):
         monkeypatch.setattr(fp8_gemv_mod, "gpu_model", lambda device, m=model: m)
         assert fp8_gemv_mod.default_config(4096, 11008, cuda, 1) == table["gemv"][0]
         assert fp8_gemv_mod.default_config(22016, 4096, cuda, GEMV_ROWS) == table["gemv"][1]
+        assert fp8_gemv_mod.default_config(4096, 11008, cuda, 1, gated=True) == table["gated"][0]
         assert fp8_gemv_mod.default_config(4096, 4096, cuda, GEMV_ROWS + 1) == table["mma"][0]
         assert fp8_gemv_mod.default_config(12288, 4096, cuda, MAX_ROWS) == table["mma"][1]
         assert fp8_gemv_mod.default_config(64, 40, cuda, 1).block_k == 64
@@ -250,8 +250,8 @@ def calls(monkeypatch) -> dict[str, list]:
 @pytest.mark.parametrize("rows", [1, GEMV_ROWS, GEMV_ROWS + 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 5])
 def test_fp8_linear_gated_fuses_silu_mul(rows, calls):
     """Kernels.linear(c_proj, [gate | up], gated=True) on an Fp8Linear: the GEMV applies SiLU(gate) * up itself up
-    to GATED_MAX_ROWS rows (no silu_mul kernel), silu_mul then the product above; the same as silu_mul_reference
-    then the reference product."""
+    to GATED_MAX_ROWS rows (no silu_mul kernel), silu_mul then the GEMV up to GEMV_MAX_ROWS, the activation
+    quantiser above (sm_89+ GPUs); the same as silu_mul_reference then the reference product."""
     from qwen_trtllm.models.qwen.model import Kernels
 
     K = 200
@@ -264,7 +264,8 @@ def test_fp8_linear_gated_fuses_silu_mul(rows, calls):
     got = Kernels(triton=True).linear(layer, gu, gated=True)
     assert got.shape == (rows, 1, 48)
     fused = rows <= GATED_MAX_ROWS
-    assert calls["silu_mul"] == ([] if fused else [rows])
+    in_quantiser = rows > GEMV_MAX_ROWS and FP8_GPU  # torch._scaled_mm's activation quantiser applies it
+    assert calls["silu_mul"] == ([] if fused or in_quantiser else [rows])
     assert calls["fp8_gemv"] == ([(rows, True)] if fused else [] if rows > GEMV_MAX_ROWS else [(rows, False)])
     tol = 1e-5 if rows <= GEMV_MAX_ROWS or DEVICE == "cpu" else 2e-3
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
@@ -281,6 +282,44 @@ def test_scaled_mm_matches_reference(dtype):
     got = fp8_scaled_mm(x, q, s, bias).float()
     rtol = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-9
     torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+    gu = torch.randn(64, 1024, device="cuda", dtype=dtype)  # c_proj: SiLU(gate) * up fused into the quantiser
+    ref = fp8_linear_reference(silu_mul_reference(gu), q, s, quantize_activations=True).float()
+    got = fp8_scaled_mm(gu, q, s, gated=True).float()
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+
+
+# --- the activation quantiser (torch._scaled_mm's input) ----------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K", [96, 200, 1024])
+def test_activation_quantiser_kernel_equals_reference_bitwise(dtype, K):
+    """kernels/fp8_quant.py: codes and scales bit for bit the reference's, for rows of unlike ranges, an all-zero
+    row, values that overflow fp16's subnormals after scaling, and a strided input."""
+    g = torch.Generator().manual_seed(K)
+    ranges = torch.tensor([1e-4, 0.02, 1.0, 7.0, 300.0, 0.0, 1.0, 1e3])[:, None]
+    x = torch.randn(8, 2 * K, generator=g) * ranges
+    x[6, 3] = 1e4  # one outlier: the rest of its row falls to e4m3's subnormals and zero
+    x = x.to(DEVICE, dtype)[:, ::2]  # a strided view
+    codes, scales = quantize_fp8_rows(x)
+    ref_codes, ref_scales = quantize_fp8_rows_reference(x)
+    assert codes.dtype == FP8_DTYPE and codes.shape == (8, K) and scales.dtype == torch.float32
+    assert torch.equal(scales.cpu(), ref_scales.cpu())
+    assert torch.equal(codes.cpu().float(), ref_codes.cpu().float())  # every code (-0 and +0 alike: the same value)
+    assert (codes[5].float() == 0).all() and (codes[:5].float().abs().amax(dim=1) == 448).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_activation_quantiser_gated_equals_silu_mul_then_quantiser(dtype):
+    """gated=True quantises SiLU(gate) * up with silu_mul's roundings: the same bits as silu_mul, then the
+    quantiser (silu_mul is checked against its reference in test_kernels.py)."""
+    x = (torch.randn(5, 2 * 300, generator=torch.Generator().manual_seed(1)) * 3).to(DEVICE, dtype)
+    codes, scales = quantize_fp8_rows(x, gated=True)
+    want_codes, want_scales = quantize_fp8_rows(kernels_pkg.silu_mul(x))
+    assert torch.equal(scales, want_scales) and torch.equal(codes.float(), want_codes.float())
+    # and against the reference: e4m3's half step (2^-4 relative, 2^-10 of the scale in subnormals) on top of
+    # SiLU's one-ulp differences in x's dtype (the interpreter truncates float32 -> bf16)
+    want = silu_mul_reference(x).float()
+    torch.testing.assert_close(dequantize_fp8(codes, scales), want, rtol=2.0**-4 + 2.0**-7,
+                               atol=2.0**-10 * scales.max().item())
 
 
 # --- engines ------------------------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ def main() -> int:
                        help="dtype of the random weights (--model)")
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "int8", "fp8"],
                    help="--model: the KV cache's format (build.py --int8_kv_cache / --fp8_kv_cache)")
+    p.add_argument("--quant", default=None, choices=["int8", "int4", "fp8"],
+                   help="--model: quantised weights, as build.py --use_weight_only --weight_only_precision int8 / "
+                   "int4 (group size 128) or --use_fp8 (lm_head unquantised) makes them (default: none)")
     p.add_argument("--num_requests", type=int, default=1000, help="requests in the workload")
     p.add_argument("--dataset", default="chat", help='"chat" (synthetic chat mix) or "IN,OUT" fixed lengths')
     p.add_argument("--request_rate", type=float, default=float("inf"), help="requests/s, Poisson (inf: all at once)")
@@ -59,6 +62,9 @@ def main() -> int:
     if args.base_url is None and not torch.cuda.is_available() and not args.engine_dir:
         raise QWenError("benchmark_serving.py needs an NVIDIA GPU (without one: --engine_dir runs on the CPU as a "
                         "functional check, its numbers say nothing about a GPU; --base_url loads a server)")
+    if args.quant and (args.engine_dir or args.base_url):
+        raise QWenError("--quant quantises --model's random weights; an engine keeps the format it was built with "
+                        "(build.py --use_fp8 / --use_weight_only)")
     if args.request_rates and (args.compare_hf or args.interference):
         raise QWenError("--request_rates does not combine with --compare_hf / --interference: give --request_rate")
     from qwen_trtllm.evaluation import serving as sv
@@ -80,6 +86,9 @@ def main() -> int:
     else:
         engine = bm.random_engine(args.model, args.dtype, "cuda", max_batch_size=args.max_batch_size or 512,
                                   max_input_len=2048, max_output_len=1024, kv_cache_dtype=args.kv_cache_dtype)
+        if args.quant:  # the fp16 original is dropped before the KV cache is sized from the free memory
+            engine = bm.quantized_engine(engine, args.quant)
+            torch.cuda.empty_cache()
     config = replace(executor_config_from_args(args, engine.build), num_scheduler_steps=args.num_scheduler_steps)
     llm = LLM.from_engine(engine, config=config)
     print(llm.executor.kv_cache_report(), f"max_batch_size {llm.executor.max_batch_size}, max_num_tokens "

@@ -4,10 +4,9 @@ not quantised (quantization/fp8.py says why).
 
 Two kernels, both giving each program BLOCK_N whole weight rows and walking K in BLOCK_K tiles:
   * `_fp8_gemv_kernel`, 1-GEMV_ROWS rows (decode at batch 1-4), the fp16 GEMV's scheme (kernels/gemv.py): each
-    e4m3 tile [BLOCK_N, BLOCK_K] (BLOCK_K bytes per row) is converted once, straight to float32 (or, with the
-    config's `bits`, by integer bit moves to fp16 = code * 2^-8, then to float32), multiplied elementwise with
-    the activation tile in float32 and accumulated in a [BLOCK_N, BLOCK_K] float32 tile that is reduced over K
-    once at the end; one x row after another (the later rows re-read the weights from L2).
+    e4m3 tile [BLOCK_N, BLOCK_K] (BLOCK_K bytes per row) is converted once, straight to float32, multiplied
+    elementwise with the activation tile in float32 and accumulated in a [BLOCK_N, BLOCK_K] float32 tile that is
+    reduced over K once at the end; one x row after another (the later rows re-read the weights from L2).
   * `_fp8_mma_kernel`, GEMV_ROWS+1 to MAX_ROWS rows: tl.dot on 16-row tiles (rows padded with zeros), the codes
     converted straight to x's dtype (exact: e4m3's 3 mantissa bits and exponent range fit fp16 and bf16),
     float32 accumulation; fp32 activations in full IEEE precision; bf16 ones in float32 under the interpreter,
@@ -44,8 +43,7 @@ PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GATED: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                     BITS: tl.constexpr = False):
+                     GATED: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     pid = tl.program_id(0)
     n0 = pid * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -70,16 +68,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y
                 xv = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
                 if GATED:
                     xv = silu_times(xv, tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0))
-            if BITS:  # the e4m3 bits moved into fp16's (= code * 2^-8 exactly, subnormals too), then fp16 -> fp32
-                b16 = codes.to(tl.uint8, bitcast=True).to(tl.uint16)
-                wf = (((b16 & 0x80) << 8) | ((b16 & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
-            else:  # e4m3 -> float32 exactly, one conversion
-                wf = codes.to(tl.float32)
-            acc += wf * xv.to(tl.float32)[None, :]
-        scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
-        if BITS:  # the codes were 2^-8 of their values: 2^8 exactly, the same roundings
-            scale = scale * 256.0
-        y = tl.sum(acc, axis=1) * scale
+            acc += codes.to(tl.float32) * xv.to(tl.float32)[None, :]  # e4m3 -> float32 exactly, one conversion
+        y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -125,41 +115,45 @@ def _fp8_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride
 
 
 class Fp8GemvConfig(NamedTuple):
-    """Launch parameters of one kernel: BLOCK_N weight rows per program, BLOCK_K codes (bytes) per row tile.
-    bits (elementwise kernel only): widen e4m3 by integer bit moves into fp16, then to fp32, instead of the
-    conversion instructions (e4m3x2 -> f16x2 cvt + f16 -> f32), in case those bound the kernel on a GPU."""
+    """Launch parameters of one kernel: BLOCK_N weight rows per program, BLOCK_K codes (bytes) per row tile."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
-    bits: bool = False
 
 
-# (narrow, wide) configs per GPU model (launch.gpu_model) and kernel ("gemv": <= GEMV_ROWS rows, "mma": above);
-# narrow: N <= 4096 (Qwen-7B's dense and c_proj). First guesses, not measured yet: the elementwise kernel takes
-# the fp16 GEMV's H200 best (kernels/gemv.py: 4 warps, 3 stages, 16-row blocks for narrow outputs, 8 for wide)
-# with 1024-code (1 KiB) row tiles, the same float32 accumulator size per thread as the fp16 kernel's narrow
-# config (16 x 1024 over 128 threads); on the H100 8 warps, as its fp16 table. The tl.dot kernel keeps its earlier
-# guess (16 x 512, 4 warps, 4 stages). To be replaced by the bests of scripts/gpu_gemv_tune.py --format fp8.
+# Configs per GPU model (launch.gpu_model): "gemv" (the elementwise kernel, <= GEMV_ROWS rows) and "mma" (the tl.dot
+# kernel, above) as (narrow, wide): narrow for N <= 4096 (Qwen-7B's dense and c_proj), wide above (qkv, gate_up);
+# "gated": c_proj with SiLU*mul fused (the elementwise kernel). H200: the bests of
+# `scripts/gpu_gemv_tune.py --format fp8 --rows 1 | --rows 1 --shapes c_proj --gated | --rows 8 | --rows 16`
+# (docs/PERF.md, 2026-12-01): 4-row blocks (more programs in flight) beat the fp16 GEMV's 8-16 for 1-byte codes,
+# 512-code tiles with 2 warps and 2 stages for the wide shapes (gate_up 25.0 us vs 29.5 with 8 x 1024, 4 warps);
+# the tl.dot kernel wants 32-64-row blocks (gate_up at 16 rows 27.8 us vs 56.2 with 16 x 512). The H100's
+# elementwise configs are unmeasured guesses (the fp16 GEMV's H100 table), its tl.dot ones the H200's.
 # A GPU without an entry takes the H100's.
-_CONFIGS: dict[str, dict[str, tuple[Fp8GemvConfig, Fp8GemvConfig]]] = {
-    "H200": {"gemv": (Fp8GemvConfig(16, 1024, 4, 3), Fp8GemvConfig(8, 1024, 4, 3)),
-             "mma": (Fp8GemvConfig(16, 512, 4, 4), Fp8GemvConfig(16, 512, 4, 4))},
+_CONFIGS: dict[str, dict[str, tuple[Fp8GemvConfig, ...]]] = {
+    "H200": {"gemv": (Fp8GemvConfig(4, 1024, 4, 3), Fp8GemvConfig(4, 512, 2, 2)),
+             "gated": (Fp8GemvConfig(8, 1024, 4, 3),),
+             "mma": (Fp8GemvConfig(32, 512, 4, 4), Fp8GemvConfig(64, 256, 4, 4))},
     "H100": {"gemv": (Fp8GemvConfig(16, 1024, 8, 3), Fp8GemvConfig(8, 1024, 8, 3)),
-             "mma": (Fp8GemvConfig(16, 512, 4, 4), Fp8GemvConfig(16, 512, 4, 4))},
+             "gated": (Fp8GemvConfig(16, 1024, 8, 3),),
+             "mma": (Fp8GemvConfig(32, 512, 4, 4), Fp8GemvConfig(64, 256, 4, 4))},
 }
 
 
-def default_config(N: int, K: int, device: torch.device, rows: int = 1) -> Fp8GemvConfig:
-    """The launch config for x [rows, K] @ W [N, K]^T on `device`: its GPU model's table entry on CUDA (K tiles
-    no wider than K, at least 16 for tl.dot). Off CUDA (Triton's interpreter, in tests) few, large programs and
-    256-wide K tiles, so small test shapes cross several tiles."""
+def default_config(N: int, K: int, device: torch.device, rows: int = 1, gated: bool = False) -> Fp8GemvConfig:
+    """The launch config for x [rows, K] (gated: [rows, 2K]) @ W [N, K]^T on `device`: its GPU model's table
+    entry on CUDA (K tiles no wider than K, at least 16 for tl.dot). Off CUDA (Triton's interpreter, in tests) few,
+    large programs and 256-wide K tiles, so small test shapes cross several tiles."""
     if device.type != "cuda":
         return Fp8GemvConfig(64, max(16, min(256, triton.next_power_of_2(K))), 4, 1)
     table = _CONFIGS.get(gpu_model(device), _CONFIGS["H100"])
-    narrow, wide = table["gemv" if rows <= GEMV_ROWS else "mma"]
-    cfg = narrow if N <= 4096 else wide
+    if gated:
+        cfg = table["gated"][0]
+    else:
+        narrow, wide = table["gemv" if rows <= GEMV_ROWS else "mma"]
+        cfg = narrow if N <= 4096 else wide
     return cfg._replace(block_k=min(cfg.block_k, max(16, triton.next_power_of_2(K))))
 
 
@@ -181,7 +175,7 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
         x = x.contiguous()
     assert qweight.is_contiguous() and scales.is_contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    cfg = config or default_config(N, K, x.device, M)
+    cfg = config or default_config(N, K, x.device, M, gated)
     pdl = pdl_enabled(x.device)
     common = dict(HAS_BIAS=bias is not None, EVEN_K=K % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   PDL=pdl, PREFETCH=l2_prefetch_bytes(x.device, PREFETCH_BYTES, K, K),
@@ -189,7 +183,7 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
     args = (x, qweight, scales, bias if bias is not None else scales, y)
     grid = (triton.cdiv(N, cfg.block_n),)
     if M <= GEMV_ROWS:
-        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, GATED=gated, BITS=cfg.bits, **common)
+        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, GATED=gated, **common)
     else:
         _fp8_mma_kernel[grid](*args, M, N, K, x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,
                               UPCAST=x.dtype == torch.bfloat16 and not x.is_cuda, BLOCK_M=16, **common)

@@ -2,12 +2,14 @@
 per-channel weight scales and dynamic per-token activation scales, vLLM's "fp8 dynamic").
 
 Weights, at build: one float32 scale per output channel, scale = max|w_row| / 448, codes = w / scale rounded to
-the nearest e4m3 value (torch.float8_e4m3fn, ties to even); an all-zero row gets a tiny scale and zero codes.
-Activations, per call: one float32 scale per token (row of x), computed and applied the same way.
+the nearest e4m3 value (torch.float8_e4m3fn, ties to even), both divisions correctly rounded in float32; an
+all-zero row gets a tiny scale (SCALE_MIN) and zero codes. Activations, per call: one float32 scale per token (row
+of x), computed and applied the same way (on CUDA by one Triton kernel, kernels/fp8_quant.py, bit for bit).
 
 The product, y = (codes_x * scale_x) @ (codes_w * scale_w)^T, is computed three ways:
-  * more than GEMV_MAX_ROWS rows on CUDA (prefill, large batches): torch._scaled_mm (cuBLASLt) on e4m3 codes with
-    row-wise scales, float32 accumulation, output in the engine dtype;
+  * more than GEMV_MAX_ROWS rows on CUDA (prefill, large batches): the activations quantised per token by one
+    kernel (with SiLU(gate) * up fused for c_proj), then torch._scaled_mm (cuBLASLt) on e4m3 codes with row-wise
+    scales, float32 accumulation, output in the engine dtype;
   * up to GEMV_MAX_ROWS rows on CUDA (decode at batch 1-16): the Triton FP8 GEMV of kernels/fp8_gemv.py. Its
     activations are *not* quantised: at these sizes the step streams the weights once and their bytes are all
     that count (a 4096 x 4096 layer: 16 MiB of e4m3 against 8 KiB of fp16 activations per row), so quantising x
@@ -36,15 +38,17 @@ GEMV_MAX_ROWS = 16
 # Rows up to which the MLP's c_proj hands the GEMV [gate | up] and SiLU*mul is fused: its elementwise kernel's
 # (kernels/fp8_gemv.py GEMV_ROWS, which says why not above); above, silu_mul runs first.
 GATED_MAX_ROWS = 4
-_SCALE_MIN = 2.0**-30  # keeps all-zero rows from a zero scale (their codes are 0 whatever the scale)
+SCALE_MIN = 2.0**-30  # keeps all-zero rows from a zero scale (their codes are 0 whatever the scale)
 MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada (sm_89), Hopper (sm_90) and later
 
 
 def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [..., K] -> (e4m3 codes [..., K], float32 scales [...]): one scale per row, amax / 448."""
+    """x [..., K] -> (e4m3 codes [..., K], float32 scales [...]): one scale per row, amax / 448. The divisions in
+    float64 rounded once to float32: the correctly rounded float32 quotients (53 >= 2 * 24 + 2 bits), which the
+    kernel's div_rn computes (PyTorch's own float32 division by a scalar may multiply by its reciprocal)."""
     xf = x.float()
-    scales = (xf.abs().amax(dim=-1) / FP8_MAX).clamp_min(_SCALE_MIN)
-    codes = (xf / scales[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    scales = (xf.abs().amax(dim=-1).double() / FP8_MAX).float().clamp_min(SCALE_MIN)
+    codes = (xf.double() / scales.double()[..., None]).float().clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return codes, scales
 
 
@@ -92,9 +96,13 @@ def scaled_mm_supported(M: int, N: int, K: int, device: torch.device) -> bool:
     return device.type == "cuda" and K % 16 == 0 and N % 16 == 0 and M > 0
 
 
-def fp8_scaled_mm(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [M, K] (fp16/bf16/fp32, CUDA) -> per-token e4m3 -> torch._scaled_mm with row-wise scales -> [M, N]."""
-    xq, xs = quantize_fp8_activation(x)
+def fp8_scaled_mm(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
+                  gated: bool = False) -> Tensor:
+    """x [M, K] (fp16/bf16/fp32, CUDA; gated: [M, 2K] = [gate | up], SiLU(gate) * up quantised) -> per-token e4m3
+    (kernels/fp8_quant.py) -> torch._scaled_mm with row-wise scales -> [M, N] in x.dtype."""
+    from qwen_trtllm.kernels.fp8_quant import quantize_fp8_rows
+
+    xq, xs = quantize_fp8_rows(x, gated)
     out = x.dtype
 
     def mm(dtype: torch.dtype) -> Tensor:
@@ -131,7 +139,8 @@ class Fp8Linear(nn.Module):
     use_triton: None = the CUDA kernels on CUDA (GEMV up to GEMV_MAX_ROWS rows, torch._scaled_mm above), the
     reference elsewhere; True also runs the Triton GEMV on CPU under TRITON_INTERPRET=1 (tests); False never
     (fp8_linear_reference). accepts_gated: forward(x, gated=True) takes the MLP's [gate | up] and applies
-    SiLU(gate) * up itself (fused into the GEMV up to GATED_MAX_ROWS rows, silu_mul then the product above);
+    SiLU(gate) * up itself (fused into the GEMV up to GATED_MAX_ROWS rows and into the activation quantiser above
+    GEMV_MAX_ROWS, silu_mul then the GEMV between);
     Kernels.linear hands it gated inputs instead of running silu_mul first."""
 
     accepts_gated = True
@@ -169,6 +178,8 @@ class Fp8Linear(nn.Module):
             from qwen_trtllm.kernels import triton_available
 
             kernels = triton_available(x.device)
+        if kernels and M > GEMV_MAX_ROWS and scaled_mm_supported(M, self.out_features, self.in_features, x.device):
+            return fp8_scaled_mm(x2, self.qweight, self.scales, self.bias, gated=gated).view(out_shape)
         gemv = kernels and 0 < M <= GEMV_MAX_ROWS
         fused = gated and gemv and M <= GATED_MAX_ROWS
         if gated and not fused:
@@ -179,8 +190,6 @@ class Fp8Linear(nn.Module):
             from qwen_trtllm.kernels.fp8_gemv import fp8_gemv
 
             return fp8_gemv(x2, self.qweight, self.scales, self.bias, gated=fused).view(out_shape)
-        if kernels and M > GEMV_MAX_ROWS and scaled_mm_supported(M, self.out_features, self.in_features, x.device):
-            return fp8_scaled_mm(x2.contiguous(), self.qweight, self.scales, self.bias).view(out_shape)
         return fp8_linear_reference(x2, self.qweight, self.scales, self.bias).view(out_shape)
 
     def extra_repr(self) -> str:
