@@ -31,6 +31,10 @@ subcommands (each ends with a table; ARGS are passed through to the CLI named, l
                        engine from the same FT directory, chatted with and compared against the $DTYPE engine.
                        EVAL_ARGS: more eval_accuracy.py flags (e.g. "--prompt_len 960"); MIN_TOP1: the second
                        engine's goal against it. Table: accuracy per pair, engine sizes.
+  formats              teacher-forced agreement of each weight / KV format with the $DTYPE engine of the same random
+                       $PRESET checkpoint: build.py --hf_model_dir per format (FORMATS="LABEL=BUILD_ARGS;...",
+                       default fp8=--use_fp8, fp8_kv=--fp8_kv_cache, int8_kv=--int8_kv_cache, fp8+fp8_kv), then
+                       eval_accuracy.py (64 prompts x 32 positions) against $W/base. Table: accuracy per format.
   summarize [ARGS]     examples/qwen/summarize.py --test_trt_llm --test_hf (engine vs Hugging Face, both $DTYPE, 5
                        articles, 100 tokens) on e2e's checkpoint and $DTYPE engine (made if missing; needs rouge-score
                        and nltk).
@@ -252,6 +256,34 @@ cmd_e2e() {
   return "$rc"
 }
 
+cmd_formats() {
+  local dt=${DTYPE:-float16} spec label rc=0 results=()
+  make_checkpoint || return 1
+  local build=("$PY" examples/qwen/build.py --force --hf_model_dir "$W/hf" --dtype "$dt" --max_batch_size 16
+    --max_input_len 1024 --max_output_len 128)
+  if [ ! -f "$W/base/config.json" ]; then
+    say "build.py $dt -> $W/base"
+    time "${build[@]}" --output_dir "$W/base" > "$OUT/build_base.log" 2>&1 ||
+      { tail -20 "$OUT/build_base.log"; return 1; }
+  fi
+  local acc=("$PY" examples/qwen/eval_accuracy.py --num_prompts 64 --steps 32 --reference_engine_dir "$W/base")
+  local default="fp8=--use_fp8;fp8_kv=--fp8_kv_cache;int8_kv=--int8_kv_cache;fp8+fp8_kv=--use_fp8 --fp8_kv_cache"
+  IFS=';' read -r -a specs <<< "${FORMATS:-$default}"
+  for spec in "${specs[@]}"; do
+    label=${spec%%=*}
+    local args=()
+    read -r -a args <<< "${spec#*=}"
+    say "build.py ${args[*]} -> $W/$label; eval_accuracy.py vs $W/base"
+    time "${build[@]}" --output_dir "$W/$label" "${args[@]}" > "$OUT/build_$label.log" 2>&1 ||
+      { tail -5 "$OUT/build_$label.log"; rc=1; continue; }
+    "${acc[@]}" --engine_dir "$W/$label" --json_output "$OUT/acc_$label.json" || rc=1
+    results+=("$OUT/acc_$label.json")
+    rm -rf "${W:?}/$label"  # disk: one variant at a time beside the checkpoint and the base engine
+  done
+  accuracy_table "${results[@]}"
+  return "$rc"
+}
+
 cmd_summarize() {
   make_checkpoint || return 1
   if [ ! -f "$W/base/config.json" ]; then
@@ -403,7 +435,7 @@ main() {
   [ $# -eq 0 ] || shift
   case $sub in
     help | -h | --help) usage; return 0 ;;
-    check | decode | e2e | summarize | load | kv | serve | beam) ;;
+    check | decode | e2e | formats | summarize | load | kv | serve | beam) ;;
     *) echo "unknown subcommand: $sub" >&2; usage >&2; return 2 ;;
   esac
   mkdir -p "$OUT" "$W" || return 1
