@@ -10,10 +10,9 @@ read like any other.
 Decode, stage 1 (grid B x heads x num_splits): split s of sequence b covers keys [s * chunk, (s + 1) * chunk)
 clipped to seq_lens[b], with chunk = ceil(seq_lens[b] / num_splits) rounded up to whole blocks, so the work spreads
 over all splits whatever the context length while the grid stays static (CUDA-graph friendly). It walks its keys
-in tiles of KEY_TILE (16; KEY_TILE_QUANT for 8-bit caches) keys, each a slice of one block found through one
-block-table load, requesting the K and V tiles together (pipelined, 3 stages). Each of the tile's key lanes keeps
-its own running max, sum and accumulator in float32 (base-2 exponent), so the loop has no reduction across the key
-axis; the lanes are merged once at the end.
+in tiles of KEY_TILE (16) keys, each a slice of one block found through one block-table load, requesting the K and
+V tiles together (pipelined, 3 stages). Each of the 16 key lanes keeps its own running max, sum and accumulator in
+float32 (base-2 exponent), so the loop has no reduction across the key axis; the lanes are merged once at the end.
 (Measured on an H200, fp16, head_dim 128: 4.1-4.6 TB/s for 256-512 sequences of 200-2048 keys, as fast as SDPA on
 contiguous keys; whole-block tiles with a per-tile softmax reached 2.7-3.7 TB/s.) The split writes the normalised
 partial output and its log-sum-exp to a float32 workspace; a split with no keys writes the neutral partial
@@ -73,9 +72,6 @@ def _scale_args(k_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None)
 
 # --- decode ----------------------------------------------------------------------------------------------------
 KEY_TILE = 16  # keys per decode tile (a slice of one block): measured best on an H200 for block_size 16..128
-# int8 / fp8 caches: a 16-key tile of 1-byte codes is 2 KiB per K or V, half the bytes in flight of an fp16 one;
-# 32 keys (capped at block_size) keep the same bytes per tile
-KEY_TILE_QUANT = 32
 
 
 @triton.jit
@@ -214,8 +210,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, o_ws, lse_ws, scale * _LOG2E, max_seq, q.stride(0),
         q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sb, s_sh, N_HEADS=H, NUM_SPLITS=splits,
-        HEAD_DIM=D, BLOCK_SIZE=block_size, TILE=min(KEY_TILE_QUANT, block_size) if k_scale is not None else KEY_TILE,
-        DIRECT=splits == 1, NUM_STAGES=3,
+        HEAD_DIM=D, BLOCK_SIZE=block_size, TILE=KEY_TILE, DIRECT=splits == 1, NUM_STAGES=3,
         QUANT=k_scale is not None, PDL=pdl, num_warps=2, launch_pdl=pdl)
     if splits > 1:
         block_s = triton.next_power_of_2(splits)
