@@ -3,11 +3,13 @@ program per row of x, one pass over HBM, instead of PyTorch's chain of float / a
 kernels (about eight launches per linear, ~1000 per decode step of the 7B model at batch 64).
 
 The format is quantization/fp8.py's (`quantize_fp8_activation`): scale = max(amax(|x_row|) / 448, 2^-30), codes
-= x / scale rounded to the nearest e4m3 value (ties to even), both divisions correctly rounded float32, so the
-kernel's codes and scales equal the reference's bit for bit. gated=True reads x as the MLP's [gate | up] ([M, 2K])
+= x * (448 / amax) rounded to the nearest e4m3 value (ties to even), both quotients correctly rounded float32 (the
+KV cache's quantize_vector, kernels/kv_quant.py), so the kernel's codes and scales equal the reference's bit for
+bit. gated=True reads x as the MLP's [gate | up] ([M, 2K])
 and quantises SiLU(gate) * up (silu_times: silu_mul's roundings in x's dtype), so c_proj needs no silu_mul launch.
-The rounding to the e4m3 grid is done in float32 by kv_quant's `_round_e4m3` (Triton's interpreter converts
-float32 -> fp8 wrongly; values already on the grid convert exactly everywhere).
+The rounding to the e4m3 grid is done in float32 (Triton's interpreter converts float32 -> fp8 wrongly; values
+already on the grid convert exactly everywhere). The first version divided every element (div_rn): 1.84 ms of
+a 21.3 ms batch-512 decode step on the H200.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qwen_trtllm.kernels.activation import silu_mul_reference, silu_times
-from qwen_trtllm.kernels.kv_quant import _round_e4m3, native_rint
+from qwen_trtllm.kernels.kv_quant import native_rint, quantize_vector
 from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start
 from qwen_trtllm.quantization.fp8 import FP8_MAX, SCALE_MIN, quantize_fp8_activation
 
@@ -34,12 +36,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, GATED: tl.
     xv = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     if GATED:
         xv = silu_times(xv, tl.load(x_ptr + row * stride_x + K + cols, mask=ok, other=0.0))
-    xf = xv.to(tl.float32)
-    amax = tl.max(tl.abs(xf), axis=0)
-    scale = tl.maximum(tl.math.div_rn(amax, tl.full([], FMAX, tl.float32)), SMIN)
-    y = tl.minimum(tl.maximum(tl.math.div_rn(xf, scale + tl.zeros_like(xf)), -FMAX), FMAX)
-    tl.store(q_ptr + row * stride_q + cols, _round_e4m3(y, NATIVE).to(tl.float8e4nv), mask=ok)
-    tl.store(s_ptr + row, scale)
+    codes, scale = quantize_vector(xv.to(tl.float32), FMAX, True, NATIVE)
+    tl.store(q_ptr + row * stride_q + cols, codes.to(tl.float8e4nv), mask=ok)
+    tl.store(s_ptr + row, tl.maximum(scale, SMIN))
 
 
 def quantize_fp8_rows(x: Tensor, gated: bool = False) -> tuple[Tensor, Tensor]:

@@ -1,10 +1,11 @@
 """FP8 (e4m3) weights and activations of the QWen linears (build.py --use_fp8; TensorRT-LLM's --use_fp8 with
 per-channel weight scales and dynamic per-token activation scales, vLLM's "fp8 dynamic").
 
-Weights, at build: one float32 scale per output channel, scale = max|w_row| / 448, codes = w / scale rounded to
-the nearest e4m3 value (torch.float8_e4m3fn, ties to even), both divisions correctly rounded in float32; an
-all-zero row gets a tiny scale (SCALE_MIN) and zero codes. Activations, per call: one float32 scale per token (row
-of x), computed and applied the same way (on CUDA by one Triton kernel, kernels/fp8_quant.py, bit for bit).
+Weights, at build: one float32 scale per output channel, scale = max|w_row| / 448, codes = w * (448 / max|w_row|)
+rounded to the nearest e4m3 value (torch.float8_e4m3fn, ties to even), both quotients correctly rounded in
+float32; an all-zero row gets a tiny scale (SCALE_MIN) and zero codes. Activations, per call: one float32 scale
+per token (row of x), computed and applied the same way (on CUDA by one Triton kernel, kernels/fp8_quant.py, bit
+for bit).
 
 The product, y = (codes_x * scale_x) @ (codes_w * scale_w)^T, is computed three ways:
   * more than GEMV_MAX_ROWS rows on CUDA (prefill, large batches): the activations quantised per token by one
@@ -43,13 +44,15 @@ MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada (sm_89), Hoppe
 
 
 def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [..., K] -> (e4m3 codes [..., K], float32 scales [...]): one scale per row, amax / 448. The divisions in
-    float64 rounded once to float32: the correctly rounded float32 quotients (53 >= 2 * 24 + 2 bits), which the
-    kernel's div_rn computes (PyTorch's own float32 division by a scalar may multiply by its reciprocal)."""
+    """x [..., K] -> (e4m3 codes [..., K], float32 scales [...]): one scale per row, amax / 448, codes = x * (448 /
+    amax) rounded to e4m3 (the KV cache's arithmetic, kernels/kv_quant.py: one division per row, not per element).
+    Both quotients correctly rounded float32 (computed in float64, rounded once: 53 >= 2 * 24 + 2 bits), as the
+    kernels' div_rn (PyTorch's float32 division by a scalar may multiply by its reciprocal)."""
     xf = x.float()
-    scales = (xf.abs().amax(dim=-1).double() / FP8_MAX).float().clamp_min(SCALE_MIN)
-    codes = (xf.double() / scales.double()[..., None]).float().clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return codes, scales
+    amax = xf.abs().amax(dim=-1).double()
+    inv = torch.where(amax > 0, FP8_MAX / amax.where(amax > 0, 1.0), 0.0).float()
+    codes = (xf * inv[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, (amax / FP8_MAX).float().clamp_min(SCALE_MIN)
 
 
 def quantize_fp8_weight(w: Tensor) -> tuple[Tensor, Tensor]:
