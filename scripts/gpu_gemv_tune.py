@@ -1,8 +1,8 @@
-"""Tune the decode GEMV on the GPU the way it runs: 32 layers' worth of distinct weights back to back in one CUDA
-graph (no L2 reuse, no launch gaps), per 7B shape and config. Prints GB/s of weight bytes: the current config's,
-then the best three configs, best first.
+"""Tune the decode GEMV and the weight-only matmuls on the GPU the way they run: 32 layers' worth of distinct
+weights back to back in one CUDA graph (no L2 reuse, no launch gaps), per 7B shape and config. Prints GB/s of weight
+bytes: the current config's, then the best three configs, best first.
 
-python3 scripts/gpu_gemv_tune.py [--rows 1] [--format fp16|fp8] [--gated] [--prefetch BYTES]
+python3 scripts/gpu_gemv_tune.py [--rows 1] [--format fp16|fp8|int8|int4] [--gated] [--prefetch BYTES]
 
 --format fp8 sweeps the FP8 GEMV (kernels/fp8_gemv.py: e4m3 weights, 1 byte each, fp16 activations) instead: its
 elementwise kernel for --rows 1-4, its tl.dot kernel for 5-16, each over that kernel's configs
@@ -10,15 +10,37 @@ elementwise kernel for --rows 1-4, its tl.dot kernel for 5-16, each over that ke
 they compare with the fp16 sweep's per byte. --gated times c_proj as the MLP runs it (x = [gate | up], SiLU*mul
 fused); --prefetch sets the bytes of each weight row prefetched into L2 before the PDL wait (default: the kernel
 module's PREFETCH_BYTES).
+
+--format int8 / int4 sweeps the weight-only matmul (kernels/weight_only_gemm.py: int8 per output channel, int4 in
+groups of 128, as build.py --use_weight_only quantises) over configs around select_config's choice (each one a
+compile): the engine runs it at any --rows, decode and prefill alike (select_config: up to 16 rows 16-row
+tensor-core tiles split over K; 17-64 rows one tile of the rows rounded up to a power of two; above that 64- or
+128-row prefill tiles; the sweep also tries the CUDA-core gemv kernel for int8 at 1-4 rows). lm_head is the
+--quantize_lm_head engine's. Each config's result is checked once against a float32 matmul with the
+dequantised weights before it is timed; a config that fails to compile or launch, or is off by a relative error of
+3e-3 or more, is printed as skipped. A cuBLAS fp16 line for the same shape comes first as the reference, as for
+--format fp16. GB/s count qweight + scales bytes (fp16 bytes for cuBLAS): compare the us. fp16 against what the
+engine runs for int8 / int4, per shape and batch (cublas line against current line):
+
+    for f in int8 int4; do for m in 1 16 64 1024; do python3 scripts/gpu_gemv_tune.py --format $f --rows $m; done; done
+
+One weight-only kernel under Nsight Compute (its first launch is the current config's correctness check):
+
+    ncu --kernel-name regex:_wo_mma_kernel --launch-count 1 --section SpeedOfLight \\
+        python3 scripts/gpu_gemv_tune.py --format int4 --rows 1 --shapes qkv
 """
 
 import itertools
 
 import torch
+import triton
 
 from qwen_trtllm.cli import parser, require_cuda
 from qwen_trtllm.kernels import fp8_gemv as F
 from qwen_trtllm.kernels import gemv as G
+
+GROUP = 128  # int4 group size (build.py's --group_size default)
+MAX_REL_ERR = 3e-3  # weight-only result against float32 with the dequantised weights; fp16 output rounding ~2e-4
 
 
 def time_graph(fn, reps: int = 20) -> float:
@@ -51,15 +73,20 @@ def report(name: str, results: list, current, copies: int, nbytes: int) -> None:
         print(f"{name:<8} {cfg}  {ms * 1e3 / copies:7.1f} us {nbytes / ms / 1e6:6.0f} GB/s", flush=True)
 
 
+def cublas(name: str, x: torch.Tensor, ws: list) -> None:
+    """The reference line: F.linear (cuBLAS) over the same fp16 weights."""
+    nbytes = sum(w.numel() * w.element_size() for w in ws)
+    ms = time_graph(lambda: [torch.nn.functional.linear(x, w) for w in ws])
+    print(f"{name:<8} cublas                  {ms * 1e3 / len(ws):7.1f} us {nbytes / ms / 1e6:6.0f} GB/s", flush=True)
+
+
 def tune(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
     copies = 32 if N * K * 2 * 32 <= 8 << 30 else 4  # distinct weights: no L2 reuse between calls
     ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
     x = torch.randn(rows, 2 * K if gated else K, device="cuda", dtype=torch.float16)
     nbytes = copies * N * K * 2
     if not gated:
-        ms = time_graph(lambda: [torch.nn.functional.linear(x, w) for w in ws])
-        print(f"{name:<8} cublas                  {ms * 1e3 / copies:7.1f} us {nbytes / ms / 1e6:6.0f} GB/s",
-              flush=True)
+        cublas(name, x, ws)
     configs = [c for c in itertools.product((8, 16), (256, 512, 1024), (4, 8), (2, 3, 4))
                if 1024 <= c[0] * c[1] <= 16384]
     results = [(time_graph(lambda c=c: [G.gemv(x, w, gated=gated, config=c) for w in ws]), c) for c in configs]
@@ -93,28 +120,102 @@ def tune_fp8(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
     report(name, results, F.default_config(N, K, x.device, rows, gated), copies, nbytes)
 
 
+def wo_configs(rows: int, precision: str) -> list:
+    """Alternative weight-only configs around select_config's choices for `rows` (each one is a separate compile:
+    keep the list short). Up to 4 rows int8 also tries the CUDA-core gemv kernel."""
+    from qwen_trtllm.kernels.weight_only_gemm import WOConfig
+
+    int4 = precision == "int4"
+    out = []
+    if rows <= 4 and not int4:
+        for bn, bk, w in ((8, 512, 8), (16, 512, 8)):
+            out.append(WOConfig("gemv", triton.next_power_of_2(rows), bn, bk, 1, w, 3))
+    if rows <= 16:
+        bk = 128 if int4 else 256
+        grid = itertools.product((64, 128), (2, 4, 8) if int4 else (1, 2, 4), (3, 4), (None, 128, 96))
+        out += [WOConfig("mma", 16, bn, bk, split, 4, st, 1, prefetch=256, maxnreg=reg) for bn, split, st, reg in grid]
+    elif rows <= 64:
+        grid = itertools.product((64, 128), (128,), (1, 2, 4), (3, 5))
+        out += [WOConfig("mma", triton.next_power_of_2(rows), bn, bk, split, 4, st, 1) for bn, bk, split, st in grid]
+    elif int4:
+        for bm, bn, bk, w, st in ((64, 128, 128, 4, 3), (64, 128, 128, 4, 4), (128, 128, 128, 8, 3),
+                                  (64, 256, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 8, 3)):
+            out.append(WOConfig("mma", bm, bn, bk, 1, w, st, 8))
+    else:
+        for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                                  (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)):
+            out.append(WOConfig("mma", bm, bn, bk, 1, w, st, 8))
+    return out
+
+
+def tune_wo(name: str, N: int, K: int, rows: int, precision: str) -> None:
+    from qwen_trtllm.kernels.weight_only_gemm import select_config, weight_only_matmul
+    from qwen_trtllm.quantization import dequantize_weight, quantize_weight
+
+    copies = 32 if N * K * 2 * 32 <= 8 << 30 else 4  # as tune(): the same weights in fp16 for the cuBLAS line
+    ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
+    x = torch.randn(rows, K, device="cuda", dtype=torch.float16)
+    cublas(name, x, ws)
+    qs = [quantize_weight(w, precision, GROUP) for w in ws]
+    del ws
+    ref = x.float() @ dequantize_weight(qs[0]["qweight"], qs[0]["scales"], precision, GROUP).T
+    nbytes = copies * sum(t.numel() * t.element_size() for t in qs[0].values())
+    current = select_config(rows, N, K, precision, GROUP, x.device)
+    results = []
+    for cfg in [current] + [c for c in wo_configs(rows, precision) if c != current]:
+        def run(q: dict, cfg=cfg) -> torch.Tensor:
+            return weight_only_matmul(x, q["qweight"], q["scales"], precision, GROUP, config=cfg)
+
+        try:  # the first call compiles and launches the config outside the graph
+            y = run(qs[0])
+        except Exception as e:  # a config that does not compile or fit is reported and skipped
+            print(f"{name:<8} skip {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            continue
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        if not err < MAX_REL_ERR:
+            print(f"{name:<8} skip {cfg}: relative error {err:.1e} against float32 with the dequantised weights",
+                  flush=True)
+            continue
+        results.append((time_graph(lambda run=run: [run(q) for q in qs]), cfg))
+    report(name, results, current, copies, nbytes)
+
+
 def main() -> None:
     ap = parser(__doc__)
-    ap.add_argument("--rows", type=int, default=1, help="rows of x (decode batch)")
+    ap.add_argument("--rows", type=int, default=1,
+                    help="rows of x: the decode batch (fp16: 1-4, fp8: 1-16; int8 / int4: any, prefill tokens too)")
     ap.add_argument("--shapes", default=None, help="default qkv,dense,gate_up,c_proj,lm_head (fp8: no lm_head)")
-    ap.add_argument("--format", choices=("fp16", "fp8"), default="fp16")
-    ap.add_argument("--gated", action="store_true", help="c_proj with SiLU*mul fused, as the MLP runs it")
-    ap.add_argument("--prefetch", type=int, default=None, help="L2 prefetch bytes per weight row (sm_90+)")
+    ap.add_argument("--format", choices=("fp16", "fp8", "int8", "int4"), default="fp16",
+                    help="fp16 GEMV, fp8 GEMV, or the int8 / int4 (group 128) weight-only matmul")
+    ap.add_argument("--gated", action="store_true", help="c_proj with SiLU*mul fused, as the MLP runs it (fp16, fp8)")
+    ap.add_argument("--prefetch", type=int, default=None,
+                    help="L2 prefetch bytes per weight row (sm_90+; fp16, fp8: int8 / int4 configs carry their own)")
     args = ap.parse_args()
     require_cuda("gpu_gemv_tune.py")
     shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "gate_up": (22016, 4096), "c_proj": (4096, 11008),
               "lm_head": (151936, 4096)}
     fp8 = args.format == "fp8"
+    weight_only = args.format in ("int8", "int4")
+    if args.rows < 1:
+        ap.error("--rows takes 1 or more")
+    if args.format == "fp16" and args.rows > G.MAX_ROWS:
+        ap.error(f"--format fp16 takes --rows 1-{G.MAX_ROWS} (above, the engine runs cuBLAS)")
     if fp8 and not 1 <= args.rows <= F.MAX_ROWS:
         ap.error(f"--format fp8 takes --rows 1-{F.MAX_ROWS} (above, the engine runs torch._scaled_mm)")
     if fp8 and args.gated and args.rows > F.GEMV_ROWS:
         ap.error(f"--format fp8 --gated takes --rows 1-{F.GEMV_ROWS} (above, silu_mul runs before the GEMV)")
+    if weight_only and (args.gated or args.prefetch is not None):
+        ap.error("--gated and --prefetch are for --format fp16 / fp8 (the weight-only matmul fuses no SiLU*mul; "
+                 "its configs carry their own prefetch)")
     if args.prefetch is not None:
         (F if fp8 else G).PREFETCH_BYTES = args.prefetch
     default = "qkv,dense,gate_up,c_proj" + ("" if fp8 else ",lm_head")
     for name in (args.shapes or default).split(","):
         N, K = shapes[name]
-        (tune_fp8 if fp8 else tune)(name, N, K, args.rows, gated=args.gated and name == "c_proj")
+        if weight_only:
+            tune_wo(name, N, K, args.rows, args.format)
+        else:
+            (tune_fp8 if fp8 else tune)(name, N, K, args.rows, gated=args.gated and name == "c_proj")
 
 
 if __name__ == "__main__":

@@ -292,10 +292,11 @@ def select_config(M: int, N: int, K: int, precision: str, group_size: int = 128,
                   device: torch.device | None = None) -> WOConfig:
     """The launch configuration for a static shape: the same choice for the same shapes, no autotuning.
 
-    Picked from sweeps on an H100 over Qwen-7B's shapes (scripts/gpu_quant_bench.py --sweep): decode (M <= 16)
-    streams the weights with 16-row tensor-core tiles split over K until about 3 (int4 with N <= 4096: 4)
-    programs per SM are in flight, each prefetching the first 256 bytes of its weight rows into L2 before its
-    PDL wait; M <= 64 uses 32/64-row tiles and about 1.5 programs per SM; prefill uses large tiles and no split.
+    Picked from sweeps on an H100 over Qwen-7B's shapes (now: scripts/gpu_gemv_tune.py --format int8|int4
+    --rows M): decode (M <= 16) streams the weights with 16-row tensor-core tiles split over K until about 3 (int4
+    with N <= 4096: 4) programs per SM are in flight, each prefetching the first 256 bytes of its weight rows into
+    L2 before its PDL wait; M <= 64 uses 32/64-row tiles and about 1.5 programs per SM; prefill uses large tiles and
+    no split.
     """
     sms = sm_count(device, 132) if device is not None else 132
     int4 = precision == "int4"
