@@ -237,10 +237,13 @@ def test_scales_are_per_token_and_head(cache_dtype):
 
 
 # --- attention over a quantised cache ----------------------------------------------------------------------------
-def _quantised_paged_kv(cache_dtype, n_keys, H, D, block_size, gen):
-    """Quantised caches holding n_keys[b] keys / values of each sequence (spread magnitudes) through shuffled
-    block tables; every other slot holds garbage codes and NaN scales (the dummy block 0 included). Returns
-    k codes, v codes, k scales, v scales, block tables."""
+def _quantised_paged_kv(cache_dtype, n_keys, H, D, block_size, gen, k_decades: float = 4.0):
+    """Quantised caches holding n_keys[b] keys / values of each sequence (spread magnitudes: keys over k_decades
+    powers of ten, values over 4) through shuffled block tables; every other slot holds garbage codes and NaN
+    scales (the dummy block 0 included). Returns k codes, v codes, k scales, v scales, block tables.
+    Keys over 4 decades make decode's softmax one-hot (the largest key wins whatever the score scale: doubling
+    every score moves the output by < 1e-6), so the decode tests take k_decades=1, where a 1e-4 relative error in
+    the scores moves it by ~1e-4."""
     max_blocks = max(math.ceil(n / block_size) for n in n_keys) + 1
     num_blocks = len(n_keys) * max_blocks + 3
     perm = torch.randperm(num_blocks - 1, generator=gen)[: len(n_keys) * max_blocks] + 1
@@ -253,30 +256,33 @@ def _quantised_paged_kv(cache_dtype, n_keys, H, D, block_size, gen):
         tables[b, math.ceil(n / block_size):] = 0
         pos = torch.arange(n, device=DEVICE)
         blk, off = tables[b, pos // block_size].long(), pos % block_size
-        for cache, scales, mult in ((kc, ks, 2.0), (vc, vs, 1.0)):
-            codes, s = quantize_kv_reference(spread((n, H, D), gen).to(DEVICE) * mult, cache_dtype)
+        for cache, scales, mult, decades in ((kc, ks, 2.0, k_decades), (vc, vs, 1.0, 4.0)):
+            codes, s = quantize_kv_reference(spread((n, H, D), gen, decades).to(DEVICE) * mult, cache_dtype)
             cache[blk, :, off], scales[blk, :, off] = codes, s
     return kc, vc, ks, vs, tables
 
 
 @needs_triton
 @pytest.mark.parametrize("cache_dtype", formats())
-@pytest.mark.parametrize("dtype,num_splits", [pytest.param(torch.float32, 1, id="fp32-1split"),
-                                              pytest.param(torch.float32, 4, id="fp32-4splits"),
-                                              pytest.param(torch.float16, 3, id="fp16-3splits")])
-def test_paged_decode_attention_quantised(cache_dtype, dtype, num_splits):
+@pytest.mark.parametrize("dtype,block_size,num_splits", [pytest.param(torch.float32, 16, 1, id="fp32-bs16-1split"),
+                                                         pytest.param(torch.float32, 16, 4, id="fp32-bs16-4splits"),
+                                                         pytest.param(torch.float16, 16, 3, id="fp16-bs16-3splits"),
+                                                         pytest.param(torch.float16, 64, 1, id="fp16-bs64-1split"),
+                                                         pytest.param(torch.bfloat16, 64, 2, id="bf16-bs64-2splits")])
+def test_paged_decode_attention_quantised(cache_dtype, dtype, block_size, num_splits):
     """The decode kernel on int8 / fp8 codes + per-(token, head) scales equals its reference (the dequantised
-    cache, float64) to the dtype's rounding: lengths 1, 64, 200, 37 over 16-token blocks, and a padding row on the
-    dummy block 0 (NaN scales: must not fault)."""
-    g = torch.Generator().manual_seed(11 + num_splits)
-    lens_list, H, D = [1, 64, 200, 37], 2, 32
-    kc, vc, ks, vs, tables = _quantised_paged_kv(cache_dtype, lens_list, H, D, 16, g)
+    cache, float64) to the dtype's rounding: lengths 1, 64, 200, 37 and 0 (zeros) over 16- and 64-token blocks,
+    and a padding row on the dummy block 0 (NaN scales: must not fault)."""
+    g = torch.Generator().manual_seed(11 + num_splits + block_size)
+    lens_list, H, D = [1, 64, 200, 37, 0], 2, 32
+    kc, vc, ks, vs, tables = _quantised_paged_kv(cache_dtype, lens_list, H, D, block_size, g, k_decades=1.0)
     tables = torch.cat([tables, tables.new_zeros(1, tables.shape[1])])
     lens = torch.tensor(lens_list + [1], dtype=torch.int32, device=DEVICE)
-    q = torch.randn(5, H, D, generator=g).to(DEVICE, dtype)
+    q = torch.randn(6, H, D, generator=g).to(DEVICE, dtype)
     out = paged_decode_attention(q, kc, vc, tables, lens, D**-0.5, num_splits=num_splits, k_scale=ks, v_scale=vs)
     ref = paged_decode_attention_reference(q.double(), kc, vc, tables, lens, D**-0.5, k_scale=ks, v_scale=vs)
-    assert out.dtype == dtype and torch.isfinite(out[:4]).all()
+    assert out.dtype == dtype and torch.isfinite(out[:5]).all()
+    assert torch.equal(out[4], torch.zeros_like(out[4])), "seq_len 0: zeros"
     for b in range(4):
         assert rel_err(out[b], ref[b]) < TOL[dtype], f"sequence {b}"
 
@@ -288,7 +294,7 @@ def test_paged_decode_reference_dequantises(cache_dtype):
     gather and dequantisation are right), and the kernel against it at head_dim 128 with 64-token blocks."""
     g = torch.Generator().manual_seed(5)
     lens, H, D, bs = [3, 130], 2, 128, 64
-    kc, vc, ks, vs, tables = _quantised_paged_kv(cache_dtype, lens, H, D, bs, g)
+    kc, vc, ks, vs, tables = _quantised_paged_kv(cache_dtype, lens, H, D, bs, g, k_decades=1.0)
     q = torch.randn(2, H, D, generator=g).to(DEVICE)
     seq_lens = torch.tensor(lens, device=DEVICE)
     ref = paged_decode_attention_reference(q, kc, vc, tables, seq_lens, 0.1, k_scale=ks, v_scale=vs)
