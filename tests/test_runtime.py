@@ -48,9 +48,9 @@ def alone(engine):
     return [make_llm(engine).generate([p], sp)[0].token_ids for p, sp in zip(prompts, params, strict=True)]
 
 
-def check_pool(llm: LLM) -> None:
-    """Every block not held by a running request is free; nothing is owned twice."""
-    ex = llm.executor
+def check_pool(llm) -> None:
+    """Every block not held by a running request is free; nothing is owned twice (llm: an LLM or its executor)."""
+    ex = getattr(llm, "executor", llm)
     held = [b for r in ex.scheduler.running for b in r.block_ids]
     assert len(held) == len(set(held))
     assert not any(r.block_ids for r in ex.scheduler.waiting)
@@ -77,6 +77,7 @@ def test_block_pool_reference_counts():
     {"max_num_tokens": 7},  # chunked prefill: prompts split over steps, decodes beside them
     {"max_num_tokens": 9, "max_tokens": 64, "num_scheduler_steps": 3},  # 4 blocks: preemption and recompute
     {"max_batch_size": 2, "max_tokens": 48, "num_scheduler_steps": 1},
+    {"max_batch_size": 2, "max_tokens": 48, "num_scheduler_steps": 4},  # a full batch, a queue: decode windows
 ])
 def test_in_flight_outputs_equal_each_request_alone(engine, alone, config):
     prompts, params = prompts_and_params(engine.config.vocab_size)
@@ -89,6 +90,35 @@ def test_in_flight_outputs_equal_each_request_alone(engine, alone, config):
         assert llm.executor.stats["preemptions"] > 0
     pool = llm.executor.kv_cache.pool
     assert pool.num_free == pool.num_blocks - 1
+
+
+def test_decode_windows_while_requests_wait_only_when_the_batch_is_full(engine, monkeypatch):
+    """With a queue behind a full batch no waiting request can be admitted before one finishes: the scheduler
+    runs windows of num_scheduler_steps decode steps (each ending by the first max_tokens), one host round trip
+    per window. With room in the batch a newcomer is admitted at the next step."""
+    def run(max_batch_size: int) -> list[int]:
+        ex = make_llm(engine, max_batch_size=max_batch_size, max_tokens=48, num_scheduler_steps=4).executor
+        real, seen = ex.scheduler.schedule, []
+
+        def spy():
+            out = real()
+            seen.append(out.num_steps)
+            return out
+
+        monkeypatch.setattr(ex.scheduler, "schedule", spy)
+        reqs = [ex.add_request([1, 2, 3], SamplingParams(max_tokens=n, top_k=1, ignore_eos=True)) for n in (12, 12)]
+        while ex.has_work:
+            ex.step()
+            if len(reqs) == 2:  # a third request arrives after the first step
+                reqs.append(ex.add_request([4, 5, 6], SamplingParams(max_tokens=5, top_k=1, ignore_eos=True)))
+        assert [len(r.output_token_ids) for r in reqs] == [12, 12, 5]
+        check_pool(ex)
+        return seen
+
+    # batch of 2, the third waits: windows 4 + 4 + 3 until the first two finish, its prefill, a window of 4
+    assert run(2) == [1, 4, 4, 3, 1, 4]
+    # batch of 3: the third is admitted at once (a mixed step), then windows to the first max_tokens and beyond
+    assert run(3) == [1, 1, 4, 4, 2]
 
 
 def test_random_arrivals_and_cancels_keep_the_invariants(engine, alone):

@@ -41,7 +41,8 @@ def main() -> int:
     p.add_argument("--dataset", default="chat", help='"chat" (synthetic chat mix) or "IN,OUT" fixed lengths')
     p.add_argument("--request_rate", type=float, default=float("inf"), help="requests/s, Poisson (inf: all at once)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload")
-    p.add_argument("--num_scheduler_steps", type=int, default=8, help="decode steps per host sync when none wait")
+    p.add_argument("--num_scheduler_steps", type=int, default=8,
+                   help="decode steps per host sync when no waiting request can be admitted")
     p.add_argument("--compare_hf", action="store_true", help="also run transformers' generate_batch on the same "
                    "requests and weights")
     p.add_argument("--hf_num_requests", type=int, default=200, help="--compare_hf: the first N requests only "

@@ -8,8 +8,10 @@ First come, first served, as TensorRT-LLM's capacity scheduler with chunked cont
    (max_num_tokens);
 3. waiting requests are admitted, oldest first, while the batch has room (max_batch_size), the budget has tokens
    and the pool has blocks for their first chunk.
-When nothing waits and every running request is in decode, one schedule covers up to `num_scheduler_steps`
-decode steps (blocks reserved ahead), which the model runner runs without returning to the host in between.
+When every running request is in decode and no waiting request could be admitted (none waits, or the batch is
+full), one schedule covers up to `num_scheduler_steps` decode steps (blocks reserved ahead, the window ending by
+the first request's max_tokens), which the model runner runs without returning to the host in between. Under
+load (a full batch with a queue behind it) this is most steps: one host round trip per window, not per step.
 A beam-search request decodes one row per beam; each beam's block table shares the blocks of its ancestors, and
 the block that receives a beam's next token is copied first when another beam shares it (copy-on-write). The
 host picks the beams after every step, so such requests run one step per schedule.
@@ -90,7 +92,10 @@ class Scheduler:
         decoding = [r for r in self.running if not r.in_prefill]
         steps = 1
         beams = any(r.is_beam_search for r in self.running)
-        if not self.waiting and len(decoding) == len(self.running) and self.running and not beams:
+        # a window of decode steps when no request can be admitted before its end: none waits, or the batch is
+        # full (a slot frees only when a request finishes, and the window ends by the first max_tokens)
+        admissible = self.waiting and len(self.running) < self.max_batch_size
+        if not admissible and len(decoding) == len(self.running) and self.running and not beams:
             left = min(r.params.max_tokens - len(r.output_token_ids) for r in self.running)
             steps = max(1, min(self.num_scheduler_steps, left))
             need = sum(self.kv.blocks_for(r.num_tokens + steps - 1) - len(r.block_ids) for r in self.running)
