@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -104,10 +105,12 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
     def _block_table_tensor(self, tables: Sequence[Sequence[int]], rows: int) -> Tensor:
-        bt = torch.full((rows, self.max_blocks), NULL_BLOCK, dtype=torch.int32)
+        """[rows, max_blocks] int32 on the device, NULL_BLOCK past each table (and in rows past len(tables)). Filled
+        through numpy: one torch.tensor per row cost ~11 us each, 5.8 ms a step at batch 512 on the CI CPU."""
+        bt = np.full((rows, self.max_blocks), NULL_BLOCK, dtype=np.int32)
         for i, t in enumerate(tables):
-            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        return bt.to(self.device, non_blocking=True)
+            bt[i, : len(t)] = t
+        return torch.from_numpy(bt).to(self.device, non_blocking=True)
 
     def _inv_freq(self, alphas: Sequence[float], rows: int) -> Tensor:
         a = list(alphas) + [1.0] * (rows - len(alphas))

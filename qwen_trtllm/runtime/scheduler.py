@@ -102,15 +102,15 @@ class Scheduler:
             if need > self.kv.pool.num_free:
                 steps = 1
         # 1. decode tokens, preempting the newest requests when blocks run out
-        for r in list(self.running):
-            if r.in_prefill or r not in self.running:
+        for r in list(self.running):  # a request preempted earlier in this loop is WAITING (no O(n) list lookups)
+            if r.in_prefill or r.status is not RequestStatus.RUNNING:
                 continue
             while self._decode_cost(r, steps) > self.kv.pool.num_free:
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is r:
                     break
-            if r in self.running:
+            if r.status is RequestStatus.RUNNING:
                 out.block_copies += self._reserve_decode(r, steps)
                 out.decode.append(r)
                 budget -= max(len(r.beams), 1)
