@@ -64,6 +64,11 @@ def time_graph(fn, reps: int = 20) -> float:
     return a.elapsed_time(b) / reps
 
 
+def distinct_copies(weight_bytes: int) -> int:
+    """Weight copies to cycle through so no call finds its weights in L2: 32 layers' worth, 4 above 8 GiB."""
+    return 32 if weight_bytes * 32 <= 8 << 30 else 4
+
+
 def report(name: str, results: list, current, copies: int, nbytes: int) -> None:
     """results [(ms, config)]: the current config's line, then the best three (best first, as the fp16 sweep)."""
     results.sort(key=lambda r: r[0])
@@ -82,7 +87,7 @@ def cublas(name: str, x: torch.Tensor, ws: list) -> None:
 
 
 def tune(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
-    copies = 32 if N * K * 2 * 32 <= 8 << 30 else 4  # distinct weights: no L2 reuse between calls
+    copies = distinct_copies(N * K * 2)
     ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
     x = torch.randn(rows, 2 * K if gated else K, device="cuda", dtype=torch.float16)
     nbytes = copies * N * K * 2
@@ -109,7 +114,7 @@ def fp8_configs(rows: int) -> list:
 def tune_fp8(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
     from qwen_trtllm.quantization.fp8 import quantize_fp8_weight
 
-    copies = 32 if N * K * 32 <= 8 << 30 else 4  # distinct weights: no L2 reuse between calls
+    copies = distinct_copies(N * K)
     ws = [quantize_fp8_weight(torch.randn(N, K, device="cuda") * 0.02) for _ in range(copies)]
     x = torch.randn(rows, 2 * K if gated else K, device="cuda", dtype=torch.float16)
     nbytes = copies * N * K
@@ -153,7 +158,7 @@ def tune_wo(name: str, N: int, K: int, rows: int, precision: str) -> None:
     from qwen_trtllm.kernels.weight_only_gemm import select_config, weight_only_matmul
     from qwen_trtllm.quantization import dequantize_weight, quantize_weight
 
-    copies = 32 if N * K * 2 * 32 <= 8 << 30 else 4  # as tune(): the same weights in fp16 for the cuBLAS line
+    copies = distinct_copies(N * K * 2)  # as tune(): the same weights in fp16 for the cuBLAS line
     ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
     x = torch.randn(rows, K, device="cuda", dtype=torch.float16)
     cublas(name, x, ws)
