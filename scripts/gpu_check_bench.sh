@@ -258,6 +258,11 @@ cmd_e2e() {
   return "$rc"
 }
 
+hf_build() {  # build.py from the checkpoint $W/hf in $DTYPE, the shapes the evaluations use; ARGS: more flags
+  "$PY" examples/qwen/build.py --force --hf_model_dir "$W/hf" --dtype "${DTYPE:-float16}" --max_batch_size 16 \
+    --max_input_len 1024 --max_output_len 128 "$@"
+}
+
 base_engine() {  # $W/base: the $DTYPE engine of $W/hf (kept between calls; rebuilt when missing or of another dtype)
   local dt=${DTYPE:-float16} have=""
   [ ! -f "$W/base/config.json" ] ||
@@ -267,20 +272,17 @@ base_engine() {  # $W/base: the $DTYPE engine of $W/hf (kept between calls; rebu
     return 0
   fi
   say "build.py --hf_model_dir $W/hf --dtype $dt -> $W/base${have:+ (was $have)}"
-  time "$PY" examples/qwen/build.py --force --hf_model_dir "$W/hf" --dtype "$dt" --max_batch_size 16 \
-    --max_input_len 1024 --max_output_len 128 --output_dir "$W/base" > "$OUT/build_base.log" 2>&1 ||
+  time hf_build --output_dir "$W/base" > "$OUT/build_base.log" 2>&1 ||
     { tail -20 "$OUT/build_base.log"; return 1; }
 }
 
 cmd_formats() {
-  local dt=${DTYPE:-float16} spec label rc=0 results=()
+  local spec label rc=0 results=()
   if [ $# -gt 0 ]; then
     echo "formats takes no arguments: FORMATS=\"LABEL=BUILD_ARGS;...\" names the formats" >&2
     return 2
   fi
   make_checkpoint || return 1
-  local build=("$PY" examples/qwen/build.py --force --hf_model_dir "$W/hf" --dtype "$dt" --max_batch_size 16
-    --max_input_len 1024 --max_output_len 128)
   base_engine || return 1
   local acc=("$PY" examples/qwen/eval_accuracy.py --num_prompts 64 --steps 32 --reference_engine_dir "$W/base")
   local default="fp8=--use_fp8;fp8_kv=--fp8_kv_cache;int8_kv=--int8_kv_cache;fp8+fp8_kv=--use_fp8 --fp8_kv_cache"
@@ -290,7 +292,7 @@ cmd_formats() {
     local args=()
     read -r -a args <<< "${spec#*=}"
     say "build.py ${args[*]} -> $W/$label; eval_accuracy.py vs $W/base"
-    time "${build[@]}" --output_dir "$W/$label" "${args[@]}" > "$OUT/build_$label.log" 2>&1 ||
+    time hf_build --output_dir "$W/$label" "${args[@]}" > "$OUT/build_$label.log" 2>&1 ||
       { tail -5 "$OUT/build_$label.log"; rc=1; continue; }
     "${acc[@]}" --engine_dir "$W/$label" --json_output "$OUT/acc_$label.json" || rc=1
     results+=("$OUT/acc_$label.json")
