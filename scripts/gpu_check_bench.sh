@@ -34,7 +34,8 @@ subcommands (each ends with a table; ARGS are passed through to the CLI named, l
   formats              teacher-forced agreement of each weight / KV format with the $DTYPE engine of the same random
                        $PRESET checkpoint: build.py --hf_model_dir per format (FORMATS="LABEL=BUILD_ARGS;...",
                        default fp8=--use_fp8, fp8_kv=--fp8_kv_cache, int8_kv=--int8_kv_cache, fp8+fp8_kv), then
-                       eval_accuracy.py (64 prompts x 32 positions) against $W/base. Table: accuracy per format.
+                       eval_accuracy.py (64 prompts x 32 positions) against $W/base (built once per $DTYPE), each
+                       variant deleted after its evaluation (disk). Table: accuracy per format.
   summarize [ARGS]     examples/qwen/summarize.py --test_trt_llm --test_hf (engine vs Hugging Face, both $DTYPE, 5
                        articles, 100 tokens) on e2e's checkpoint and $DTYPE engine (made if missing; needs rouge-score
                        and nltk).
@@ -257,16 +258,32 @@ cmd_e2e() {
   return "$rc"
 }
 
-cmd_formats() {
-  local dt=${DTYPE:-float16} spec label rc=0 results=()
-  make_checkpoint || return 1
-  local build=("$PY" examples/qwen/build.py --force --hf_model_dir "$W/hf" --dtype "$dt" --max_batch_size 16
-    --max_input_len 1024 --max_output_len 128)
-  if [ ! -f "$W/base/config.json" ]; then
-    say "build.py $dt -> $W/base"
-    time "${build[@]}" --output_dir "$W/base" > "$OUT/build_base.log" 2>&1 ||
-      { tail -20 "$OUT/build_base.log"; return 1; }
+hf_build() {  # build.py from the checkpoint $W/hf in $DTYPE, the shapes the evaluations use; ARGS: more flags
+  "$PY" examples/qwen/build.py --force --hf_model_dir "$W/hf" --dtype "${DTYPE:-float16}" --max_batch_size 16 \
+    --max_input_len 1024 --max_output_len 128 "$@"
+}
+
+base_engine() {  # $W/base: the $DTYPE engine of $W/hf (kept between calls; rebuilt when missing or of another dtype)
+  local dt=${DTYPE:-float16} have=""
+  [ ! -f "$W/base/config.json" ] ||
+    have=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["build"]["dtype"])' "$W/base/config.json")
+  if [ "$have" = "$dt" ]; then
+    say "engine: $W/base ($dt, exists)"
+    return 0
   fi
+  say "build.py --hf_model_dir $W/hf --dtype $dt -> $W/base${have:+ (was $have)}"
+  time hf_build --output_dir "$W/base" > "$OUT/build_base.log" 2>&1 ||
+    { tail -20 "$OUT/build_base.log"; return 1; }
+}
+
+cmd_formats() {
+  local spec label rc=0 results=()
+  if [ $# -gt 0 ]; then
+    echo "formats takes no arguments: FORMATS=\"LABEL=BUILD_ARGS;...\" names the formats" >&2
+    return 2
+  fi
+  make_checkpoint || return 1
+  base_engine || return 1
   local acc=("$PY" examples/qwen/eval_accuracy.py --num_prompts 64 --steps 32 --reference_engine_dir "$W/base")
   local default="fp8=--use_fp8;fp8_kv=--fp8_kv_cache;int8_kv=--int8_kv_cache;fp8+fp8_kv=--use_fp8 --fp8_kv_cache"
   IFS=';' read -r -a specs <<< "${FORMATS:-$default}"
@@ -275,7 +292,7 @@ cmd_formats() {
     local args=()
     read -r -a args <<< "${spec#*=}"
     say "build.py ${args[*]} -> $W/$label; eval_accuracy.py vs $W/base"
-    time "${build[@]}" --output_dir "$W/$label" "${args[@]}" > "$OUT/build_$label.log" 2>&1 ||
+    time hf_build --output_dir "$W/$label" "${args[@]}" > "$OUT/build_$label.log" 2>&1 ||
       { tail -5 "$OUT/build_$label.log"; rc=1; continue; }
     "${acc[@]}" --engine_dir "$W/$label" --json_output "$OUT/acc_$label.json" || rc=1
     results+=("$OUT/acc_$label.json")
@@ -287,12 +304,7 @@ cmd_formats() {
 
 cmd_summarize() {
   make_checkpoint || return 1
-  if [ ! -f "$W/base/config.json" ]; then
-    say "build.py --hf_model_dir $W/hf -> $W/base"
-    "$PY" examples/qwen/build.py --force --hf_model_dir "$W/hf" --dtype "${DTYPE:-float16}" --max_batch_size 16 \
-      --max_input_len 1024 --max_output_len 128 --output_dir "$W/base" > "$OUT/build_base.log" 2>&1 ||
-      { tail -20 "$OUT/build_base.log"; return 1; }
-  fi
+  base_engine || return 1
   say "summarize.py --engine_dir $W/base $*"
   "$PY" examples/qwen/summarize.py --test_trt_llm --test_hf --hf_model_dir "$W/hf" --engine_dir "$W/base" \
     --data_type "${DTYPE:-float16}" --max_ite 5 --batch_size 1 --output_len 100 --check_accuracy \

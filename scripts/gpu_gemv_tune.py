@@ -2,7 +2,8 @@
 weights back to back in one CUDA graph (no L2 reuse, no launch gaps), per 7B shape and config. Prints GB/s of weight
 bytes: the current config's, then the best three configs, best first.
 
-python3 scripts/gpu_gemv_tune.py [--rows 1] [--format fp16|fp8|int8|int4] [--gated] [--prefetch BYTES]
+python3 scripts/gpu_gemv_tune.py [--rows 1] [--shapes qkv,...] [--format fp16|fp8|int8|int4] [--gated]
+                                 [--prefetch BYTES]
 
 --format fp8 sweeps the FP8 GEMV (kernels/fp8_gemv.py: e4m3 weights, 1 byte each, fp16 activations) instead: its
 elementwise kernel for --rows 1-4, its tl.dot kernel for 5-16, each over that kernel's configs
@@ -63,6 +64,11 @@ def time_graph(fn, reps: int = 20) -> float:
     return a.elapsed_time(b) / reps
 
 
+def distinct_copies(weight_bytes: int) -> int:
+    """Weight copies to cycle through so no call finds its weights in L2: 32 layers' worth, 4 above 8 GiB."""
+    return 32 if weight_bytes * 32 <= 8 << 30 else 4
+
+
 def report(name: str, results: list, current, copies: int, nbytes: int) -> None:
     """results [(ms, config)]: the current config's line, then the best three (best first, as the fp16 sweep)."""
     results.sort(key=lambda r: r[0])
@@ -81,7 +87,7 @@ def cublas(name: str, x: torch.Tensor, ws: list) -> None:
 
 
 def tune(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
-    copies = 32 if N * K * 2 * 32 <= 8 << 30 else 4  # distinct weights: no L2 reuse between calls
+    copies = distinct_copies(N * K * 2)
     ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
     x = torch.randn(rows, 2 * K if gated else K, device="cuda", dtype=torch.float16)
     nbytes = copies * N * K * 2
@@ -108,7 +114,7 @@ def fp8_configs(rows: int) -> list:
 def tune_fp8(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
     from qwen_trtllm.quantization.fp8 import quantize_fp8_weight
 
-    copies = 32 if N * K * 32 <= 8 << 30 else 4  # distinct weights: no L2 reuse between calls
+    copies = distinct_copies(N * K)
     ws = [quantize_fp8_weight(torch.randn(N, K, device="cuda") * 0.02) for _ in range(copies)]
     x = torch.randn(rows, 2 * K if gated else K, device="cuda", dtype=torch.float16)
     nbytes = copies * N * K
@@ -152,7 +158,7 @@ def tune_wo(name: str, N: int, K: int, rows: int, precision: str) -> None:
     from qwen_trtllm.kernels.weight_only_gemm import select_config, weight_only_matmul
     from qwen_trtllm.quantization import dequantize_weight, quantize_weight
 
-    copies = 32 if N * K * 2 * 32 <= 8 << 30 else 4  # as tune(): the same weights in fp16 for the cuBLAS line
+    copies = distinct_copies(N * K * 2)  # as tune(): the same weights in fp16 for the cuBLAS line
     ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
     x = torch.randn(rows, K, device="cuda", dtype=torch.float16)
     cublas(name, x, ws)
@@ -187,11 +193,11 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="default qkv,dense,gate_up,c_proj,lm_head (fp8: no lm_head)")
     ap.add_argument("--format", choices=("fp16", "fp8", "int8", "int4"), default="fp16",
                     help="fp16 GEMV, fp8 GEMV, or the int8 / int4 (group 128) weight-only matmul")
-    ap.add_argument("--gated", action="store_true", help="c_proj with SiLU*mul fused, as the MLP runs it (fp16, fp8)")
+    ap.add_argument("--gated", action="store_true",
+                    help="c_proj with SiLU*mul fused, as the MLP runs it (fp16; fp8 at --rows 1-4)")
     ap.add_argument("--prefetch", type=int, default=None,
                     help="L2 prefetch bytes per weight row (sm_90+; fp16, fp8: int8 / int4 configs carry their own)")
     args = ap.parse_args()
-    require_cuda("gpu_gemv_tune.py")
     shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "gate_up": (22016, 4096), "c_proj": (4096, 11008),
               "lm_head": (151936, 4096)}
     fp8 = args.format == "fp8"
@@ -207,10 +213,15 @@ def main() -> None:
     if weight_only and (args.gated or args.prefetch is not None):
         ap.error("--gated and --prefetch are for --format fp16 / fp8 (the weight-only matmul fuses no SiLU*mul; "
                  "its configs carry their own prefetch)")
+    names = (args.shapes or "qkv,dense,gate_up,c_proj" + ("" if fp8 else ",lm_head")).split(",")
+    known = [n for n in shapes if not (fp8 and n == "lm_head")]  # --use_fp8 keeps lm_head in --dtype
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        ap.error(f"--shapes: unknown {','.join(unknown)}; choose from {','.join(known)}")
+    require_cuda("gpu_gemv_tune.py")  # after the arguments: their errors show on any machine
     if args.prefetch is not None:
         (F if fp8 else G).PREFETCH_BYTES = args.prefetch
-    default = "qkv,dense,gate_up,c_proj" + ("" if fp8 else ",lm_head")
-    for name in (args.shapes or default).split(","):
+    for name in names:
         N, K = shapes[name]
         if weight_only:
             tune_wo(name, N, K, args.rows, args.format)

@@ -23,6 +23,8 @@ from qwen_trtllm.cli import parser, require_cuda
 from qwen_trtllm.evaluation.benchmark import quantized_engine, random_engine, static_batch_llm
 from qwen_trtllm.runtime.request import SamplingParams
 
+ABLATIONS = ("rms_norm", "attention", "one_split", "rotary")
+
 
 def ablate(ops, names: list[str]) -> None:
     """Replace the named kernels of a model's Kernels with shape-correct no-ops (launch nothing)."""
@@ -36,8 +38,6 @@ def ablate(ops, names: list[str]) -> None:
         elif name == "rotary":
             ops.rotary_kv_write = lambda qkv, inv_freq, pos, slots, kc, vc, heads, head_dim, *args, **kw: \
                 qkv[:, :heads * head_dim].view(qkv.shape[0], heads, head_dim)
-        else:
-            raise SystemExit(f"--ablate {name}: expected rms_norm, attention, one_split or rotary")
 
 
 def main() -> None:
@@ -47,12 +47,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1, help="requests decoded together")
     p.add_argument("--context", type=int, default=128, help="prompt tokens before the profiled steps")
     p.add_argument("--steps", type=int, default=32, help="decode steps profiled")
-    p.add_argument("--quant", default="", help="int8, int4 or fp8 (default: the fp16 engine)")
+    p.add_argument("--quant", default="", choices=["", "int8", "int4", "fp8"],
+                   help="int8, int4 or fp8 (default: the fp16 engine)")
     p.add_argument("--kv_cache_dtype", default="auto", choices=["auto", "int8", "fp8"])
     p.add_argument("--top", type=int, default=14, help="kernels listed (the most GPU time first)")
     p.add_argument("--ablate", default="", help="comma-separated: rms_norm, attention, rotary (no-ops: timing "
                    "only), one_split (real kernels)")
     a = p.parse_args()
+    unknown = [n for n in a.ablate.split(",") if n and n not in ABLATIONS]
+    if unknown:  # before the GPU check and the 7B model: argument errors show on any machine, at once
+        p.error(f"--ablate {','.join(unknown)}: expected {', '.join(ABLATIONS)}")
     require_cuda("profile_decode.py")
     engine = random_engine(a.model, max_batch_size=max(a.batch, 1), max_input_len=a.context,
                            max_output_len=2 * a.steps + 64, kv_cache_dtype=a.kv_cache_dtype)

@@ -57,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantize_lm_head", action="store_true",
                    help="with --use_weight_only: quantise lm_head too (it stays in --dtype otherwise)")
     p.add_argument("--use_fp8", action="store_true",
-                   help="store the linear layers as fp8 e4m3 (per-channel scales; activations per token at run time; "
-                   "sm_89+ GPUs or the CPU); lm_head and the embedding stay in --dtype")
+                   help="store the linear layers as fp8 e4m3 (per-channel scales; above 16 rows activations per token "
+                   "at run time; sm_89+ GPUs or the CPU); lm_head and the embedding stay in --dtype")
     p.add_argument("--enable_context_fmha", action="store_true",
                    help="TensorRT-LLM's flag, recorded: prefill attention is always the flash kernel here")
     p.add_argument("--remove_input_padding", action="store_true",
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--int8_kv_cache", action="store_true",
                    help="KV cache as int8 with a scale per token and head, computed as it is written")
     p.add_argument("--fp8_kv_cache", action="store_true",
-                   help="KV cache as fp8 e4m3 with a scale per token and head (Triton kernels: sm_89+ GPUs)")
+                   help="KV cache as fp8 e4m3 with a scale per token and head (on a GPU sm_89+; the CPU runs it too)")
     args = p.parse_args(argv)
     if args.model_dir is None and args.hf_model_dir is None:
         raise QWenError("give --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")

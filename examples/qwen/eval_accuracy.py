@@ -24,6 +24,13 @@ from qwen_trtllm.dtypes import add_dtype_argument, torch_dtype  # noqa: E402
 from qwen_trtllm.runtime.runner import add_runtime_args, executor_config_from_args  # noqa: E402
 
 
+def number_formats(build) -> str:
+    """An engine's number formats for the report: "float16", "float16, fp8 weights, fp8 KV cache", ..."""
+    q = build.quantization
+    return ", ".join([build.dtype] + ([f"{q.precision} weights"] if q is not None else []) +
+                     ([f"{build.kv_cache_dtype} KV cache"] if build.kv_cache_dtype != "auto" else []))
+
+
 def main() -> int:
     p = parser(__doc__)
     p.add_argument("--engine_dir", required=True, help="the engine under test")
@@ -110,12 +117,13 @@ def main() -> int:
         else:
             ref_executor = executor(Engine.load(args.reference_engine_dir), args.reference_kernels)
         reference = lambda pr, fo: engine_logits(ref_executor, pr, fo)
-        label = f"engine {args.reference_engine_dir} ({args.reference_kernels or 'as built'})"
+        label = f"engine {args.reference_engine_dir} ({args.reference_kernels or 'as built'}, " \
+                f"{number_formats(ref_executor.engine.build)})"
     t0 = time.perf_counter()
     want = batched(reference, prompts, forced, args.batch_size)
     t_ref = time.perf_counter() - t0
     stats = compare_logits(got, want)
-    print(f"{args.engine_dir} ({args.kernels or 'as built'}, {test.engine.build.dtype}) vs {label}: "
+    print(f"{args.engine_dir} ({args.kernels or 'as built'}, {number_formats(test.engine.build)}) vs {label}: "
           f"{args.num_prompts} prompts x {args.steps} tokens teacher-forced")
     print(f"top-1 agreement {100 * stats['top1_agreement']:.2f}%  logits rel. error {stats['rel_err']:.2e} "
           f"(worst position {stats['max_rel_err']:.2e})  [{t_test:.1f} s vs {t_ref:.1f} s]")

@@ -45,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "name)")
     p.add_argument("--max_queue", type=int, default=None, help="requests in flight (running + waiting) at most; "
                    "more get 429 (default: no limit)")
-    p.add_argument("--num_scheduler_steps", type=int, default=4, help="decode steps run back to back when nothing "
-                   "waits; small values stream smoothly")
+    p.add_argument("--num_scheduler_steps", type=int, default=4, help="decode steps run back to back when no "
+                   "waiting request can take a batch slot; small values stream smoothly")
     p.add_argument("--shutdown_timeout", type=float, default=10.0, help="seconds that in-flight requests get to "
                    "finish after SIGTERM before they are cancelled")
     p.add_argument("--max_window_size", type=int, default=None, help="chat history window in tokens (default: "

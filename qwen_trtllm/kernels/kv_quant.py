@@ -27,7 +27,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}  # the largest code of each format
+from qwen_trtllm.quantization.absmax import QMAX, quantize_absmax
+
 SCALE_DTYPE = torch.float32
 
 
@@ -51,17 +52,9 @@ def check_scales(k_cache: Tensor, v_cache: Tensor, k_scale: Tensor | None, v_sca
 
 def quantize_kv_reference(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """x [..., head_dim] -> (codes [..., head_dim] in dtype (torch.int8 / torch.float8_e4m3fn), scales [...]
-    float32): one scale per vector, amax / QMAX; codes = round_to_nearest_even(x * (QMAX / amax))."""
-    qmax = QMAX[dtype]
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1)
-    # float32 quotients correctly rounded, as the kernel's div_rn (float64 division rounded to float32 is; torch's
-    # own float32 scalar divisions multiply by a reciprocal)
-    a = amax.double()
-    inv = torch.where(amax > 0, qmax / a.where(amax > 0, 1.0), 0.0).float()
-    y = (xf * inv[..., None]).clamp(-qmax, qmax)
-    codes = torch.round(y).to(dtype) if dtype == torch.int8 else y.to(dtype)
-    return codes, (a / qmax).float()
+    float32): one scale per vector, amax / QMAX; codes = round_to_nearest_even(x * (QMAX / amax))
+    (quantization/absmax.py)."""
+    return quantize_absmax(x, dtype)
 
 
 def dequantize_kv_reference(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -31,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from qwen_trtllm import QWenError
+from qwen_trtllm.quantization.absmax import QMAX, quantize_absmax
 
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # the largest finite e4m3 value
+FP8_MAX = QMAX[FP8_DTYPE]  # the largest finite e4m3 value
 # Rows of x up to which the Triton GEMV runs on CUDA (torch._scaled_mm above).
 GEMV_MAX_ROWS = 16
 # Rows up to which the MLP's c_proj hands the GEMV [gate | up] and SiLU*mul is fused: its elementwise kernel's
@@ -45,14 +46,10 @@ MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada (sm_89), Hoppe
 
 def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """x [..., K] -> (e4m3 codes [..., K], float32 scales [...]): one scale per row, amax / 448, codes = x * (448 /
-    amax) rounded to e4m3 (the KV cache's arithmetic, kernels/kv_quant.py: one division per row, not per element).
-    Both quotients correctly rounded float32 (computed in float64, rounded once: 53 >= 2 * 24 + 2 bits), as the
-    kernels' div_rn (PyTorch's float32 division by a scalar may multiply by its reciprocal)."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1).double()
-    inv = torch.where(amax > 0, FP8_MAX / amax.where(amax > 0, 1.0), 0.0).float()
-    codes = (xf * inv[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return codes, (amax / FP8_MAX).float().clamp_min(SCALE_MIN)
+    amax) rounded to e4m3 (absmax.py: the KV cache's arithmetic, one division per row), scales at least
+    SCALE_MIN."""
+    codes, scales = quantize_absmax(x, FP8_DTYPE)
+    return codes, scales.clamp_min(SCALE_MIN)
 
 
 def quantize_fp8_weight(w: Tensor) -> tuple[Tensor, Tensor]:

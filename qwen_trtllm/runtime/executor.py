@@ -40,7 +40,7 @@ _BEAM_ROW = SamplingParams()  # a beam's row in the sampler: plain argmax (beam 
 class ExecutorConfig:
     """Runtime limits (TensorRT-LLM's names). None: the engine's build values (max_batch_size, max_num_tokens,
     max_input_len + max_output_len). num_scheduler_steps: decode steps run back to back when no waiting request can
-    be admitted."""
+    take a batch slot."""
 
     max_batch_size: int | None = None
     max_num_tokens: int | None = None

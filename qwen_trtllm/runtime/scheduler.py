@@ -8,8 +8,8 @@ First come, first served, as TensorRT-LLM's capacity scheduler with chunked cont
    (max_num_tokens);
 3. waiting requests are admitted, oldest first, while the batch has room (max_batch_size), the budget has tokens
    and the pool has blocks for their first chunk.
-When every running request is in decode and no waiting request could be admitted (none waits, or the batch is
-full), one schedule covers up to `num_scheduler_steps` decode steps (blocks reserved ahead, the window ending by
+When every running request is in decode and no waiting request can take a batch slot (none waits, or the batch
+is full), one schedule covers up to `num_scheduler_steps` decode steps (blocks reserved ahead, the window ending by
 the first request's max_tokens), which the model runner runs without returning to the host in between. Under
 load (a full batch with a queue behind it) this is most steps: one host round trip per window, not per step.
 A beam-search request decodes one row per beam; each beam's block table shares the blocks of its ancestors, and
