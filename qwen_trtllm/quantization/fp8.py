@@ -105,9 +105,12 @@ def fp8_scaled_mm(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | Non
     xq, xs = quantize_fp8_rows(x, gated)
     out = x.dtype
 
-    def mm(dtype: torch.dtype) -> Tensor:  # the bias added in cuBLASLt's epilogue (one kernel, not two)
-        return torch._scaled_mm(xq, qweight.t(), bias=None if bias is None else bias.to(dtype), scale_a=xs[:, None],
-                                scale_b=scales[None, :], out_dtype=dtype)
+    def mm(dtype: torch.dtype) -> Tensor:
+        # the bias in cuBLASLt's epilogue (one kernel, not two); it refuses one with float32 outputs
+        epilogue = bias is not None and dtype != torch.float32
+        y = torch._scaled_mm(xq, qweight.t(), bias=bias.to(dtype) if epilogue else None, scale_a=xs[:, None],
+                             scale_b=scales[None, :], out_dtype=dtype)
+        return y if bias is None or epilogue else y + bias.to(dtype)
 
     if out in _BF16_OUTPUT_ONLY:
         return mm(torch.bfloat16).to(out)
