@@ -7,7 +7,7 @@ python3 scripts/gpu_gemv_tune.py [--rows 1] [--shapes qkv,...] [--format fp16|fp
 
 --format fp8 sweeps the FP8 GEMV (kernels/fp8_gemv.py: e4m3 weights, 1 byte each, fp16 activations) instead: its
 elementwise kernel for --rows 1-4, its tl.dot kernel for 5-16, each over that kernel's configs
-(Fp8GemvConfig); the fp8 engine's shapes (no lm_head: --use_fp8 keeps it fp16). GB/s count the e4m3 bytes, so
+(Fp8GemvConfig); the fp8 engine's shapes (lm_head: build.py --use_fp8 --quantize_lm_head). GB/s count the e4m3 bytes, so
 they compare with the fp16 sweep's per byte. --gated times c_proj as the MLP runs it (x = [gate | up], SiLU*mul
 fused); --prefetch sets the bytes of each weight row prefetched into L2 before the PDL wait (default: the kernel
 module's PREFETCH_BYTES).
@@ -190,7 +190,7 @@ def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=1,
                     help="rows of x: the decode batch (fp16: 1-4, fp8: 1-16; int8 / int4: any, prefill tokens too)")
-    ap.add_argument("--shapes", default=None, help="default qkv,dense,gate_up,c_proj,lm_head (fp8: no lm_head)")
+    ap.add_argument("--shapes", default=None, help="default qkv,dense,gate_up,c_proj,lm_head")
     ap.add_argument("--format", choices=("fp16", "fp8", "int8", "int4"), default="fp16",
                     help="fp16 GEMV, fp8 GEMV, or the int8 / int4 (group 128) weight-only matmul")
     ap.add_argument("--gated", action="store_true",
@@ -213,11 +213,10 @@ def main() -> None:
     if weight_only and (args.gated or args.prefetch is not None):
         ap.error("--gated and --prefetch are for --format fp16 / fp8 (the weight-only matmul fuses no SiLU*mul; "
                  "its configs carry their own prefetch)")
-    names = (args.shapes or "qkv,dense,gate_up,c_proj" + ("" if fp8 else ",lm_head")).split(",")
-    known = [n for n in shapes if not (fp8 and n == "lm_head")]  # --use_fp8 keeps lm_head in --dtype
-    unknown = [n for n in names if n not in known]
+    names = (args.shapes or "qkv,dense,gate_up,c_proj,lm_head").split(",")
+    unknown = [n for n in names if n not in shapes]
     if unknown:
-        ap.error(f"--shapes: unknown {','.join(unknown)}; choose from {','.join(known)}")
+        ap.error(f"--shapes: unknown {','.join(unknown)}; choose from {','.join(shapes)}")
     require_cuda("gpu_gemv_tune.py")  # after the arguments: their errors show on any machine
     if args.prefetch is not None:
         (F if fp8 else G).PREFETCH_BYTES = args.prefetch

@@ -329,7 +329,8 @@ def engines(tiny_checkpoint, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("fp8")
     common = dict(hf_dir=tiny_checkpoint, dtype="float32", max_batch_size=8, max_input_len=48, max_output_len=24)
-    return {"fp32": build_engine(d / "fp32", **common), "fp8": build_engine(d / "fp8", use_fp8=True, **common)}
+    return {"fp32": build_engine(d / "fp32", **common), "fp8": build_engine(d / "fp8", use_fp8=True, **common),
+            "fp8_lm_head": build_engine(d / "fp8_lm_head", use_fp8=True, quantize_lm_head=True, **common)}
 
 
 def test_engine_files_and_config(engines):
@@ -342,6 +343,15 @@ def test_engine_files_and_config(engines):
         assert f.get_tensor("layers.0.attn.qkv.bias").dtype == torch.float32
         assert f.get_tensor("lm_head.weight").dtype == f.get_tensor("embed.weight").dtype == torch.float32
     assert "layers.0.attn.dense.weight" not in keys
+    # --quantize_lm_head: lm_head in e4m3 with a scale per vocabulary row; the embedding stays float32
+    cfg = json.loads((engines["fp8_lm_head"] / "config.json").read_text())["build"]["quantization"]
+    assert cfg["precision"] == "fp8" and cfg["quantize_lm_head"]
+    with safe_open(str(engines["fp8_lm_head"] / "rank0.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+        assert f.get_tensor("lm_head.qweight").dtype == FP8_DTYPE
+        vocab = f.get_tensor("embed.weight").shape[0]
+        assert f.get_tensor("lm_head.scales").shape == (vocab,)
+        assert f.get_tensor("embed.weight").dtype == torch.float32
 
 
 def test_fp8_engine_triton_path_matches_plain(engines, calls):
@@ -383,19 +393,20 @@ def test_fp8_engine_triton_path_matches_plain(engines, calls):
 # above 16 rows) round the activations the same way. test_quantized_engine.py measured 98% top-1 agreement for int8
 # and 77% for int4 on such models (their logits are full of near-ties); fp8 measured 92.5% here (64 x 32
 # positions). 0.85 leaves room for seed noise and still fails on a wrong scale or a broken layout (chance: ~0.1%).
-def test_teacher_forced_agreement_with_fp32(engines, run_script, tmp_path):
+@pytest.mark.parametrize("engine", ["fp8", "fp8_lm_head"])
+def test_teacher_forced_agreement_with_fp32(engines, run_script, tmp_path, engine):
     out = tmp_path / "stats.json"
-    rc, stdout, err = run_script("eval_accuracy.py", "--engine_dir", engines["fp8"], "--reference_engine_dir",
+    rc, stdout, err = run_script("eval_accuracy.py", "--engine_dir", engines[engine], "--reference_engine_dir",
                                  engines["fp32"], "--num_prompts", "64", "--prompt_len", "16", "--steps", "32",
                                  "--batch_size", "8", "--min_top1", "0.85", "--json_output", out)
     top1 = json.loads(out.read_text())["top1_agreement"] if out.exists() else None
-    print(f"fp8 vs fp32 top-1 agreement: {top1}")
+    print(f"{engine} vs fp32 top-1 agreement: {top1}")
     assert rc == 0, stdout + err
 
 
 def test_build_flag_conflicts(tiny_checkpoint, run_script, tmp_path):
     for extra in (["--use_weight_only"], ["--use_weight_only", "--weight_only_precision", "int4"],
-                  ["--quantize_lm_head"], ["--group_size", "16"]):
+                  ["--group_size", "16"]):
         rc, _, err = run_script("build.py", "--hf_model_dir", tiny_checkpoint, "--use_fp8", *extra,
                                 "--output_dir", tmp_path / "bad")
         assert rc == 2 and len(err.strip().splitlines()) == 1, err

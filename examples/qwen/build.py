@@ -55,10 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group_size", type=int, default=None,
                    help="with --use_weight_only --weight_only_precision int4: input channels per scale (default: 128)")
     p.add_argument("--quantize_lm_head", action="store_true",
-                   help="with --use_weight_only: quantise lm_head too (it stays in --dtype otherwise)")
+                   help="with --use_weight_only or --use_fp8: quantise lm_head too, in the same format (it stays in "
+                   "--dtype otherwise; the embedding always does)")
     p.add_argument("--use_fp8", action="store_true",
                    help="store the linear layers as fp8 e4m3 (per-channel scales; above 16 rows activations per token "
-                   "at run time; sm_89+ GPUs or the CPU); lm_head and the embedding stay in --dtype")
+                   "at run time; sm_89+ GPUs or the CPU); lm_head stays in --dtype unless --quantize_lm_head, the "
+                   "embedding always")
     p.add_argument("--enable_context_fmha", action="store_true",
                    help="TensorRT-LLM's flag, recorded: prefill attention is always the flash kernel here")
     p.add_argument("--remove_input_padding", action="store_true",
@@ -74,9 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise QWenError("--use_fp8 and --use_weight_only are mutually exclusive: give one of them")
     if not args.use_weight_only:
         given = [f for f in ("weight_only_precision", "group_size") if getattr(args, f) is not None]
-        given += ["quantize_lm_head"] if args.quantize_lm_head else []
         if given:
             raise QWenError(f"--{given[0]} has no effect without --use_weight_only: add --use_weight_only or drop it")
+        if args.quantize_lm_head and not args.use_fp8:
+            raise QWenError("--quantize_lm_head has no effect without --use_weight_only or --use_fp8: add one or "
+                            "drop it")
     return args
 
 

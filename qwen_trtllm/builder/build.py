@@ -153,7 +153,8 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
     (--int8_kv_cache / --fp8_kv_cache): the runtime stores K and V as int8 / e4m3 codes with a scale per token and
     head, computed as the cache is written (no calibration: nothing changes in the weights). use_fp8 (--use_fp8):
     the linear layers as e4m3 with a float32 scale per output channel, activations quantised per token at run time
-    (quantization/fp8.py); lm_head and the embedding stay in dtype; exclusive with weight_only_precision."""
+    (quantization/fp8.py); exclusive with weight_only_precision. quantize_lm_head: lm_head in the linears' format
+    too (int8 / int4 / e4m3), otherwise it stays in dtype; the embedding always does."""
     t_start = time.monotonic()
     if (ft_dir is None) == (hf_dir is None):
         raise QWenError("give exactly one of --model_dir (FT directory) or --hf_model_dir (Hugging Face checkpoint)")
@@ -163,13 +164,15 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
     check_output(out, force, src)
     if use_fp8 and weight_only_precision is not None:
         raise QWenError("--use_fp8 and --use_weight_only are mutually exclusive: give one of them")
-    if weight_only_precision is None and (group_size is not None or quantize_lm_head):
-        raise QWenError("--group_size / --quantize_lm_head apply to weight-only quantisation only: add "
-                        "--use_weight_only (with --weight_only_precision int4 for --group_size)")
+    if weight_only_precision is None and group_size is not None:
+        raise QWenError("--group_size applies to weight-only int4 only: add --use_weight_only "
+                        "--weight_only_precision int4 or drop it")
+    if weight_only_precision is None and not use_fp8 and quantize_lm_head:
+        raise QWenError("--quantize_lm_head applies to quantised engines only: add --use_weight_only or --use_fp8")
     if weight_only_precision == "int8" and group_size is not None:
         raise QWenError("--group_size applies to int4 only: add --weight_only_precision int4 or drop it")
     explicit_group_size, group_size = group_size, group_size or 128
-    quant = lambda: QuantizationConfig("fp8") if use_fp8 else \
+    quant = lambda: QuantizationConfig("fp8", quantize_lm_head=quantize_lm_head) if use_fp8 else \
         QuantizationConfig(weight_only_precision, group_size, quantize_lm_head) if weight_only_precision else None
     settings = dict(dtype=dtype, world_size=world_size, max_batch_size=max_batch_size, max_input_len=max_input_len,
                     max_output_len=max_output_len, max_num_tokens=max_num_tokens, tokens_per_block=tokens_per_block,

@@ -31,14 +31,12 @@ class QuantizationConfig:
 
     precision: str  # "int8" | "int4" | "fp8"
     group_size: int = 128  # int4: input channels per scale
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool = False  # lm_head quantised too (in the layers' precision); the embedding never is
     mode: str = "weight_only"  # "weight_only" | "fp8" (set from precision fp8)
 
     def __post_init__(self) -> None:
         if self.precision == "fp8":
             object.__setattr__(self, "mode", "fp8")
-            if self.quantize_lm_head:
-                raise QWenError("--use_fp8 keeps lm_head in --dtype: drop --quantize_lm_head")
         elif self.precision not in ("int8", "int4") or self.mode != "weight_only":
             raise QWenError(f"--weight_only_precision {self.precision} is not one of int8, int4")
         if self.group_size < 1:
