@@ -101,10 +101,11 @@ def tune(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
 
 def fp8_configs(rows: int) -> list:
     """The sweep of one fp8 kernel: the elementwise one (<= GEMV_ROWS rows) keeps its float32 accumulator tile at
-    <= 128 registers per thread; the tl.dot one takes 16-row tiles of up to 16K weights."""
+    <= 128 registers per thread, with and without summing 16 adjacent products first (sum_vec); the tl.dot one
+    takes 16-row tiles of up to 16K weights."""
     if rows <= F.GEMV_ROWS:
-        grid = itertools.product((4, 8, 16), (512, 1024, 2048), (2, 4, 8), (2, 3))
-        keep = lambda bn, bk, w, s: 2048 <= bn * bk <= 16384 and bn * bk <= 4096 * w
+        grid = itertools.product((4, 8, 16), (512, 1024, 2048), (2, 4, 8), (2, 3), (1, 16))
+        keep = lambda bn, bk, w, s, v: 2048 <= bn * bk <= 16384 and bn * bk <= 4096 * w
     else:
         grid = itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4))
         keep = lambda bn, bk, w, s: bn * bk <= 16384

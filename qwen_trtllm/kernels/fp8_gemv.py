@@ -6,7 +6,9 @@ Two kernels, both giving each program BLOCK_N whole weight rows and walking K in
   * `_fp8_gemv_kernel`, 1-GEMV_ROWS rows (decode at batch 1-4), the fp16 GEMV's scheme (kernels/gemv.py): each
     e4m3 tile [BLOCK_N, BLOCK_K] (BLOCK_K bytes per row) is converted once, straight to float32, multiplied
     elementwise with the activation tile in float32 and accumulated in a [BLOCK_N, BLOCK_K] float32 tile that is
-    reduced over K once at the end; one x row after another (the later rows re-read the weights from L2).
+    reduced over K once at the end (config sum_vec > 1: each tile's products are first summed in groups of sum_vec
+    adjacent ones, inside a thread, into a [BLOCK_N, BLOCK_K / sum_vec] accumulator: fewer registers, so more
+    programs and loads in flight per SM); one x row after another (the later rows re-read the weights from L2).
   * `_fp8_mma_kernel`, GEMV_ROWS+1 to MAX_ROWS rows: tl.dot on 16-row tiles (rows padded with zeros), the codes
     converted straight to x's dtype (exact: e4m3's 3 mantissa bits and exponent range fit fp16 and bf16),
     float32 accumulation; fp32 activations in full IEEE precision; bf16 ones in float32 under the interpreter,
@@ -43,7 +45,8 @@ PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GATED: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                     GATED: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+                     VEC: tl.constexpr = 1):
     pid = tl.program_id(0)
     n0 = pid * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -54,7 +57,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y
         l2_prefetch_rows(w_blk + row_off, PREFETCH)
     pdl_start(PDL)
     for m in tl.static_range(M):  # each row re-reads W from L2, not HBM: programs finish a tile before moving on
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K // VEC), tl.float32)
         for k0 in tl.range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K:
@@ -68,7 +71,11 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y
                 xv = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
                 if GATED:
                     xv = silu_times(xv, tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0))
-            acc += codes.to(tl.float32) * xv.to(tl.float32)[None, :]  # e4m3 -> float32 exactly, one conversion
+            prod = codes.to(tl.float32) * xv.to(tl.float32)[None, :]  # e4m3 -> float32 exactly, one conversion
+            if VEC > 1:
+                acc += tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // VEC, VEC)), axis=2)
+            else:
+                acc += prod
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -115,12 +122,14 @@ def _fp8_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride
 
 
 class Fp8GemvConfig(NamedTuple):
-    """Launch parameters of one kernel: BLOCK_N weight rows per program, BLOCK_K codes (bytes) per row tile."""
+    """Launch parameters of one kernel: BLOCK_N weight rows per program, BLOCK_K codes (bytes) per row tile;
+    sum_vec (elementwise kernel): adjacent products summed per tile before accumulating (1: none)."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    sum_vec: int = 1
 
 
 # Configs per GPU model (launch.gpu_model): "gemv" (the elementwise kernel, <= GEMV_ROWS rows) and "mma" (the tl.dot
@@ -129,11 +138,13 @@ class Fp8GemvConfig(NamedTuple):
 # `scripts/gpu_gemv_tune.py --format fp8 --rows 1 | --rows 1 --shapes c_proj --gated | --rows 8 | --rows 16`
 # (docs/PERF.md, 2026-12-01): 4-row blocks (more programs in flight) beat the fp16 GEMV's 8-16 for 1-byte codes,
 # 512-code tiles with 2 warps and 2 stages for the wide shapes (gate_up 25.0 us vs 29.5 with 8 x 1024, 4 warps);
-# the tl.dot kernel wants 32-64-row blocks (gate_up at 16 rows 27.8 us vs 56.2 with 16 x 512). The H100's
+# the tl.dot kernel wants 32-64-row blocks (gate_up at 16 rows 27.8 us vs 56.2 with 16 x 512). sum_vec 16 for
+# the wide shapes (qkv 15.9 -> 14.3 us, gate_up 24.8 -> 23.8, e4m3 lm_head 162 -> 146; dense and the gated c_proj
+# are as fast or slower with it): batch 1 2.73 -> 2.65 ms (docs/PERF.md). The H100's
 # elementwise configs are unmeasured guesses (the fp16 GEMV's H100 table), its tl.dot ones the H200's.
 # A GPU without an entry takes the H100's.
 _CONFIGS: dict[str, dict[str, tuple[Fp8GemvConfig, ...]]] = {
-    "H200": {"gemv": (Fp8GemvConfig(4, 1024, 4, 3), Fp8GemvConfig(4, 512, 2, 2)),
+    "H200": {"gemv": (Fp8GemvConfig(4, 1024, 4, 3), Fp8GemvConfig(4, 512, 2, 2, 16)),
              "gated": (Fp8GemvConfig(8, 1024, 4, 3),),
              "mma": (Fp8GemvConfig(32, 512, 4, 4), Fp8GemvConfig(64, 256, 4, 4))},
     "H100": {"gemv": (Fp8GemvConfig(16, 1024, 8, 3), Fp8GemvConfig(8, 1024, 8, 3)),
@@ -183,7 +194,7 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
     args = (x, qweight, scales, bias if bias is not None else scales, y)
     grid = (triton.cdiv(N, cfg.block_n),)
     if M <= GEMV_ROWS:
-        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, GATED=gated, **common)
+        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, GATED=gated, VEC=cfg.sum_vec, **common)
     else:
         _fp8_mma_kernel[grid](*args, M, N, K, x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,
                               UPCAST=x.dtype == torch.bfloat16 and not x.is_cuda, BLOCK_M=16, **common)
