@@ -360,6 +360,7 @@ def test_profile_never_claims_a_trace_it_did_not_write(tmp_path, monkeypatch, ca
     ("build.py", ["--model_dir", "missing", "--quantize_lm_head"], "--quantize_lm_head has no effect without"),
     ("build.py", ["--model_dir", "missing", "--use_weight_only", "--group_size", "64"], "--group_size applies to int4"),
     ("benchmark.py", ["--group_size", "64"], "--group_size / --quantize_lm_head apply to --quant rows only"),
+    ("benchmark_serving.py", ["--quantize_lm_head"], "--quantize_lm_head applies to --quant's weights"),
     ("benchmark.py", ["--hf_batch_size", "1"], "--hf_batch_size applies to --compare_hf only"),
     ("eval_accuracy.py", ["--engine_dir", "missing", "--reference_engine_dir", "missing", "--reference_dtype", "fp16"],
      "--reference_dtype applies to the --hf_model_dir reference only"),

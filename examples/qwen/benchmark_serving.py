@@ -36,7 +36,9 @@ def main() -> int:
                    help="--model: the KV cache's format (build.py --int8_kv_cache / --fp8_kv_cache)")
     p.add_argument("--quant", default=None, choices=["int8", "int4", "fp8"],
                    help="--model: quantised weights, as build.py --use_weight_only --weight_only_precision int8 / "
-                   "int4 (group size 128) or --use_fp8 (lm_head unquantised) makes them (default: none)")
+                   "int4 (group size 128) or --use_fp8 makes them (default: none)")
+    p.add_argument("--quantize_lm_head", action="store_true",
+                   help="with --quant: lm_head quantised too, as build.py --quantize_lm_head (default: in --dtype)")
     p.add_argument("--num_requests", type=int, default=1000, help="requests in the workload")
     p.add_argument("--dataset", default="chat", help='"chat" (synthetic chat mix) or "IN,OUT" fixed lengths')
     p.add_argument("--request_rate", type=float, default=float("inf"), help="requests/s, Poisson (inf: all at once)")
@@ -61,6 +63,8 @@ def main() -> int:
                    '--num_requests); replaces --request_rate (default: none)')
     args = p.parse_args()
     check_output_file(args.json_output, "--json_output")
+    if args.quantize_lm_head and not args.quant:
+        raise QWenError("--quantize_lm_head applies to --quant's weights: add --quant int8|int4|fp8 or drop it")
     if args.base_url is None and not torch.cuda.is_available() and not args.engine_dir:
         raise QWenError("benchmark_serving.py needs an NVIDIA GPU (without one: --engine_dir runs on the CPU as a "
                         "functional check, its numbers say nothing about a GPU; --base_url loads a server)")
@@ -92,7 +96,7 @@ def main() -> int:
         engine = bm.random_engine(args.model, args.dtype, "cuda", max_batch_size=args.max_batch_size or 512,
                                   max_input_len=2048, max_output_len=1024, kv_cache_dtype=args.kv_cache_dtype)
         if args.quant:  # the fp16 original is dropped before the KV cache is sized from the free memory
-            engine = bm.quantized_engine(engine, args.quant)
+            engine = bm.quantized_engine(engine, args.quant, quantize_lm_head=args.quantize_lm_head)
             torch.cuda.empty_cache()
     config = replace(executor_config_from_args(args, engine.build), num_scheduler_steps=args.num_scheduler_steps)
     llm = LLM.from_engine(engine, config=config)
