@@ -59,11 +59,13 @@ def parser(description: str | None) -> argparse.ArgumentParser:
 
 
 def require_cuda(tool: str) -> None:
-    """Exit with one line (status 1) when no CUDA GPU is visible: for the GPU tools of scripts/."""
+    """Exit with one line (`error: ...`, status 2, as run_cli's errors) when no CUDA GPU is visible: for the GPU
+    tools of scripts/."""
     import torch
 
     if not torch.cuda.is_available():
-        sys.exit(f"{tool} times CUDA kernels and needs an NVIDIA GPU: run it on the GPU machine")
+        print(f"error: {tool} times CUDA kernels and needs an NVIDIA GPU: run it on the GPU machine", file=sys.stderr)
+        sys.exit(2)
 
 
 # --- output paths ---------------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ python3 scripts/gpu_gemv_tune.py [--rows 1] [--shapes qkv,...] [--format fp16|fp
 
 --format fp8 sweeps the FP8 GEMV (kernels/fp8_gemv.py: e4m3 weights, 1 byte each, fp16 activations) instead: its
 elementwise kernel for --rows 1-4, its tl.dot kernel for 5-16, each over that kernel's configs
-(Fp8GemvConfig); the fp8 engine's shapes (lm_head: build.py --use_fp8 --quantize_lm_head). GB/s count the e4m3 bytes, so
-they compare with the fp16 sweep's per byte. --gated times c_proj as the MLP runs it (x = [gate | up], SiLU*mul
-fused); --prefetch sets the bytes of each weight row prefetched into L2 before the PDL wait (default: the kernel
-module's PREFETCH_BYTES).
+(Fp8GemvConfig), on the fp8 engine's shapes (its lm_head is e4m3 with build.py --use_fp8 --quantize_lm_head).
+GB/s count the e4m3 bytes, so they compare with the fp16 sweep's per byte. --gated times c_proj as the MLP runs
+it (x = [gate | up], SiLU*mul fused); --prefetch sets the bytes of each weight row prefetched into L2 before the
+PDL wait (default: the kernel module's PREFETCH_BYTES).
 
 --format int8 / int4 sweeps the weight-only matmul (kernels/weight_only_gemm.py: int8 per output channel, int4 in
 groups of 128, as build.py --use_weight_only quantises) over configs around select_config's choice (each one a
@@ -214,7 +214,7 @@ def main() -> None:
     if weight_only and (args.gated or args.prefetch is not None):
         ap.error("--gated and --prefetch are for --format fp16 / fp8 (the weight-only matmul fuses no SiLU*mul; "
                  "its configs carry their own prefetch)")
-    names = (args.shapes or "qkv,dense,gate_up,c_proj,lm_head").split(",")
+    names = (args.shapes if args.shapes is not None else "qkv,dense,gate_up,c_proj,lm_head").split(",")
     unknown = [n for n in names if n not in shapes]
     if unknown:
         ap.error(f"--shapes: unknown {','.join(unknown)}; choose from {','.join(shapes)}")

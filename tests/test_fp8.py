@@ -402,15 +402,18 @@ def test_teacher_forced_agreement_with_fp32(engines, run_script, tmp_path, engin
     top1 = json.loads(out.read_text())["top1_agreement"] if out.exists() else None
     print(f"{engine} vs fp32 top-1 agreement: {top1}")
     assert rc == 0, stdout + err
+    label = "float32, fp8 weights and lm_head)" if engine == "fp8_lm_head" else "float32, fp8 weights)"
+    assert label in stdout, stdout  # the report names the engine's number formats
 
 
 def test_build_flag_conflicts(tiny_checkpoint, run_script, tmp_path):
     for extra in (["--use_weight_only"], ["--use_weight_only", "--weight_only_precision", "int4"],
-                  ["--group_size", "16"]):
+                  ["--group_size", "16"], ["--weight_only_precision", "int8"]):
         rc, _, err = run_script("build.py", "--hf_model_dir", tiny_checkpoint, "--use_fp8", *extra,
                                 "--output_dir", tmp_path / "bad")
         assert rc == 2 and len(err.strip().splitlines()) == 1, err
-        assert ("mutually exclusive" in err) if "--use_weight_only" in extra else ("--use_weight_only" in err)
+        assert ("mutually exclusive" in err) if "--use_weight_only" in extra else \
+            (f"{extra[0]} does not apply to --use_fp8" in err and "drop it" in err)
     assert not (tmp_path / "bad").exists()
     from qwen_trtllm.builder.build import build_engine
 

@@ -52,8 +52,11 @@ def main() -> int:
     p.add_argument("--json_output", default=None, help="write the rows here as JSON")
     args = p.parse_args()
     check_output_file(args.json_output, "--json_output")
-    if not args.quant and (args.group_size is not None or args.quantize_lm_head):
-        raise QWenError("--group_size / --quantize_lm_head apply to --quant rows only: add --quant int4 (or int8)")
+    quants = [q for q in args.quant.split(",") if q]
+    if args.group_size is not None and "int4" not in quants:
+        raise QWenError("--group_size applies to --quant int4 rows only: add int4 to --quant or drop it")
+    if args.quantize_lm_head and not quants:
+        raise QWenError("--quantize_lm_head applies to --quant rows only: add --quant int8|int4|fp8 or drop it")
     if args.hf_batch_size is not None and not args.compare_hf:
         raise QWenError("--hf_batch_size applies to --compare_hf only: add --compare_hf or drop it")
     args.group_size, args.hf_batch_size = args.group_size or 128, args.hf_batch_size or "1,8"

@@ -63,19 +63,21 @@ def main() -> int:
                    '--num_requests); replaces --request_rate (default: none)')
     args = p.parse_args()
     check_output_file(args.json_output, "--json_output")
-    if args.quantize_lm_head and not args.quant:
-        raise QWenError("--quantize_lm_head applies to --quant's weights: add --quant int8|int4|fp8 or drop it")
-    if args.base_url is None and not torch.cuda.is_available() and not args.engine_dir:
-        raise QWenError("benchmark_serving.py needs an NVIDIA GPU (without one: --engine_dir runs on the CPU as a "
-                        "functional check, its numbers say nothing about a GPU; --base_url loads a server)")
-    for flag, value in (("--quant", args.quant), ("--kv_cache_dtype", args.kv_cache_dtype != "auto" or None)):
+    for flag, value in (("--quant", args.quant), ("--quantize_lm_head", args.quantize_lm_head),
+                        ("--kv_cache_dtype", args.kv_cache_dtype != "auto" or None)):
         if value and (args.engine_dir or args.base_url):
             raise QWenError(f"{flag} applies to --model's random weights; an engine (or a server's) keeps the format "
-                            "it was built with (build.py --use_fp8 / --use_weight_only / --fp8_kv_cache)")
+                            "it was built with (build.py --use_fp8 / --use_weight_only / --quantize_lm_head / "
+                            "--fp8_kv_cache): drop it")
+    if args.quantize_lm_head and not args.quant:
+        raise QWenError("--quantize_lm_head applies to --quant's weights: add --quant int8|int4|fp8 or drop it")
     if args.num_scheduler_steps < 1:
         raise QWenError(f"--num_scheduler_steps must be >= 1, got {args.num_scheduler_steps}")
     if args.request_rates and (args.compare_hf or args.interference):
         raise QWenError("--request_rates does not combine with --compare_hf / --interference: give --request_rate")
+    if args.base_url is None and not torch.cuda.is_available() and not args.engine_dir:
+        raise QWenError("benchmark_serving.py needs an NVIDIA GPU (without one: --engine_dir runs on the CPU as a "
+                        "functional check, its numbers say nothing about a GPU; --base_url loads a server)")
     from qwen_trtllm.evaluation import serving as sv
 
     rates = sv.parse_rates(args.request_rates, args.num_requests) if args.request_rates else \

@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise QWenError("--use_fp8 and --use_weight_only are mutually exclusive: give one of them")
     if not args.use_weight_only:
         given = [f for f in ("weight_only_precision", "group_size") if getattr(args, f) is not None]
+        if given and args.use_fp8:
+            raise QWenError(f"--{given[0]} does not apply to --use_fp8 (e4m3 with one scale per output channel): "
+                            "drop it")
         if given:
             raise QWenError(f"--{given[0]} has no effect without --use_weight_only: add --use_weight_only or drop it")
         if args.quantize_lm_head and not args.use_fp8:

@@ -25,9 +25,11 @@ from qwen_trtllm.runtime.runner import add_runtime_args, executor_config_from_ar
 
 
 def number_formats(build) -> str:
-    """An engine's number formats for the report: "float16", "float16, fp8 weights, fp8 KV cache", ..."""
+    """An engine's number formats for the report: "float16", "float16, fp8 weights, fp8 KV cache",
+    "float16, int8 weights and lm_head", ..."""
     q = build.quantization
-    return ", ".join([build.dtype] + ([f"{q.precision} weights"] if q is not None else []) +
+    weights = [f"{q.precision} weights" + (" and lm_head" if q.quantize_lm_head else "")] if q is not None else []
+    return ", ".join([build.dtype] + weights +
                      ([f"{build.kv_cache_dtype} KV cache"] if build.kv_cache_dtype != "auto" else []))
 
 

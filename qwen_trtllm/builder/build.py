@@ -164,6 +164,8 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
     check_output(out, force, src)
     if use_fp8 and weight_only_precision is not None:
         raise QWenError("--use_fp8 and --use_weight_only are mutually exclusive: give one of them")
+    if use_fp8 and group_size is not None:
+        raise QWenError("--group_size does not apply to --use_fp8 (e4m3 with one scale per output channel): drop it")
     if weight_only_precision is None and group_size is not None:
         raise QWenError("--group_size applies to weight-only int4 only: add --use_weight_only "
                         "--weight_only_precision int4 or drop it")
@@ -267,7 +269,8 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
             if kind and not source.get("gptq"):
                 from qwen_trtllm.quantization import quantize_state_dict
 
-                LOGGER.info(f"rank {r}: quantising the linear layers to {kind}")
+                LOGGER.info(f"rank {r}: quantising the linear layers{' and lm_head' if quantize_lm_head else ''} "
+                            f"to {kind}")
                 weights = quantize_state_dict(weights, kind, group_size, quantize_lm_head)
             nbytes = sum(t.nbytes for t in weights.values())
             LOGGER.info(f"rank {r}: writing {rank_file(out, r).name} ({nbytes / 1e9:.2f} GB)")
