@@ -419,6 +419,10 @@ def test_build_flag_conflicts(tiny_checkpoint, run_script, tmp_path):
 
     with pytest.raises(QWenError, match="mutually exclusive"):
         build_engine(tmp_path / "bad", hf_dir=tiny_checkpoint, use_fp8=True, weight_only_precision="int8")
+    with pytest.raises(QWenError, match="--group_size does not apply to --use_fp8"):
+        build_engine(tmp_path / "bad", hf_dir=tiny_checkpoint, use_fp8=True, group_size=64)
+    with pytest.raises(QWenError, match="--quantize_lm_head applies to quantised engines only"):
+        build_engine(tmp_path / "bad", hf_dir=tiny_checkpoint, quantize_lm_head=True)
     from qwen_trtllm.checkpoint.gptq import write_gptq_checkpoint
 
     gptq = write_gptq_checkpoint(tiny_checkpoint, tmp_path / "gptq", group_size=16)
