@@ -33,7 +33,8 @@ subcommands (each ends with a table; ARGS are passed through to the CLI named, l
                        engine's goal against it. Table: accuracy per pair, engine sizes.
   formats              teacher-forced agreement of each weight / KV format with the $DTYPE engine of the same random
                        $PRESET checkpoint: build.py --hf_model_dir per format (FORMATS="LABEL=BUILD_ARGS;...",
-                       default fp8=--use_fp8, fp8_kv=--fp8_kv_cache, int8_kv=--int8_kv_cache, fp8+fp8_kv), then
+                       default fp8=--use_fp8, fp8_kv=--fp8_kv_cache, int8_kv=--int8_kv_cache, fp8_fp8kv; LABEL:
+                       letters, digits, _ or -), then
                        eval_accuracy.py (64 prompts x 32 positions) against $W/base (built once per $DTYPE), each
                        variant deleted after its evaluation (disk). Table: accuracy per format.
   summarize [ARGS]     examples/qwen/summarize.py --test_trt_llm --test_hf (engine vs Hugging Face, both $DTYPE, 5
@@ -282,11 +283,17 @@ cmd_formats() {
     echo "formats takes no arguments: FORMATS=\"LABEL=BUILD_ARGS;...\" names the formats" >&2
     return 2
   fi
+  local default="fp8=--use_fp8;fp8_kv=--fp8_kv_cache;int8_kv=--int8_kv_cache;fp8_fp8kv=--use_fp8 --fp8_kv_cache"
+  IFS=';' read -r -a specs <<< "${FORMATS:-$default}"
+  for spec in "${specs[@]}"; do  # labels name files: letters, digits, _ and - only (checked before any work)
+    if [[ ! ${spec%%=*} =~ ^[A-Za-z0-9_-]+$ || $spec != *=* ]]; then
+      echo "FORMATS: \"$spec\" is not LABEL=BUILD_ARGS with a LABEL of letters, digits, _ or -" >&2
+      return 2
+    fi
+  done
   make_checkpoint || return 1
   base_engine || return 1
   local acc=("$PY" examples/qwen/eval_accuracy.py --num_prompts 64 --steps 32 --reference_engine_dir "$W/base")
-  local default="fp8=--use_fp8;fp8_kv=--fp8_kv_cache;int8_kv=--int8_kv_cache;fp8+fp8_kv=--use_fp8 --fp8_kv_cache"
-  IFS=';' read -r -a specs <<< "${FORMATS:-$default}"
   for spec in "${specs[@]}"; do
     label=${spec%%=*}
     local args=()
