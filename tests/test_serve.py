@@ -2,18 +2,17 @@
 official `openai` client and raw httpx, on a tiny random engine with the real tokenizer (CPU, fp32).
 
 Checked: models / health / page / metrics; greedy answers equal run.py's; 16 concurrent clients with mixed
-settings each equal to its single run; stop strings split across tokens (never returned, streamed or not);
-every bad request's status and OpenAI error body (and 500 without a traceback); a disconnect frees the request's
-KV cache blocks; 429 at --max_queue; a bounded load test (loopback only); token ids without a tokenizer;
-ignore_eos; benchmark_serving.py --base_url's HTTP load generator against the server and the in-process run;
-SIGTERM drains and exits 0.
+settings each equal to its single run; stop strings split across tokens (never returned, streamed or not); beam
+search's n best beams; every bad request's status and OpenAI error body; a disconnect frees the request's KV cache
+blocks; 429 at --max_queue; a bounded load test (loopback only); benchmark_serving.py --base_url's HTTP load
+generator against the server and the in-process run; SIGTERM drains and exits 0, or past --shutdown_timeout
+cancels cleanly. What needs no server process is in test_serve_in_process.py; shared helpers in serve_support.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
@@ -27,56 +26,35 @@ import httpx
 import openai
 import pytest
 from net import free_port
-from prometheus_client.parser import text_string_to_metric_families
+from serve_support import (
+    EOD,
+    MAX_INPUT_LEN,
+    MAX_OUTPUT_LEN,
+    MODEL,
+    ROOT,
+    USER,
+    Server,
+    build_serve_engine,
+    chat_stops,
+    client,
+    finish_of,
+    metrics,
+    reference,
+    script_env,
+    sse_data,
+    text_of,
+    wait_healthy,
+    wait_idle,
+)
 
-from qwen_trtllm.builder.build import build_engine
 from qwen_trtllm.runtime import LLM, Engine, SamplingParams
-from qwen_trtllm.runtime.detokenizer import IncrementalText
-from qwen_trtllm.tokenizer import DEFAULT_SYSTEM, QWenTokenizer, make_context, stop_token_ids
-
-ROOT = Path(__file__).resolve().parents[1]
-EOD = 151643
-MODEL = "qwen-tiny"
-MAX_INPUT_LEN, MAX_OUTPUT_LEN = 256, 64
+from qwen_trtllm.tokenizer import DEFAULT_SYSTEM, QWenTokenizer, make_context
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine_dir(make_checkpoint, tiktoken_file, tmp_path_factory) -> Path:
-    ckpt = make_checkpoint(vocab_size=151936, seq_length=2048, tokenizer_file=tiktoken_file, seed=5)
-    return build_engine(tmp_path_factory.mktemp("serve") / MODEL, hf_dir=ckpt, dtype="float32", max_batch_size=8,
-                        max_input_len=MAX_INPUT_LEN, max_output_len=MAX_OUTPUT_LEN, tokens_per_block=16)
-
-
-def script_env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-    run_py: subprocess.Popen  # run.py on the same engine, started beside the server (greedy reference)
-    run_py_csv: Path
-    extra: dict = field(default_factory=dict)
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log_tail, timeout: float = 120) -> None:
-    """Until the server process answers /health (it must not exit first; its log tail explains a failure)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{log_tail()}"
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"the server did not come up:\n{log_tail()}"
-        time.sleep(0.2)
+    return build_serve_engine(make_checkpoint, tiktoken_file, tmp_path_factory)
 
 
 RUN_PY_QUESTION = "你好，请问你叫什么？"
@@ -118,56 +96,6 @@ def tok(engine_dir) -> QWenTokenizer:
     return QWenTokenizer.from_dir(engine_dir)
 
 
-def client(srv: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
-
-
-def metrics(srv: Server) -> dict[str, float]:
-    """Every sample of /metrics: 'name{a="x",b="y"}' (labels sorted) or 'name' -> value."""
-    out = {}
-    for family in text_string_to_metric_families(httpx.get(srv.url + "/metrics", timeout=10).text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
-def wait_idle(srv: Server, timeout: float = 15.0) -> dict[str, float]:
-    """Poll /metrics until no request is in flight and no KV cache block is in use."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = metrics(srv)
-        if m["qwen_trtllm_kv_cache_blocks_used"] == 0 and m["qwen_trtllm_num_requests_in_flight"] == 0:
-            return m
-        assert time.monotonic() < deadline, f"not idle: {m}"
-        time.sleep(0.05)
-
-
-def chat_stops(tok) -> list[int]:
-    return sorted(stop_token_ids(tok, "chatml"))
-
-
-def reference(llm: LLM, ids: list[int], stops: list[int], max_tokens: int, temperature: float = 0.0,
-              top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
-              seed: int = 0) -> list[int]:
-    """The request alone, in-process, with generation_config.json's defaults spelled out (Qwen-7B-Chat's:
-    top_p 0.8, top_k 0, repetition_penalty 1.1)."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                            top_p=0.8 if top_p is None else top_p, top_k=0 if top_k is None else top_k,
-                            repetition_penalty=1.1 if repetition_penalty is None else repetition_penalty,
-                            seed=seed, stop_token_ids=stops, end_id=EOD)
-    return llm.generate([ids], params)[0].token_ids
-
-
-def text_of(tok, ids: list[int], stops: list[int] = ()) -> str:
-    """The text of output ids, stop tokens left out (the embedding's padding ids decode to nothing)."""
-    return tok.decode([t for t in ids if t not in stops])
-
-
-def finish_of(ids: list[int], stops: list[int]) -> str:
-    return "stop" if ids and ids[-1] in stops else "length"
-
-
 # --- basics ------------------------------------------------------------------------------------------------------
 def test_models_health_page_and_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
@@ -184,21 +112,6 @@ def test_models_health_page_and_metrics(server):
                  "qwen_trtllm_inter_token_latency_seconds_count"):
         assert name in m, name
     assert m['qwen_trtllm_requests_total{endpoint="/health",status="200"}'] >= 1
-
-
-def test_incremental_text_holds_back_partial_characters_and_stop_prefixes(tok):
-    text = "ab龘c𠀀, the end is near"
-    ids = tok.encode(text)
-    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))  # the emoji spans byte tokens
-    inc = IncrementalText(tok)
-    deltas = [inc.update(ids[: i + 1], finished=i == len(ids) - 1) for i in range(len(ids))]
-    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
-    inc = IncrementalText(tok, stop=["end is"])
-    deltas = [inc.update(ids[: i + 1]) for i in range(len(ids))]
-    assert "".join(deltas) == "ab龘c𠀀, the " and inc.stopped and inc.text == "ab龘c𠀀, the "
-    assert inc.finish_reason("length") == "stop"
-    inc = IncrementalText(tok, stop=["end of"])  # a prefix that turns out not to be the stop string is released
-    assert "".join(inc.update(ids[: i + 1], finished=i == len(ids) - 1) for i in range(len(ids))) == text
 
 
 # --- equal to run.py and to single runs --------------------------------------------------------------------------
@@ -400,7 +313,6 @@ def test_beam_search_returns_the_n_best_beams(server, llm, tok):
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
-USER = {"role": "user", "content": "Hi"}
 BAD_REQUESTS = [
     ("chat", {"messages": [{"role": "tool", "content": "x"}]}, 400, "unknown role"),
     ("chat", {"messages": []}, 400, "at least one message"),
@@ -460,36 +372,7 @@ def test_unknown_routes_and_methods_and_the_client_error_types(server):
     assert httpx.get(server.url + "/health").status_code == 200  # none of it took the server down
 
 
-def test_internal_errors_are_500_without_a_traceback(engine_dir, llm, monkeypatch):
-    from fastapi.testclient import TestClient
-
-    from qwen_trtllm.serving.server import create_app
-
-    llm = LLM.from_engine(llm.engine, tokenizer=QWenTokenizer.from_dir(engine_dir))
-    app = create_app(llm, model_name=MODEL)
-
-    async def broken(*args, **kwargs):
-        raise RuntimeError("secret internal detail")
-        yield  # an async generator, as generate_async
-
-    monkeypatch.setattr(llm, "generate_async", broken)
-    tc = TestClient(app, raise_server_exceptions=False)
-    r = tc.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 2})
-    assert r.status_code == 500
-    assert r.json()["error"]["type"] == "server_error"
-    assert "secret" not in r.text and "Traceback" not in r.text
-    r = tc.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True})
-    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
-    assert r.status_code == 200 and events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["type"] == "server_error" and "secret" not in r.text
-    assert app.state.server.in_flight == 0
-
-
 # --- cancellation, admission, load --------------------------------------------------------------------------------
-def sse_data(lines) -> list[str]:
-    return [line[6:] for line in lines if line.startswith("data: ")]
-
-
 def test_disconnect_mid_stream_cancels_and_frees_the_blocks(server):
     before = wait_idle(server)
     body = {"model": MODEL, "prompt": "tell me a very long story " * 8, "max_tokens": MAX_OUTPUT_LEN,
@@ -596,69 +479,7 @@ def test_load_200_requests_at_concurrency_8(server):
     print(f"{n} requests at concurrency {concurrency} in {elapsed:.1f} s")
 
 
-# --- token ids without a tokenizer, ignore_eos, the HTTP load generator --------------------------------------------
-def test_without_a_tokenizer_token_ids_in_and_out(llm):
-    """An engine without qwen.tiktoken (serve.py --model): /v1/completions on token ids, answered with token ids
-    and empty text; whatever needs text is a clear 400."""
-    from fastapi.testclient import TestClient
-
-    from qwen_trtllm.serving.server import create_app
-
-    ids = [11, 22, 33, 44, 55]
-    want = llm.generate([ids], SamplingParams(max_tokens=6, top_k=1, stop_token_ids=[EOD], end_id=EOD))[0].token_ids
-    with TestClient(create_app(LLM.from_engine(llm.engine), model_name=MODEL)) as tc:
-        r = tc.post("/v1/completions", json={"prompt": ids, "max_tokens": 6, "temperature": 0})
-        assert r.status_code == 200, r.text
-        choice = r.json()["choices"][0]
-        assert (choice["text"], choice["token_ids"]) == ("", want)
-        r = tc.post("/v1/completions", json={"prompt": [ids], "max_tokens": 6, "temperature": 0, "stream": True,
-                                             "stream_options": {"include_usage": True}})
-        data = sse_data(r.text.splitlines())
-        assert r.status_code == 200 and data[-1] == "[DONE]"
-        events = [json.loads(d) for d in data[:-1]]
-        chunks = [e["choices"][0] for e in events if e["choices"]]
-        assert all(c["token_ids"] and c["text"] == "" for c in chunks[:-1])  # a chunk for every step's tokens
-        assert sum((c["token_ids"] for c in chunks), []) == want and chunks[-1]["finish_reason"] == "length"
-        assert events[-1]["usage"]["completion_tokens"] == len(want)
-        for path, body, param in [("/v1/chat/completions", {"messages": [USER]}, "messages"),
-                                  ("/v1/completions", {"prompt": "hello"}, "prompt"),
-                                  ("/v1/completions", {"prompt": ids, "stop": ["x"]}, "stop"),
-                                  ("/v1/completions", {"prompt": ids, "echo": True}, "echo")]:
-            r = tc.post(path, json=body)
-            err = r.json()["error"]
-            assert r.status_code == 400 and "tokenizer" in err["message"] and err["param"] == param, r.text
-
-
-def test_ignore_eos_runs_to_max_tokens(engine_dir, tok):
-    """vLLM's ignore_eos: the stop tokens (here <|endoftext|>, made the greedy first token) end nothing."""
-    import torch
-    from fastapi.testclient import TestClient
-
-    from qwen_trtllm.serving.server import create_app
-
-    engine = Engine.load(engine_dir, device="cpu")
-    prompt = tok.encode("The weather today is")
-    first = LLM.from_engine(engine).generate([prompt], SamplingParams(max_tokens=1, top_k=1))[0].token_ids[0]
-    with torch.no_grad():  # <|endoftext|>'s logit: twice the greedy token's
-        engine.model.lm_head.weight[EOD] = 2 * engine.model.lm_head.weight[first]
-    body = {"prompt": prompt, "max_tokens": 6, "temperature": 0}
-    with TestClient(create_app(LLM.from_engine(engine, tokenizer=tok), model_name=MODEL)) as tc:
-        r = tc.post("/v1/completions", json=body).json()
-        assert (r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"]) == ("stop", 1)
-        assert "token_ids" not in r["choices"][0]  # only when asked, on a server with a tokenizer
-        r = tc.post("/v1/completions", json={**body, "ignore_eos": True, "return_token_ids": True}).json()
-        choice = r["choices"][0]
-        assert (choice["finish_reason"], r["usage"]["completion_tokens"]) == ("length", 6)
-        assert len(choice["token_ids"]) == 6 and choice["token_ids"][0] == EOD
-        assert choice["text"] == text_of(tok, choice["token_ids"], [EOD])  # stop tokens never become text
-        r = tc.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 5, "temperature": 0,
-                                                  "ignore_eos": True, "stream": True,
-                                                  "stream_options": {"include_usage": True}})
-        events = [json.loads(d) for d in sse_data(r.text.splitlines())[:-1]]
-        assert events[-1]["usage"]["completion_tokens"] == 5
-        assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
-
-
+# --- the HTTP load generator -------------------------------------------------------------------------------------
 def test_http_load_generator_against_the_server(server, llm):
     """benchmark_serving.py --base_url's client: 20 requests at 5 requests/s, each exactly its max_tokens, the
     same greedy tokens as the in-process LLM; its row prints beside run_load's."""
@@ -698,32 +519,6 @@ def test_http_load_generator_against_the_server(server, llm):
     dead = sv.Workload(prompts[:2], outs[:2], [0.0, 0.0])
     row, results = http_load.run_http_load(f"http://127.0.0.1:{free_port()}/v1", dead, timeout_s=5)
     assert row.errors == 2 and row.output_tokens == 0 and "ConnectError" in http_load.first_error(results)
-
-
-def test_parse_rates_and_serve_model_flags(engine_dir):
-    import importlib.util
-
-    import torch
-
-    from qwen_trtllm import QWenError
-    from qwen_trtllm.evaluation.serving import parse_rates
-
-    assert parse_rates("4, 8:200,inf", 300) == [(4.0, 300), (8.0, 200), (float("inf"), 300)]
-    for bad in ("fast", "0", "4:0", "4:x"):
-        with pytest.raises(QWenError, match="request_rates"):
-            parse_rates(bad, 10)
-    spec = importlib.util.spec_from_file_location("serve_script", ROOT / "examples/qwen/serve.py")
-    serve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve)
-    with pytest.raises(QWenError, match="exclude each other"):
-        serve.parse_args(["--model", "qwen-7b", "--engine_dir", str(engine_dir)])
-    args = serve.parse_args(["--model", "tiny", "--max_batch_size", "4"])
-    assert (args.model, args.dtype, args.max_batch_size) == ("tiny", "float16", 4)
-    if not torch.cuda.is_available():
-        with pytest.raises(QWenError, match="on one GPU"):
-            serve.random_model_llm(args, 1)
-    with pytest.raises(QWenError, match="choose one of"):
-        serve.random_model_llm(serve.parse_args(["--model", "qwen-3b"]), 1)
 
 
 # --- shutdown (last: it stops the module's server) ----------------------------------------------------------------
@@ -776,14 +571,3 @@ def test_sigterm_past_the_drain_timeout_cancels_cleanly(engine_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
-
-
-@pytest.mark.parametrize("text", ["", "plain", 'quote " backslash \\ newline \n tab \t', "汉字 é \u2028 \x01", "@@"])
-def test_streamed_chunk_template_equals_the_pydantic_chunk(text):
-    """The per-token chunk is pydantic's JSON made once with markers and filled in: the same object as the model's."""
-    from qwen_trtllm.serving.responses import ChatShape, CompletionShape
-
-    for shape in (ChatShape("chatcmpl-1", 7, "m"), CompletionShape("cmpl-1", 7, "m"),
-                  CompletionShape("cmpl-2", 7, "m", "", True)):
-        for ids in ([], [3], [151643, 42]):
-            assert json.loads(shape.delta(text, ids)) == json.loads(shape.delta_model(text, ids))
