@@ -86,7 +86,7 @@ def main() -> int:
     show(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s, "
           f"weights {bm.decode_step_bytes(engine, 0, 0) / 1e9:.2f} GB moved per decode step")
     rows = []
-    for quant in [None] + [q for q in args.quant.split(",") if q]:
+    for quant in [None] + quants:
         eng = engine if quant is None else bm.quantized_engine(engine, quant, args.group_size, args.quantize_lm_head)
         for inp, out in pairs:
             for b in batches:
