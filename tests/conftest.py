@@ -41,6 +41,14 @@ def tiny_checkpoint(make_checkpoint) -> Path:
     return make_checkpoint(shard_bytes=1 << 18)
 
 
+@pytest.fixture(scope="session")
+def serve_engine_dir(make_checkpoint, tiktoken_file, tmp_path_factory) -> Path:
+    """The engine of the server tests (test_serve.py, test_serve_in_process.py), built once for both: read only."""
+    from serve_support import build_serve_engine
+
+    return build_serve_engine(make_checkpoint, tiktoken_file, tmp_path_factory)
+
+
 @pytest.fixture
 def run_script(monkeypatch, capsys):
     """run_script("build.py", *args) -> (exit status, stdout, stderr): an examples/qwen script run in this process

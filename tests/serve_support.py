@@ -24,7 +24,7 @@ USER = {"role": "user", "content": "Hi"}
 
 
 def build_serve_engine(make_checkpoint, tiktoken_file, tmp_path_factory) -> Path:
-    """The engine_dir fixture of each server test module: a tiny random engine with the real tokenizer (fp32)."""
+    """The server tests' engine (conftest.py serve_engine_dir): a tiny random engine with the real tokenizer (fp32)."""
     ckpt = make_checkpoint(vocab_size=151936, seq_length=2048, tokenizer_file=tiktoken_file, seed=5)
     return build_engine(tmp_path_factory.mktemp("serve") / MODEL, hf_dir=ckpt, dtype="float32", max_batch_size=8,
                         max_input_len=MAX_INPUT_LEN, max_output_len=MAX_OUTPUT_LEN, tokens_per_block=16)

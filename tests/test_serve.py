@@ -34,7 +34,6 @@ from serve_support import (
     ROOT,
     USER,
     Server,
-    build_serve_engine,
     chat_stops,
     client,
     finish_of,
@@ -53,8 +52,8 @@ from qwen_trtllm.tokenizer import DEFAULT_SYSTEM, QWenTokenizer, make_context
 
 # --- fixtures ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def engine_dir(make_checkpoint, tiktoken_file, tmp_path_factory) -> Path:
-    return build_serve_engine(make_checkpoint, tiktoken_file, tmp_path_factory)
+def engine_dir(serve_engine_dir) -> Path:
+    return serve_engine_dir
 
 
 RUN_PY_QUESTION = "你好，请问你叫什么？"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from serve_support import EOD, MODEL, ROOT, USER, build_serve_engine, sse_data, text_of
+from serve_support import EOD, MODEL, ROOT, USER, sse_data, text_of
 
 from qwen_trtllm.runtime import LLM, Engine, SamplingParams
 from qwen_trtllm.runtime.detokenizer import IncrementalText
@@ -15,8 +15,8 @@ from qwen_trtllm.tokenizer import QWenTokenizer
 
 # --- fixtures ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def engine_dir(make_checkpoint, tiktoken_file, tmp_path_factory) -> Path:
-    return build_serve_engine(make_checkpoint, tiktoken_file, tmp_path_factory)
+def engine_dir(serve_engine_dir) -> Path:
+    return serve_engine_dir
 
 
 @pytest.fixture(scope="module")
