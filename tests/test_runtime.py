@@ -48,9 +48,9 @@ def alone(engine):
     return [make_llm(engine).generate([p], sp)[0].token_ids for p, sp in zip(prompts, params, strict=True)]
 
 
-def check_pool(llm) -> None:
-    """Every block not held by a running request is free; nothing is owned twice (llm: an LLM or its executor)."""
-    ex = getattr(llm, "executor", llm)
+def check_pool(llm: LLM) -> None:
+    """Every block not held by a running request is free; nothing is owned twice."""
+    ex = llm.executor
     held = [b for r in ex.scheduler.running for b in r.block_ids]
     assert len(held) == len(set(held))
     assert not any(r.block_ids for r in ex.scheduler.waiting)
@@ -97,7 +97,8 @@ def test_decode_windows_while_requests_wait_only_when_the_batch_is_full(engine, 
     runs windows of num_scheduler_steps decode steps (each ending by the first max_tokens), one host round trip
     per window. With room in the batch a newcomer is admitted at the next step."""
     def run(max_batch_size: int) -> list[int]:
-        ex = make_llm(engine, max_batch_size=max_batch_size, max_tokens=48, num_scheduler_steps=4).executor
+        llm = make_llm(engine, max_batch_size=max_batch_size, max_tokens=48, num_scheduler_steps=4)
+        ex = llm.executor
         real, seen = ex.scheduler.schedule, []
 
         def spy():
@@ -112,7 +113,7 @@ def test_decode_windows_while_requests_wait_only_when_the_batch_is_full(engine, 
             if len(reqs) == 2:  # a third request arrives after the first step
                 reqs.append(ex.add_request([4, 5, 6], SamplingParams(max_tokens=5, top_k=1, ignore_eos=True)))
         assert [len(r.output_token_ids) for r in reqs] == [12, 12, 5]
-        check_pool(ex)
+        check_pool(llm)
         return seen
 
     # batch of 2, the third waits: windows 4 + 4 + 3 until the first two finish, its prefill, a window of 4
