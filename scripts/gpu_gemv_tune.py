@@ -12,11 +12,13 @@ GB/s count the e4m3 bytes, so they compare with the fp16 sweep's per byte. --gat
 it (x = [gate | up], SiLU*mul fused); --prefetch sets the bytes of each weight row prefetched into L2 before the
 PDL wait (default: the kernel module's PREFETCH_BYTES).
 
---format int8 / int4 sweeps the weight-only matmul (kernels/weight_only_gemm.py: int8 per output channel, int4 in
-groups of 128, as build.py --use_weight_only quantises) over configs around select_config's choice (each one a
-compile): the engine runs it at any --rows, decode and prefill alike (select_config: up to 16 rows 16-row
-tensor-core tiles split over K; 17-64 rows one tile of the rows rounded up to a power of two; above that 64- or
-128-row prefill tiles; the sweep also tries the CUDA-core gemv kernel for int8 at 1-4 rows). lm_head is the
+--format int8 at --rows 1-4 sweeps what the engine runs there: the FP8 GEMV's elementwise kernel on int8 codes
+(kernels/fp8_gemv.py int8_gemv, the fp8 configs; --gated and --prefetch as for fp8).
+--format int8 above 4 rows, and int4, sweep the weight-only matmul (kernels/weight_only_gemm.py: int8 per output
+channel, int4 in groups of 128, as build.py --use_weight_only quantises) over configs around select_config's
+choice (each one a compile): the engine runs it at those --rows, decode and prefill alike (select_config: up to
+16 rows 16-row tensor-core tiles split over K; 17-64 rows one tile of the rows rounded up to a power of two;
+above that 64- or 128-row prefill tiles). lm_head is the
 --quantize_lm_head engine's. Each config's result is checked once against a float32 matmul with the
 dequantised weights before it is timed; a config that fails to compile or launch, or is off by a relative error of
 3e-3 or more, is printed as skipped. A cuBLAS fp16 line for the same shape comes first as the reference, as for
@@ -112,16 +114,21 @@ def fp8_configs(rows: int) -> list:
     return [F.Fp8GemvConfig(*c) for c in grid if keep(*c)]
 
 
-def tune_fp8(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
+def tune_fp8(name: str, N: int, K: int, rows: int, gated: bool = False, int8: bool = False) -> None:
+    """The 1-byte-code GEMV (kernels/fp8_gemv.py): e4m3 codes, or int8 weight-only codes (int8_gemv, <= GEMV_ROWS
+    rows) with int8=True."""
+    from qwen_trtllm.quantization import quantize_int8
     from qwen_trtllm.quantization.fp8 import quantize_fp8_weight
 
     copies = distinct_copies(N * K)
-    ws = [quantize_fp8_weight(torch.randn(N, K, device="cuda") * 0.02) for _ in range(copies)]
+    quantize = quantize_int8 if int8 else quantize_fp8_weight
+    ws = [quantize(torch.randn(N, K, device="cuda") * 0.02) for _ in range(copies)]
     x = torch.randn(rows, 2 * K if gated else K, device="cuda", dtype=torch.float16)
     nbytes = copies * N * K
+    gemv = F.int8_gemv if int8 else F.fp8_gemv
 
     def timed(cfg: F.Fp8GemvConfig) -> tuple[float, F.Fp8GemvConfig]:
-        return time_graph(lambda: [F.fp8_gemv(x, q, s, gated=gated, config=cfg) for q, s in ws]), cfg
+        return time_graph(lambda: [gemv(x, q, s, gated=gated, config=cfg) for q, s in ws]), cfg
 
     results = [timed(cfg) for cfg in fp8_configs(rows)]
     report(name, results, F.default_config(N, K, x.device, rows, gated), copies, nbytes)
@@ -129,14 +136,11 @@ def tune_fp8(name: str, N: int, K: int, rows: int, gated: bool = False) -> None:
 
 def wo_configs(rows: int, precision: str) -> list:
     """Alternative weight-only configs around select_config's choices for `rows` (each one is a separate compile:
-    keep the list short). Up to 4 rows int8 also tries the CUDA-core gemv kernel."""
+    keep the list short)."""
     from qwen_trtllm.kernels.weight_only_gemm import WOConfig
 
     int4 = precision == "int4"
     out = []
-    if rows <= 4 and not int4:
-        for bn, bk, w in ((8, 512, 8), (16, 512, 8)):
-            out.append(WOConfig("gemv", triton.next_power_of_2(rows), bn, bk, 1, w, 3))
     if rows <= 16:
         bk = 128 if int4 else 256
         grid = itertools.product((64, 128), (2, 4, 8) if int4 else (1, 2, 4), (3, 4), (None, 128, 96))
@@ -201,8 +205,9 @@ def main() -> None:
     args = ap.parse_args()
     shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "gate_up": (22016, 4096), "c_proj": (4096, 11008),
               "lm_head": (151936, 4096)}
-    fp8 = args.format == "fp8"
-    weight_only = args.format in ("int8", "int4")
+    codes = args.format == "int8" and args.rows <= F.GEMV_ROWS  # int8 decode: the elementwise int8_gemv
+    fp8 = args.format == "fp8" or codes
+    weight_only = args.format == "int4" or (args.format == "int8" and not codes)
     if args.rows < 1:
         ap.error("--rows takes 1 or more")
     if args.format == "fp16" and args.rows > G.MAX_ROWS:
@@ -212,8 +217,8 @@ def main() -> None:
     if fp8 and args.gated and args.rows > F.GEMV_ROWS:
         ap.error(f"--format fp8 --gated takes --rows 1-{F.GEMV_ROWS} (above, silu_mul runs before the GEMV)")
     if weight_only and (args.gated or args.prefetch is not None):
-        ap.error("--gated and --prefetch are for --format fp16 / fp8 (the weight-only matmul fuses no SiLU*mul; "
-                 "its configs carry their own prefetch)")
+        ap.error("--gated and --prefetch are for --format fp16 / fp8, and int8 at --rows 1-4 (the weight-only "
+                 "matmul fuses no SiLU*mul; its configs carry their own prefetch)")
     names = (args.shapes if args.shapes is not None else "qkv,dense,gate_up,c_proj,lm_head").split(",")
     unknown = [n for n in names if n not in shapes]
     if unknown:
@@ -226,7 +231,11 @@ def main() -> None:
         if weight_only:
             tune_wo(name, N, K, args.rows, args.format)
         else:
-            (tune_fp8 if fp8 else tune)(name, N, K, args.rows, gated=args.gated and name == "c_proj")
+            gated = args.gated and name == "c_proj"
+            if fp8:
+                tune_fp8(name, N, K, args.rows, gated=gated, int8=codes)
+            else:
+                tune(name, N, K, args.rows, gated=gated)
 
 
 if __name__ == "__main__":

@@ -191,13 +191,17 @@ def test_fp8_gemv_gpu_configs(gpu, kind):
 
 def test_fp8_gemv_config_table(monkeypatch):
     """On CUDA the GPU model's table: the elementwise kernel's configs up to GEMV_ROWS rows, the tl.dot kernel's
-    above, narrow (N <= 4096) or wide ones, the gated one for c_proj with SiLU*mul, K tiles clamped to K (>= 16);
+    above, narrow (N <= 4096) or wide ones, the gated one for c_proj with SiLU*mul, int8_gemv's own (not gated),
+    K tiles clamped to K (>= 16);
     an unknown GPU takes the H100's."""
     cuda = torch.device("cuda", 0)
     for model, table in (("H200", _CONFIGS["H200"]), ("", _CONFIGS["H100"])):
         monkeypatch.setattr(fp8_gemv_mod, "gpu_model", lambda device, m=model: m)
         assert fp8_gemv_mod.default_config(4096, 11008, cuda, 1) == table["gemv"][0]
         assert fp8_gemv_mod.default_config(22016, 4096, cuda, GEMV_ROWS) == table["gemv"][1]
+        assert fp8_gemv_mod.default_config(4096, 4096, cuda, 1, int8=True) == table["int8"][0]
+        assert fp8_gemv_mod.default_config(12288, 4096, cuda, GEMV_ROWS, int8=True) == table["int8"][1]
+        assert fp8_gemv_mod.default_config(4096, 11008, cuda, 1, gated=True, int8=True) == table["gated"][0]
         assert fp8_gemv_mod.default_config(4096, 11008, cuda, 1, gated=True) == table["gated"][0]
         assert fp8_gemv_mod.default_config(4096, 4096, cuda, GEMV_ROWS + 1) == table["mma"][0]
         assert fp8_gemv_mod.default_config(12288, 4096, cuda, MAX_ROWS) == table["mma"][1]

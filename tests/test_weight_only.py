@@ -203,6 +203,78 @@ def test_kernels_replay_in_cuda_graphs(precision):
         assert _rel(y, ref) <= 2e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,gated", [(1, 96, 512, False), (3, 130, 600, False), (4, 72, 200, True),
+                                         (1, 40, 256, True)])
+def test_int8_gemv_matches_fp32_matmul_of_dequantised_weights(M, N, K, gated, dtype):
+    """Decode rows of int8 weight-only layers: the elementwise 1-byte-code GEMV (kernels/fp8_gemv.py int8_gemv)
+    against float64 over the dequantised weights; every int8 code (-127..127) is in the weights, so a wrong
+    int8 -> float conversion fails, and the per-channel scale differs per row."""
+    from qwen_trtllm.kernels import silu_mul_reference
+    from qwen_trtllm.kernels.fp8_gemv import int8_gemv
+
+    x, qw, s, b, _ = _case("int8", M, 2 * K if gated else K, N, dtype, 0, seed=M * K + N)
+    qw, s = quantize_int8(_weights(N, K, M + N))
+    qw[0, :255] = torch.arange(-127, 128, dtype=torch.int8)[: min(255, K)]
+    deq = dequantize_int8(qw, s).double()
+    xin = silu_mul_reference(x.cpu()) if gated else x.cpu()
+    ref = xin.double() @ deq.T + b.double().cpu()
+    y = int8_gemv(x, qw.to(DEVICE), s.to(DEVICE), b, gated=gated)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3 if dtype == torch.float16 else 1e-2  # the output's rounding
+    assert y.shape == (M, N) and y.dtype == dtype and _rel(y.cpu(), ref) <= tol
+
+
+@pytest.mark.parametrize("gpu", ["H200", "H100"])
+def test_int8_gemv_gpu_configs(gpu):
+    """Every int8 config of the code GEMV's table gives the product (here in the interpreter; shapes crossing two
+    K tiles, evenly and not, ending in a partial row block)."""
+    from qwen_trtllm.kernels.fp8_gemv import _CONFIGS, int8_gemv
+
+    for cfg in _CONFIGS[gpu]["int8"]:
+        for K in (2 * cfg.block_k, 2 * cfg.block_k - 48):
+            N = 2 * cfg.block_n + 3
+            x, qw, s, b, ref = _case("int8", 2, K, N, torch.float16, 0, seed=K + N)
+            assert _rel(int8_gemv(x, qw, s, b, config=cfg).cpu(), ref) <= 2e-3, (cfg, K)
+
+
+def test_int8_gemv_refuses_bad_shapes():
+    from qwen_trtllm.kernels.fp8_gemv import GEMV_ROWS, int8_gemv
+
+    qw, s = quantize_int8(_weights(32, 64, 0))
+    q4, s4, _ = quantize_int4(_weights(32, 64, 0), 32)
+    for x, q, sc in ((torch.randn(GEMV_ROWS + 1, 64), qw, s), (torch.randn(2, 64), q4, s4),
+                     (torch.randn(2, 64), qw, s.float()), (torch.randn(2, 96), qw, s)):
+        with pytest.raises(ValueError, match="int8 GEMV"):
+            int8_gemv(x.to(DEVICE), q.to(DEVICE), sc.to(DEVICE))
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 4, 5])
+@pytest.mark.parametrize("gated", [False, True])
+def test_weight_only_linear_picks_its_kernel(precision, rows, gated, monkeypatch):
+    """Kernels.linear on a WeightOnlyLinear: int8 at 1-4 rows runs int8_gemv (SiLU(gate) * up inside it when
+    gated: no silu_mul kernel), everything else silu_mul (gated) then weight_only_matmul; all equal the fallback
+    (dequantise + F.linear after silu_mul_reference)."""
+    import qwen_trtllm.kernels as kernels_pkg
+    import qwen_trtllm.kernels.fp8_gemv as fp8_gemv_mod
+    import qwen_trtllm.kernels.weight_only_gemm as wo_mod
+    from qwen_trtllm.models.qwen.model import Kernels
+
+    rec: list[str] = []
+    for mod, name in ((kernels_pkg, "silu_mul"), (fp8_gemv_mod, "int8_gemv"), (wo_mod, "weight_only_matmul")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: rec.append(_n) or _r(*a, **k))
+    layer = WeightOnlyLinear.from_linear(torch.nn.Linear(128, 48, bias=True), precision, group_size=32).to(DEVICE)
+    x = torch.randn(rows, 1, 256 if gated else 128, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
+    layer.use_triton = False
+    ref = Kernels(triton=False).linear(layer, x, gated=gated)
+    layer.use_triton = True
+    got = Kernels(triton=True).linear(layer, x, gated=gated)
+    gemv = precision == "int8" and rows <= 4
+    assert rec == (["int8_gemv"] if gemv else ["silu_mul"] * gated + ["weight_only_matmul"])
+    assert got.shape == ref.shape == (rows, 1, 48) and _rel(got.cpu(), ref.double().cpu()) < 1e-5
+
+
 # --- the module and the model -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_weight_only_linear(precision):

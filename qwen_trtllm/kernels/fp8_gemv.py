@@ -1,6 +1,8 @@
 """The FP8 GEMV of decode: y = x @ (codes * scales)^T (+ bias) for 1-16 rows of x, e4m3 weights [N, K] streamed
 once from HBM (1 byte per weight, half of fp16's) with one float32 scale per output channel. The activations are
-not quantised (quantization/fp8.py says why).
+not quantised (quantization/fp8.py says why). The elementwise kernel also runs weight-only int8 codes (int8_gemv:
+fp16 scales per output channel, 1-GEMV_ROWS rows), converted to float32 exactly with the 2^23 trick of
+kernels/weight_only_gemm.py: the same bytes per weight, so the same scheme.
 
 Two kernels, both giving each program BLOCK_N whole weight rows and walking K in BLOCK_K tiles:
   * `_fp8_gemv_kernel`, 1-GEMV_ROWS rows (decode at batch 1-4), the fp16 GEMV's scheme (kernels/gemv.py): each
@@ -46,7 +48,7 @@ PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GATED: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                     VEC: tl.constexpr = 1):
+                     VEC: tl.constexpr = 1, INT8: tl.constexpr = False):
     pid = tl.program_id(0)
     n0 = pid * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -71,7 +73,11 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y
                 xv = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
                 if GATED:
                     xv = silu_times(xv, tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0))
-            prod = codes.to(tl.float32) * xv.to(tl.float32)[None, :]  # e4m3 -> float32 exactly, one conversion
+            if INT8:  # int8 -> float32 exactly without the I2F unit: 2^23 + 128 + q, minus the constant
+                w = (codes.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            else:  # e4m3 -> float32 exactly, one conversion
+                w = codes.to(tl.float32)
+            prod = w * xv.to(tl.float32)[None, :]
             if VEC > 1:
                 acc += tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // VEC, VEC)), axis=2)
             else:
@@ -142,28 +148,34 @@ class Fp8GemvConfig(NamedTuple):
 # the wide shapes (qkv 15.9 -> 14.3 us, gate_up 24.8 -> 23.8, e4m3 lm_head 162 -> 146; dense and the gated c_proj
 # are as fast or slower with it): batch 1 2.73 -> 2.65 ms (docs/PERF.md). The H100's
 # elementwise configs are unmeasured guesses (the fp16 GEMV's H100 table), its tl.dot ones the H200's.
-# A GPU without an entry takes the H100's.
+# "int8" (int8_gemv's codes, 1-GEMV_ROWS rows, not gated; gated takes "gated"): H200 from
+# `scripts/gpu_gemv_tune.py --format int8 --rows 1` (2026-12-01): 2048-code tiles for the wide shapes (qkv 17.2 ->
+# 15.3 us, gate_up 26.6 -> 25.3 against the e4m3 entry), the e4m3 narrow entry for dense (6.5 us). H100: the
+# e4m3 entries. A GPU without an entry takes the H100's.
 _CONFIGS: dict[str, dict[str, tuple[Fp8GemvConfig, ...]]] = {
     "H200": {"gemv": (Fp8GemvConfig(4, 1024, 4, 3), Fp8GemvConfig(4, 512, 2, 2, 16)),
              "gated": (Fp8GemvConfig(8, 1024, 4, 3),),
-             "mma": (Fp8GemvConfig(32, 512, 4, 4), Fp8GemvConfig(64, 256, 4, 4))},
+             "mma": (Fp8GemvConfig(32, 512, 4, 4), Fp8GemvConfig(64, 256, 4, 4)),
+             "int8": (Fp8GemvConfig(4, 1024, 4, 3), Fp8GemvConfig(4, 2048, 2, 3, 16))},
     "H100": {"gemv": (Fp8GemvConfig(16, 1024, 8, 3), Fp8GemvConfig(8, 1024, 8, 3)),
+             "int8": (Fp8GemvConfig(16, 1024, 8, 3), Fp8GemvConfig(8, 1024, 8, 3)),
              "gated": (Fp8GemvConfig(16, 1024, 8, 3),),
              "mma": (Fp8GemvConfig(32, 512, 4, 4), Fp8GemvConfig(64, 256, 4, 4))},
 }
 
 
-def default_config(N: int, K: int, device: torch.device, rows: int = 1, gated: bool = False) -> Fp8GemvConfig:
-    """The launch config for x [rows, K] (gated: [rows, 2K]) @ W [N, K]^T on `device`: its GPU model's table
-    entry on CUDA (K tiles no wider than K, at least 16 for tl.dot). Off CUDA (Triton's interpreter, in tests) few,
-    large programs and 256-wide K tiles, so small test shapes cross several tiles."""
+def default_config(N: int, K: int, device: torch.device, rows: int = 1, gated: bool = False,
+                   int8: bool = False) -> Fp8GemvConfig:
+    """The launch config for x [rows, K] (gated: [rows, 2K]) @ W [N, K]^T (int8: int8_gemv's codes) on `device`:
+    its GPU model's table entry on CUDA (K tiles no wider than K, at least 16 for tl.dot). Off CUDA (Triton's
+    interpreter, in tests) few, large programs and 256-wide K tiles, so small test shapes cross several tiles."""
     if device.type != "cuda":
         return Fp8GemvConfig(64, max(16, min(256, triton.next_power_of_2(K))), 4, 1)
     table = _CONFIGS.get(gpu_model(device), _CONFIGS["H100"])
     if gated:
         cfg = table["gated"][0]
     else:
-        narrow, wide = table["gemv" if rows <= GEMV_ROWS else "mma"]
+        narrow, wide = table["mma" if rows > GEMV_ROWS else "int8" if int8 else "gemv"]
         cfg = narrow if N <= 4096 else wide
     return cfg._replace(block_k=min(cfg.block_k, max(16, triton.next_power_of_2(K))))
 
@@ -173,20 +185,36 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
     """x [M, K] (M <= 16; fp16/bf16/fp32) @ (qweight e4m3 [N, K] * scales float32 [N])^T (+ bias [N]) -> [M, N]
     in x.dtype. gated (M <= GEMV_ROWS): x is [M, 2K] = [gate | up] and the product uses SiLU(gate) * up. config:
     the launch parameters (default_config's by default; the tuner passes its own). ValueError on other shapes."""
+    return _code_gemv(x, qweight, scales, bias, gated, config, torch.float8_e4m3fn, torch.float32, MAX_ROWS)
+
+
+def int8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, gated: bool = False,
+              config: Fp8GemvConfig | None = None) -> Tensor:
+    """Weight-only int8 (quantization/weight_only.py's layout) through the elementwise kernel: x [M, K] (M <=
+    GEMV_ROWS; fp16/bf16/fp32) @ (qweight int8 [N, K] * scales fp16 [N])^T (+ bias [N]) -> [M, N] in x.dtype,
+    float32 products and accumulation, the scale once per row. The same bytes per weight as e4m3, so the same
+    configs. gated and config as in fp8_gemv. ValueError on other shapes."""
+    return _code_gemv(x, qweight, scales, bias, gated, config, torch.int8, torch.float16, GEMV_ROWS)
+
+
+def _code_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, gated: bool,
+               config: Fp8GemvConfig | None, code_dtype: torch.dtype, scale_dtype: torch.dtype,
+               max_rows: int) -> Tensor:
     M, KX = x.shape
     N = qweight.shape[0]
     K = KX // 2 if gated else KX
-    if not (0 < M <= (GEMV_ROWS if gated else MAX_ROWS)) or qweight.shape != (N, K) or KX != (2 * K if gated else K) \
-            or qweight.dtype != torch.float8_e4m3fn or scales.shape != (N,) or scales.dtype != torch.float32:
-        rows = f"1-{GEMV_ROWS} rows, [gate | up]" if gated else f"1-{MAX_ROWS} rows"
-        raise ValueError(f"fp8 GEMV: x [{M}, {KX}] ({rows}) needs "
-                         f"qweight float8_e4m3fn [N, {K}] and float32 scales [N]; got {qweight.dtype} "
-                         f"{tuple(qweight.shape)}, {scales.dtype} {tuple(scales.shape)}")
+    if not (0 < M <= (GEMV_ROWS if gated else max_rows)) or qweight.shape != (N, K) or KX != (2 * K if gated else K) \
+            or qweight.dtype != code_dtype or scales.shape != (N,) or scales.dtype != scale_dtype:
+        rows = f"1-{GEMV_ROWS} rows, [gate | up]" if gated else f"1-{max_rows} rows"
+        kind = "fp8" if code_dtype == torch.float8_e4m3fn else "int8"
+        raise ValueError(f"{kind} GEMV: x [{M}, {KX}] ({rows}) needs qweight {str(code_dtype)[6:]} [N, {K}] and "
+                         f"{str(scale_dtype)[6:]} scales [N]; got {qweight.dtype} {tuple(qweight.shape)}, "
+                         f"{scales.dtype} {tuple(scales.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
     assert qweight.is_contiguous() and scales.is_contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    cfg = config or default_config(N, K, x.device, M, gated)
+    cfg = config or default_config(N, K, x.device, M, gated, code_dtype == torch.int8)
     pdl = pdl_enabled(x.device)
     common = dict(HAS_BIAS=bias is not None, EVEN_K=K % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   PDL=pdl, PREFETCH=l2_prefetch_bytes(x.device, PREFETCH_BYTES, K, K),
@@ -194,7 +222,8 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
     args = (x, qweight, scales, bias if bias is not None else scales, y)
     grid = (triton.cdiv(N, cfg.block_n),)
     if M <= GEMV_ROWS:
-        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, GATED=gated, VEC=cfg.sum_vec, **common)
+        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, GATED=gated, VEC=cfg.sum_vec,
+                               INT8=code_dtype == torch.int8, **common)
     else:
         _fp8_mma_kernel[grid](*args, M, N, K, x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,
                               UPCAST=x.dtype == torch.bfloat16 and not x.is_cuda, BLOCK_M=16, **common)

@@ -25,6 +25,7 @@ from qwen_trtllm import QWenError
 from qwen_trtllm.models.qwen.weights import ENGINE_LINEARS
 
 PRECISIONS = ("int8", "int4")
+GEMV_ROWS = 4  # rows up to which int8 layers run the elementwise GEMV (kernels/fp8_gemv.py's GEMV_ROWS)
 KINDS = PRECISIONS + ("fp8",)  # what the model-level functions below take: fp8 = quantization/fp8.py's Fp8Linear
 # The runtime's linear layers that weight-only quantisation replaces (lm_head only on request).
 QUANTIZED_LAYERS = ENGINE_LINEARS  # ("attn.qkv", "attn.dense", "mlp.gate_up", "mlp.c_proj")
@@ -147,9 +148,14 @@ class WeightOnlyLinear(nn.Module):
     """y = x @ dequant(qweight)^T + bias with int8 / int4 weights; the Triton kernel on CUDA.
 
     Buffers: qweight (int8 [out, in] | uint8 [out, in/2]), scales (fp16 [out] | [out, in/group_size]),
-    bias (optional, [out], the engine dtype). use_triton: None = the kernel on CUDA, the dequantise + F.linear
-    fallback elsewhere; True also runs the kernel on CPU under TRITON_INTERPRET=1 (tests); False never.
+    bias (optional, [out], the engine dtype). use_triton: None = the kernels on CUDA, the dequantise + F.linear
+    fallback elsewhere; True also runs them on CPU under TRITON_INTERPRET=1 (tests); False never. The kernels:
+    int8 at 1-GEMV_ROWS rows the elementwise 1-byte-code GEMV (kernels/fp8_gemv.py int8_gemv: CUDA-core products,
+    as the fp16 and e4m3 GEMVs), otherwise kernels/weight_only_gemm.py. accepts_gated: forward(x, gated=True)
+    takes the MLP's [gate | up] and applies SiLU(gate) * up itself (inside int8_gemv, else silu_mul first).
     """
+
+    accepts_gated = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, precision: str = "int8",
                  group_size: int = 128, dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
@@ -186,18 +192,29 @@ class WeightOnlyLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_weight(self.qweight, self.scales, self.precision, self.group_size, dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gated: bool = False) -> Tensor:
+        """x [..., in_features] (gated: [..., 2 * in_features] = [gate | up]) -> [..., out_features] in x.dtype."""
         use = self.use_triton if self.use_triton is not None else x.is_cuda
         from qwen_trtllm.kernels import triton_available
 
-        if use and triton_available(x.device):
+        kernels = use and triton_available(x.device)
+        x2 = x.reshape(-1, 2 * self.in_features if gated else self.in_features)
+        out_shape = (*x.shape[:-1], self.out_features)
+        if kernels and self.precision == "int8" and 0 < x2.shape[0] <= GEMV_ROWS:
+            from qwen_trtllm.kernels.fp8_gemv import int8_gemv
+
+            return int8_gemv(x2, self.qweight, self.scales, self.bias, gated=gated).view(out_shape)
+        if gated:
+            from qwen_trtllm.kernels import silu_mul, silu_mul_reference
+
+            x2 = silu_mul(x2) if kernels else silu_mul_reference(x2)
+        if kernels:
             from qwen_trtllm.kernels.weight_only_gemm import weight_only_matmul
 
-            x2 = x.reshape(-1, self.in_features)
             y = weight_only_matmul(x2, self.qweight, self.scales, self.precision, self.group_size, self.bias)
-            return y.view(*x.shape[:-1], self.out_features)
+            return y.view(out_shape)
         w = self.dequantized_weight(x.dtype)
-        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+        return F.linear(x2, w, self.bias.to(x.dtype) if self.bias is not None else None).view(out_shape)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.precision == "int4" else ""
