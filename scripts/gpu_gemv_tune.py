@@ -13,7 +13,9 @@ it (x = [gate | up], SiLU*mul fused); --prefetch sets the bytes of each weight r
 PDL wait (default: the kernel module's PREFETCH_BYTES).
 
 --format int8 at --rows 1-4 sweeps what the engine runs there: the FP8 GEMV's elementwise kernel on int8 codes
-(kernels/fp8_gemv.py int8_gemv, the fp8 configs; --gated and --prefetch as for fp8).
+(kernels/fp8_gemv.py int8_gemv, the fp8 configs; --gated and --prefetch as for fp8). The fp8 and int8 GEMV
+sweeps also print the cuBLAS fp16 line first (not --gated) and check each config as below; their GB/s count the
+codes and scales.
 --format int8 above 4 rows, and int4, sweep the weight-only matmul (kernels/weight_only_gemm.py: int8 per output
 channel, int4 in groups of 128, as build.py --use_weight_only quantises) over configs around select_config's
 choice (each one a compile): the engine runs it at those --rows, decode and prefill alike (select_config: up to
@@ -116,22 +118,42 @@ def fp8_configs(rows: int) -> list:
 
 def tune_fp8(name: str, N: int, K: int, rows: int, gated: bool = False, int8: bool = False) -> None:
     """The 1-byte-code GEMV (kernels/fp8_gemv.py): e4m3 codes, or int8 weight-only codes (int8_gemv, <= GEMV_ROWS
-    rows) with int8=True."""
-    from qwen_trtllm.quantization import quantize_int8
-    from qwen_trtllm.quantization.fp8 import quantize_fp8_weight
+    rows) with int8=True; the cuBLAS fp16 line first (not gated), each config checked before it is timed."""
+    from qwen_trtllm.kernels import silu_mul_reference
+    from qwen_trtllm.quantization import dequantize_int8, quantize_int8
+    from qwen_trtllm.quantization.fp8 import dequantize_fp8, quantize_fp8_weight
 
     copies = distinct_copies(N * K)
-    quantize = quantize_int8 if int8 else quantize_fp8_weight
-    ws = [quantize(torch.randn(N, K, device="cuda") * 0.02) for _ in range(copies)]
+    ws = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
     x = torch.randn(rows, 2 * K if gated else K, device="cuda", dtype=torch.float16)
-    nbytes = copies * N * K
+    if not gated:
+        cublas(name, x, ws)
+    qs = [(quantize_int8 if int8 else quantize_fp8_weight)(w) for w in ws]
+    del ws
+    ref = (silu_mul_reference(x) if gated else x).float() @ (dequantize_int8 if int8 else dequantize_fp8)(*qs[0]).T
+    nbytes = copies * sum(t.numel() * t.element_size() for t in qs[0])
     gemv = F.int8_gemv if int8 else F.fp8_gemv
+    results = checked_runs(name, fp8_configs(rows), lambda q, cfg: gemv(x, *q, gated=gated, config=cfg), qs, ref)
+    report(name, results, F.default_config(N, K, x.device, rows, gated, int8), copies, nbytes)
 
-    def timed(cfg: F.Fp8GemvConfig) -> tuple[float, F.Fp8GemvConfig]:
-        return time_graph(lambda: [gemv(x, q, s, gated=gated, config=cfg) for q, s in ws]), cfg
 
-    results = [timed(cfg) for cfg in fp8_configs(rows)]
-    report(name, results, F.default_config(N, K, x.device, rows, gated), copies, nbytes)
+def checked_runs(name: str, configs: list, run, qs: list, ref: torch.Tensor) -> list:
+    """[(ms, config)] of the configs whose run(qs[0], config) compiles, launches and is within MAX_REL_ERR of ref
+    (float32 with the dequantised weights), each timed over all of qs; the others printed as skipped."""
+    results = []
+    for cfg in configs:
+        try:  # the first call compiles and launches the config outside the graph
+            y = run(qs[0], cfg)
+        except Exception as e:  # a config that does not compile or fit is reported and skipped
+            print(f"{name:<8} skip {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            continue
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        if not err < MAX_REL_ERR:
+            print(f"{name:<8} skip {cfg}: relative error {err:.1e} against float32 with the dequantised weights",
+                  flush=True)
+            continue
+        results.append((time_graph(lambda cfg=cfg: [run(q, cfg) for q in qs]), cfg))
+    return results
 
 
 def wo_configs(rows: int, precision: str) -> list:
@@ -172,23 +194,12 @@ def tune_wo(name: str, N: int, K: int, rows: int, precision: str) -> None:
     ref = x.float() @ dequantize_weight(qs[0]["qweight"], qs[0]["scales"], precision, GROUP).T
     nbytes = copies * sum(t.numel() * t.element_size() for t in qs[0].values())
     current = select_config(rows, N, K, precision, GROUP, x.device)
-    results = []
-    for cfg in [current] + [c for c in wo_configs(rows, precision) if c != current]:
-        def run(q: dict, cfg=cfg) -> torch.Tensor:
-            return weight_only_matmul(x, q["qweight"], q["scales"], precision, GROUP, config=cfg)
+    configs = [current] + [c for c in wo_configs(rows, precision) if c != current]
 
-        try:  # the first call compiles and launches the config outside the graph
-            y = run(qs[0])
-        except Exception as e:  # a config that does not compile or fit is reported and skipped
-            print(f"{name:<8} skip {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
-            continue
-        err = ((y.float() - ref).norm() / ref.norm()).item()
-        if not err < MAX_REL_ERR:
-            print(f"{name:<8} skip {cfg}: relative error {err:.1e} against float32 with the dequantised weights",
-                  flush=True)
-            continue
-        results.append((time_graph(lambda run=run: [run(q) for q in qs]), cfg))
-    report(name, results, current, copies, nbytes)
+    def run(q: dict, cfg) -> torch.Tensor:
+        return weight_only_matmul(x, q["qweight"], q["scales"], precision, GROUP, config=cfg)
+
+    report(name, checked_runs(name, configs, run, qs, ref), current, copies, nbytes)
 
 
 def main() -> None:
@@ -197,11 +208,13 @@ def main() -> None:
                     help="rows of x: the decode batch (fp16: 1-4, fp8: 1-16; int8 / int4: any, prefill tokens too)")
     ap.add_argument("--shapes", default=None, help="default qkv,dense,gate_up,c_proj,lm_head")
     ap.add_argument("--format", choices=("fp16", "fp8", "int8", "int4"), default="fp16",
-                    help="fp16 GEMV, fp8 GEMV, or the int8 / int4 (group 128) weight-only matmul")
+                    help="fp16 GEMV, fp8 GEMV, int8 at --rows 1-4: int8_gemv (the fp8 GEMV's kernel); otherwise "
+                    "the int8 / int4 (group 128) weight-only matmul")
     ap.add_argument("--gated", action="store_true",
-                    help="c_proj with SiLU*mul fused, as the MLP runs it (fp16; fp8 at --rows 1-4)")
+                    help="c_proj with SiLU*mul fused, as the MLP runs it (fp16; fp8 and int8 at --rows 1-4)")
     ap.add_argument("--prefetch", type=int, default=None,
-                    help="L2 prefetch bytes per weight row (sm_90+; fp16, fp8: int8 / int4 configs carry their own)")
+                    help="L2 prefetch bytes per weight row (sm_90+; fp16, fp8, int8 at --rows 1-4: the weight-only "
+                    "matmul's configs carry their own)")
     args = ap.parse_args()
     shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "gate_up": (22016, 4096), "c_proj": (4096, 11008),
               "lm_head": (151936, 4096)}

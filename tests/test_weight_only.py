@@ -238,14 +238,33 @@ def test_int8_gemv_gpu_configs(gpu):
 
 
 def test_int8_gemv_refuses_bad_shapes():
+    """One ValueError naming each problem (not an AssertionError or a read past a short bias), and the engine's row
+    limit equal to the kernel's."""
     from qwen_trtllm.kernels.fp8_gemv import GEMV_ROWS, int8_gemv
+    from qwen_trtllm.quantization import weight_only
 
+    assert weight_only.GEMV_ROWS == GEMV_ROWS
     qw, s = quantize_int8(_weights(32, 64, 0))
     q4, s4, _ = quantize_int4(_weights(32, 64, 0), 32)
-    for x, q, sc in ((torch.randn(GEMV_ROWS + 1, 64), qw, s), (torch.randn(2, 64), q4, s4),
-                     (torch.randn(2, 64), qw, s.float()), (torch.randn(2, 96), qw, s)):
-        with pytest.raises(ValueError, match="int8 GEMV"):
-            int8_gemv(x.to(DEVICE), q.to(DEVICE), sc.to(DEVICE))
+    x = torch.randn(2, 64)
+    cases = [((torch.randn(GEMV_ROWS + 1, 64), qw, s), "5 rows"), ((x, q4, s4), "qweight must be contiguous int8"),
+             ((x, qw, s.float()), "scales must be contiguous float16"),
+             ((torch.randn(2, 96), qw, s), "int8 \\[N, 96\\]"),
+             ((x.to(torch.int8), qw, s), "x must be 2-D float16"), ((torch.randn(64), qw, s), "x must be 2-D"),
+             ((x, qw.t().contiguous().t(), s), "qweight must be contiguous"),
+             ((x, qw, s, torch.randn(10)), "bias must be \\[32\\]")]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match="int8 GEMV: .*" + msg):
+            int8_gemv(*(a.to(DEVICE) for a in args))
+    with pytest.raises(ValueError, match="gated x \\[2, 63\\] must be \\[gate \\| up\\]"):
+        int8_gemv(torch.randn(2, 63).to(DEVICE), qw.to(DEVICE), s.to(DEVICE), gated=True)
+
+
+def test_weight_only_linear_refuses_a_wrong_width():
+    layer = WeightOnlyLinear.from_linear(torch.nn.Linear(64, 48), "int8")
+    for width, gated in ((128, False), (64, True)):
+        with pytest.raises(ValueError, match=rf"int8 weight-only linear: x \[\.\.\., {width}\]"):
+            layer(torch.randn(2, width), gated=gated)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

@@ -184,7 +184,8 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
              config: Fp8GemvConfig | None = None) -> Tensor:
     """x [M, K] (M <= 16; fp16/bf16/fp32) @ (qweight e4m3 [N, K] * scales float32 [N])^T (+ bias [N]) -> [M, N]
     in x.dtype. gated (M <= GEMV_ROWS): x is [M, 2K] = [gate | up] and the product uses SiLU(gate) * up. config:
-    the launch parameters (default_config's by default; the tuner passes its own). ValueError on other shapes."""
+    the launch parameters (default_config's by default; the tuner passes its own). ValueError naming each
+    problem for other shapes or dtypes, or a bias that is not [N]."""
     return _code_gemv(x, qweight, scales, bias, gated, config, torch.float8_e4m3fn, torch.float32, MAX_ROWS)
 
 
@@ -193,26 +194,43 @@ def int8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = 
     """Weight-only int8 (quantization/weight_only.py's layout) through the elementwise kernel: x [M, K] (M <=
     GEMV_ROWS; fp16/bf16/fp32) @ (qweight int8 [N, K] * scales fp16 [N])^T (+ bias [N]) -> [M, N] in x.dtype,
     float32 products and accumulation, the scale once per row. The same bytes per weight as e4m3, so the same
-    configs. gated and config as in fp8_gemv. ValueError on other shapes."""
+    configs. gated, config and the ValueError as in fp8_gemv."""
     return _code_gemv(x, qweight, scales, bias, gated, config, torch.int8, torch.float16, GEMV_ROWS)
+
+
+def _check_codes(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, gated: bool,
+                 code_dtype: torch.dtype, scale_dtype: torch.dtype, max_rows: int) -> tuple[int, int, int]:
+    """(M, N, K) of a code GEMV's operands; ValueError naming every problem otherwise."""
+    kind, codes, scale = ("fp8" if code_dtype == torch.float8_e4m3fn else "int8"), str(code_dtype)[6:], \
+        str(scale_dtype)[6:]
+    if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{kind} GEMV: x must be 2-D float16 / bfloat16 / float32, got {tuple(x.shape)} {x.dtype}")
+    M, KX = x.shape
+    K = KX // 2 if gated else KX
+    N = qweight.shape[0] if qweight.dim() == 2 else -1
+    most = GEMV_ROWS if gated else max_rows
+    problems = []
+    if not 0 < M <= most:
+        problems.append(f"x has {M} rows, the kernel takes 1-{most}{' with gated' if gated else ''}")
+    if gated and KX % 2:
+        problems.append(f"gated x [{M}, {KX}] must be [gate | up], an even width")
+    if qweight.dtype != code_dtype or qweight.dim() != 2 or qweight.shape[1] != K or not qweight.is_contiguous():
+        problems.append(f"qweight must be contiguous {codes} [N, {K}], got {qweight.dtype} {tuple(qweight.shape)}")
+    if scales.dtype != scale_dtype or scales.shape != (N,) or not scales.is_contiguous():
+        problems.append(f"scales must be contiguous {scale} [{N}], got {scales.dtype} {tuple(scales.shape)}")
+    if bias is not None and bias.shape != (N,):
+        problems.append(f"bias must be [{N}], got {tuple(bias.shape)}")
+    if problems:
+        raise ValueError(f"{kind} GEMV: " + "; ".join(problems))
+    return M, N, K
 
 
 def _code_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, gated: bool,
                config: Fp8GemvConfig | None, code_dtype: torch.dtype, scale_dtype: torch.dtype,
                max_rows: int) -> Tensor:
-    M, KX = x.shape
-    N = qweight.shape[0]
-    K = KX // 2 if gated else KX
-    if not (0 < M <= (GEMV_ROWS if gated else max_rows)) or qweight.shape != (N, K) or KX != (2 * K if gated else K) \
-            or qweight.dtype != code_dtype or scales.shape != (N,) or scales.dtype != scale_dtype:
-        rows = f"1-{GEMV_ROWS} rows, [gate | up]" if gated else f"1-{max_rows} rows"
-        kind = "fp8" if code_dtype == torch.float8_e4m3fn else "int8"
-        raise ValueError(f"{kind} GEMV: x [{M}, {KX}] ({rows}) needs qweight {str(code_dtype)[6:]} [N, {K}] and "
-                         f"{str(scale_dtype)[6:]} scales [N]; got {qweight.dtype} {tuple(qweight.shape)}, "
-                         f"{scales.dtype} {tuple(scales.shape)}")
+    M, N, K = _check_codes(x, qweight, scales, bias, gated, code_dtype, scale_dtype, max_rows)
     if x.stride(1) != 1:
         x = x.contiguous()
-    assert qweight.is_contiguous() and scales.is_contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     cfg = config or default_config(N, K, x.device, M, gated, code_dtype == torch.int8)
     pdl = pdl_enabled(x.device)

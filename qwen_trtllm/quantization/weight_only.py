@@ -25,7 +25,7 @@ from qwen_trtllm import QWenError
 from qwen_trtllm.models.qwen.weights import ENGINE_LINEARS
 
 PRECISIONS = ("int8", "int4")
-GEMV_ROWS = 4  # rows up to which int8 layers run the elementwise GEMV (kernels/fp8_gemv.py's GEMV_ROWS)
+GEMV_ROWS = 4  # rows up to which int8 layers run int8_gemv: kernels/fp8_gemv.py's GEMV_ROWS (a test checks)
 KINDS = PRECISIONS + ("fp8",)  # what the model-level functions below take: fp8 = quantization/fp8.py's Fp8Linear
 # The runtime's linear layers that weight-only quantisation replaces (lm_head only on request).
 QUANTIZED_LAYERS = ENGINE_LINEARS  # ("attn.qkv", "attn.dense", "mlp.gate_up", "mlp.c_proj")
@@ -198,7 +198,11 @@ class WeightOnlyLinear(nn.Module):
         from qwen_trtllm.kernels import triton_available
 
         kernels = use and triton_available(x.device)
-        x2 = x.reshape(-1, 2 * self.in_features if gated else self.in_features)
+        width = 2 * self.in_features if gated else self.in_features
+        if x.shape[-1] != width:
+            raise ValueError(f"{self.precision} weight-only linear: x [..., {x.shape[-1]}] needs a last dimension of "
+                             f"{width} ({'[gate | up], gated=True' if gated else 'in_features; gated=True takes twice'})")
+        x2 = x.reshape(-1, width)
         out_shape = (*x.shape[:-1], self.out_features)
         if kernels and self.precision == "int8" and 0 < x2.shape[0] <= GEMV_ROWS:
             from qwen_trtllm.kernels.fp8_gemv import int8_gemv

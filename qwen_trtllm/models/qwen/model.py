@@ -91,7 +91,7 @@ class Kernels:
     def linear(self, layer: nn.Module, x: Tensor, gated: bool = False) -> Tensor:
         """A linear layer; plain nn.Linear goes through the Triton GEMV for decode-sized inputs (SiLU*mul fused
         into it when gated). Quantised layers choose their own kernel (set by set_kernels); gated, those with
-        `accepts_gated` (Fp8Linear) take [gate | up] themselves, the others get silu_mul's output."""
+        `accepts_gated` (Fp8Linear, WeightOnlyLinear) take [gate | up] themselves, the others get silu_mul's output."""
         if self.triton and type(layer) is nn.Linear:
             from qwen_trtllm.kernels.gemv import linear
 
