@@ -200,8 +200,9 @@ class WeightOnlyLinear(nn.Module):
         kernels = use and triton_available(x.device)
         width = 2 * self.in_features if gated else self.in_features
         if x.shape[-1] != width:
+            what = "[gate | up], gated=True" if gated else "in_features; gated=True takes twice"
             raise ValueError(f"{self.precision} weight-only linear: x [..., {x.shape[-1]}] needs a last dimension of "
-                             f"{width} ({'[gate | up], gated=True' if gated else 'in_features; gated=True takes twice'})")
+                             f"{width} ({what})")
         x2 = x.reshape(-1, width)
         out_shape = (*x.shape[:-1], self.out_features)
         if kernels and self.precision == "int8" and 0 < x2.shape[0] <= GEMV_ROWS:
