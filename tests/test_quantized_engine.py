@@ -67,3 +67,44 @@ def test_group_size_not_dividing_is_one_line_error(tiny_checkpoint, tmp_path):
             "int4", "--group_size", "48", "--output_dir", str(tmp_path / "bad"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "group_size 48" in r.stderr
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_int8_engine_triton_path_matches_plain(tiny_checkpoint, tmp_path, monkeypatch):
+    """A float32 int8 engine with its Triton kernels (the interpreter on CPU) against its PyTorch path (dequantise
+    + F.linear): the same teacher-forced logits to float32 rounding. Its batch-3 decode steps take int8_gemv
+    (kernels/fp8_gemv.py) in every linear layer, with SiLU*mul fused into c_proj; the prefill takes the weight-only
+    matmul (tests/test_weight_only.py covers that kernel and the routing at every row count)."""
+    import torch
+
+    import qwen_trtllm.kernels.fp8_gemv as fp8_gemv_mod
+    from qwen_trtllm.builder.build import build_engine
+    from qwen_trtllm.evaluation.teacher_forced import compare_logits, engine_logits
+    from qwen_trtllm.kernels import triton_available
+    from qwen_trtllm.runtime import LLM, Engine, ExecutorConfig, KvCacheConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = build_engine(tmp_path / "int8", hf_dir=tiny_checkpoint, dtype="float32", max_batch_size=8,
+                        max_input_len=48, max_output_len=24, weight_only_precision="int8")
+    engine = Engine.load(path, device=device)
+    if not triton_available(engine.device):
+        pytest.skip("Triton kernels unavailable on this device")
+    rows: list[tuple[int, bool]] = []
+    real = fp8_gemv_mod.int8_gemv
+    monkeypatch.setattr(fp8_gemv_mod, "int8_gemv", lambda x, *a, gated=False, **k: rows.append((x.shape[0], gated))
+                        or real(x, *a, gated=gated, **k))
+    llm = LLM.from_engine(engine, config=ExecutorConfig(kv_cache=KvCacheConfig(max_tokens=3 * 64), cuda_graphs=False))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=g).tolist() for n in (5, 3, 4)]
+    forced = torch.randint(0, engine.config.vocab_size, (3, 3), generator=g)
+    logits, built = {}, engine.model.ops.triton
+    try:
+        for triton in (True, False):
+            engine.model.set_kernels(triton)
+            logits[triton] = engine_logits(llm.executor, prompts, forced)
+    finally:
+        engine.model.set_kernels(built)
+    stats = compare_logits(logits[True], logits[False])
+    assert stats["max_rel_err"] < 1e-5 and stats["top1_agreement"] == 1.0, stats
+    layers = engine.config.num_hidden_layers  # 2 decode steps of 3 rows: qkv, dense, gate_up, gated c_proj
+    assert sorted(set(rows)) == [(3, False), (3, True)] and len(rows) == 2 * layers * 4
+    assert rows.count((3, True)) == 2 * layers
