@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from kernel_paths import assert_triton_path_matches_plain
 from safetensors import safe_open
 
 import qwen_trtllm.kernels as kernels_pkg
@@ -362,7 +363,6 @@ def test_fp8_engine_triton_path_matches_plain(engines, calls):
     """The fp8 engine with its Triton kernels (the interpreter on CPU) against its PyTorch path: the same
     teacher-forced logits to float32 rounding. 12-row prefills and batch-6 decode take the GEMV's tl.dot kernel
     after the SiLU*mul kernel, batch-3 decode its elementwise one with SiLU*mul fused into c_proj."""
-    from qwen_trtllm.evaluation.teacher_forced import compare_logits, engine_logits
     from qwen_trtllm.runtime import LLM, Engine, ExecutorConfig, KvCacheConfig
 
     if DEVICE == "cuda" and not FP8_GPU:
@@ -373,19 +373,11 @@ def test_fp8_engine_triton_path_matches_plain(engines, calls):
     llm = LLM.from_engine(engine, config=ExecutorConfig(kv_cache=KvCacheConfig(max_tokens=6 * 64),
                                                         cuda_graphs=False))
     g = torch.Generator().manual_seed(0)
-    vocab, built = engine.config.vocab_size, engine.model.ops.triton
+    vocab = engine.config.vocab_size
     for lens in ((5, 3, 4), (2,) * 6):
         prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
         forced = torch.randint(0, vocab, (len(lens), 4), generator=g)
-        logits = {}
-        try:
-            for triton in (True, False):
-                engine.model.set_kernels(triton)
-                logits[triton] = engine_logits(llm.executor, prompts, forced)
-        finally:
-            engine.model.set_kernels(built)
-        stats = compare_logits(logits[True], logits[False])
-        assert stats["max_rel_err"] < 1e-5 and stats["top1_agreement"] == 1.0, stats
+        assert_triton_path_matches_plain(engine, llm, prompts, forced)
     layers = engine.config.num_hidden_layers
     assert sorted(set(calls["silu_mul"])) == [6, 12] and len(calls["silu_mul"]) == layers * (2 + 3)  # 2 prefills
     gated = [rows for rows, fused in calls["fp8_gemv"] if fused]  # and 3 decodes of 6 rows; 3 decodes of 3 rows:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from kernel_paths import assert_triton_path_matches_plain
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,6 @@ def test_int8_engine_triton_path_matches_plain(tiny_checkpoint, tmp_path, monkey
 
     import qwen_trtllm.kernels.fp8_gemv as fp8_gemv_mod
     from qwen_trtllm.builder.build import build_engine
-    from qwen_trtllm.evaluation.teacher_forced import compare_logits, engine_logits
     from qwen_trtllm.kernels import triton_available
     from qwen_trtllm.runtime import LLM, Engine, ExecutorConfig, KvCacheConfig
 
@@ -96,15 +96,7 @@ def test_int8_engine_triton_path_matches_plain(tiny_checkpoint, tmp_path, monkey
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=g).tolist() for n in (5, 3, 4)]
     forced = torch.randint(0, engine.config.vocab_size, (3, 3), generator=g)
-    logits, built = {}, engine.model.ops.triton
-    try:
-        for triton in (True, False):
-            engine.model.set_kernels(triton)
-            logits[triton] = engine_logits(llm.executor, prompts, forced)
-    finally:
-        engine.model.set_kernels(built)
-    stats = compare_logits(logits[True], logits[False])
-    assert stats["max_rel_err"] < 1e-5 and stats["top1_agreement"] == 1.0, stats
+    assert_triton_path_matches_plain(engine, llm, prompts, forced)
     layers = engine.config.num_hidden_layers  # 2 decode steps of 3 rows: qkv, dense, gate_up, gated c_proj
     assert sorted(set(rows)) == [(3, False), (3, True)] and len(rows) == 2 * layers * 4
     assert rows.count((3, True)) == 2 * layers
