@@ -38,6 +38,7 @@ from torch import Tensor
 
 from qwen_trtllm.kernels.activation import silu_times
 from qwen_trtllm.kernels.launch import gpu_model, l2_prefetch_bytes, l2_prefetch_rows, pdl_enabled, pdl_start
+from qwen_trtllm.kernels.weight_only_gemm import int8_to_float
 
 GEMV_ROWS = 4  # rows up to which the elementwise kernel runs (tl.dot above)
 MAX_ROWS = 16
@@ -73,8 +74,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y
                 xv = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
                 if GATED:
                     xv = silu_times(xv, tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0))
-            if INT8:  # int8 -> float32 exactly without the I2F unit: 2^23 + 128 + q, minus the constant
-                w = (codes.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            if INT8:  # int8 -> float32 exactly without the I2F unit (weight_only_gemm's 2^23 trick)
+                w = int8_to_float(codes, 0)
             else:  # e4m3 -> float32 exactly, one conversion
                 w = codes.to(tl.float32)
             prod = w * xv.to(tl.float32)[None, :]

@@ -44,7 +44,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # as when the kernels 
 
 
 @triton.jit
-def _int8_to_float(q, XKIND: tl.constexpr):
+def int8_to_float(q, XKIND: tl.constexpr):
     """int8 tensor -> exact float of x's dtype (fp16 via the 2^10 trick, else fp32 via the 2^23 trick)."""
     if XKIND == 1:
         r = (q.to(tl.int16) + 0x6480).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
@@ -176,7 +176,7 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, 
             else:
                 q = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0)
-            acc3 += x.to(tl.float32)[:, None, :] * _int8_to_float(q, 0)[None, :, :]
+            acc3 += x.to(tl.float32)[:, None, :] * int8_to_float(q, 0)[None, :, :]
         acc = tl.sum(acc3, axis=2) * tl.load(s_ptr + n_ld).to(tl.float32)[None, :]
     tile = tl.program_id(2) * tl.num_programs(0) + pid_n
     _epilogue(acc, offs_r, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, tile, M, N, stride_ym, pid_k, HAS_BIAS,
@@ -248,7 +248,7 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, s
             if USE_ASM:
                 w = _int8_to_f16_asm(q)
             else:
-                w = _int8_to_float(q, XKIND)
+                w = int8_to_float(q, XKIND)
             if XKIND == 0:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
             else:
