@@ -49,6 +49,23 @@ def serve_engine_dir(make_checkpoint, tiktoken_file, tmp_path_factory) -> Path:
     return build_serve_engine(make_checkpoint, tiktoken_file, tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def serve_llm(serve_engine_dir):
+    """The server tests' engine in this process, without a tokenizer (token ids only): the single runs the
+    server's answers must equal."""
+    from qwen_trtllm.runtime import LLM, Engine
+
+    return LLM.from_engine(Engine.load(serve_engine_dir, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def serve_tok(serve_engine_dir):
+    """The tokenizer stored in the server tests' engine."""
+    from qwen_trtllm.tokenizer import QWenTokenizer
+
+    return QWenTokenizer.from_dir(serve_engine_dir)
+
+
 @pytest.fixture
 def run_script(monkeypatch, capsys):
     """run_script("build.py", *args) -> (exit status, stdout, stderr): an examples/qwen script run in this process

@@ -46,8 +46,8 @@ from serve_support import (
     wait_idle,
 )
 
-from qwen_trtllm.runtime import LLM, Engine, SamplingParams
-from qwen_trtllm.tokenizer import DEFAULT_SYSTEM, QWenTokenizer, make_context
+from qwen_trtllm.runtime import LLM, SamplingParams
+from qwen_trtllm.tokenizer import DEFAULT_SYSTEM, make_context
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------------
@@ -84,17 +84,6 @@ def server(engine_dir, tmp_path_factory) -> Server:
             p.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def llm(engine_dir) -> LLM:
-    """The same engine in this process: the single runs the server's answers must equal (token ids only)."""
-    return LLM.from_engine(Engine.load(engine_dir, device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def tok(engine_dir) -> QWenTokenizer:
-    return QWenTokenizer.from_dir(engine_dir)
-
-
 # --- basics ------------------------------------------------------------------------------------------------------
 def test_models_health_page_and_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
@@ -114,25 +103,25 @@ def test_models_health_page_and_metrics(server):
 
 
 # --- equal to run.py and to single runs --------------------------------------------------------------------------
-def test_greedy_chat_equals_run_py(server, tok):
+def test_greedy_chat_equals_run_py(server, serve_tok):
     out, err = server.run_py.communicate(timeout=120)
     assert server.run_py.returncode == 0, err
     want = [int(t) for t in server.run_py_csv.read_text().split(",")]
-    stops = chat_stops(tok)
+    stops = chat_stops(serve_tok)
     c = client(server)
     r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": RUN_PY_QUESTION}],
                                   max_tokens=RUN_PY_MAX, temperature=0)
-    assert r.choices[0].message.content == text_of(tok, want, stops)
+    assert r.choices[0].message.content == text_of(serve_tok, want, stops)
     assert f'Output: "{r.choices[0].message.content.strip()}"' in out  # run.py prints Qwen's stripped response
     assert r.choices[0].finish_reason == finish_of(want, stops) and r.object == "chat.completion"
-    prompt_len = len(make_context(tok, RUN_PY_QUESTION)[1])
+    prompt_len = len(make_context(serve_tok, RUN_PY_QUESTION)[1])
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_len, len(want))
     assert r.usage.total_tokens == prompt_len + len(want)
     chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": RUN_PY_QUESTION}],
                                             max_tokens=RUN_PY_MAX, temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text_of(tok, want, stops)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text_of(serve_tok, want, stops)
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == finish_of(want, stops)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want)
     assert len({ch.id for ch in chunks}) == 1
@@ -207,21 +196,21 @@ def run_spec(srv: Server, s: Spec) -> tuple[str, str, int]:
     return "".join(p for p, _ in pieces), pieces[-1][1], chunks[-1].usage.completion_tokens
 
 
-def spec_reference(llm: LLM, tok, s: Spec) -> tuple[str, str, int]:
+def spec_reference(serve_llm: LLM, serve_tok, s: Spec) -> tuple[str, str, int]:
     if s.kind == "chat":
-        ids = make_context(tok, s.prompt, s.history, system=s.system or DEFAULT_SYSTEM,
+        ids = make_context(serve_tok, s.prompt, s.history, system=s.system or DEFAULT_SYSTEM,
                            max_window_size=MAX_INPUT_LEN)[1]
-        stops = chat_stops(tok)
+        stops = chat_stops(serve_tok)
     else:
-        ids, stops = tok.encode(s.prompt), [EOD]
-    out = reference(llm, ids, stops, s.max_tokens, s.temperature, s.top_p, s.top_k, s.repetition_penalty,
+        ids, stops = serve_tok.encode(s.prompt), [EOD]
+    out = reference(serve_llm, ids, stops, s.max_tokens, s.temperature, s.top_p, s.top_k, s.repetition_penalty,
                     s.seed or 0)
-    return text_of(tok, out, stops), finish_of(out, stops), len(out)
+    return text_of(serve_tok, out, stops), finish_of(out, stops), len(out)
 
 
-def test_16_concurrent_clients_equal_their_single_runs(server, llm, tok):
+def test_16_concurrent_clients_equal_their_single_runs(server, serve_llm, serve_tok):
     cases = specs(16)
-    want = [spec_reference(llm, tok, s) for s in cases]
+    want = [spec_reference(serve_llm, serve_tok, s) for s in cases]
     got: list = [None] * len(cases)
     barrier = threading.Barrier(len(cases))
 
@@ -244,12 +233,12 @@ def test_16_concurrent_clients_equal_their_single_runs(server, llm, tok):
 
 
 # --- stop strings ------------------------------------------------------------------------------------------------
-def split_stop(tok, ids: list[int]) -> tuple[str, int, int]:
+def split_stop(serve_tok, ids: list[int]) -> tuple[str, int, int]:
     """A stop string made of the last 2 characters of one output token and the first 2 of the next, whose first
     occurrence is there: (stop, position in the text, tokens through the one that completes it)."""
-    full = text_of(tok, ids)
+    full = text_of(serve_tok, ids)
     for i in range(1, len(ids) - 1):
-        before, upto = text_of(tok, ids[:i]), text_of(tok, ids[: i + 1])
+        before, upto = text_of(serve_tok, ids[:i]), text_of(serve_tok, ids[: i + 1])
         b = len(before)
         if "\ufffd" in upto or len(before) < 2 or len(upto) - b < 2 or not full.startswith(upto):
             continue
@@ -259,12 +248,12 @@ def split_stop(tok, ids: list[int]) -> tuple[str, int, int]:
     raise AssertionError(f"no stop string candidate in {full!r}")
 
 
-def test_stop_string_split_across_tokens_stops_and_is_not_returned(server, llm, tok):
+def test_stop_string_split_across_tokens_stops_and_is_not_returned(server, serve_llm, serve_tok):
     prompt = "Once upon a time there was a small robot who"
-    ids = reference(llm, tok.encode(prompt), [EOD], 24)
+    ids = reference(serve_llm, serve_tok.encode(prompt), [EOD], 24)
     assert EOD not in ids
-    stop, pos, n_tokens = split_stop(tok, ids)
-    want = text_of(tok, ids)[:pos]
+    stop, pos, n_tokens = split_stop(serve_tok, ids)
+    want = text_of(serve_tok, ids)[:pos]
     c = client(server)
     for stop_arg in (stop, [stop, "never appears 12345"]):
         r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=stop_arg)
@@ -275,35 +264,36 @@ def test_stop_string_split_across_tokens_stops_and_is_not_returned(server, llm, 
                   if ch.choices]
         assert "".join(pieces) == want
     r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=["never appears 12345"])
-    assert (r.choices[0].text, r.choices[0].finish_reason) == (text_of(tok, ids), "length")
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (text_of(serve_tok, ids), "length")
     # the same in a chat, streamed: the held-back start of the stop string never reaches the client
-    chat_ids = reference(llm, make_context(tok, prompt)[1], chat_stops(tok), 24)
-    stop, pos, _ = split_stop(tok, [t for t in chat_ids if t not in chat_stops(tok)])
+    chat_ids = reference(serve_llm, make_context(serve_tok, prompt)[1], chat_stops(serve_tok), 24)
+    stop, pos, _ = split_stop(serve_tok, [t for t in chat_ids if t not in chat_stops(serve_tok)])
     chunks = [ch.choices[0] for ch in c.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0, stop=[stop],
         stream=True) if ch.choices]
-    assert "".join(ch.delta.content or "" for ch in chunks) == text_of(tok, chat_ids, chat_stops(tok))[:pos]
+    assert "".join(ch.delta.content or "" for ch in chunks) == text_of(serve_tok, chat_ids, chat_stops(serve_tok))[:pos]
     assert chunks[-1].finish_reason == "stop"
 
 
-def test_beam_search_returns_the_n_best_beams(server, llm, tok):
+def test_beam_search_returns_the_n_best_beams(server, serve_llm, serve_tok):
     """use_beam_search (vLLM's extension) with n = 3: three choices, best first, each equal to the runtime's beam
     search of the same prompt (chatml, stop ids); the sampling fields do not apply; usage counts every beam."""
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-    prompt = make_context(tok, "Tell me about lighthouses")[1]
-    want = llm.generate([prompt], SamplingParams(max_tokens=12, use_beam_search=True, n=3, length_penalty=0.5,
-                                                 stop_token_ids=chat_stops(tok), end_id=EOD))[0].beams
+    prompt = make_context(serve_tok, "Tell me about lighthouses")[1]
+    want = serve_llm.generate([prompt], SamplingParams(max_tokens=12, use_beam_search=True, n=3, length_penalty=0.5,
+                                                 stop_token_ids=chat_stops(serve_tok), end_id=EOD))[0].beams
     r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me about lighthouses"}],
                                   max_tokens=12, n=3, temperature=0.9, top_p=0.5,
                                   extra_body={"use_beam_search": True, "length_penalty": 0.5})
     assert [ch.index for ch in r.choices] == [0, 1, 2] and len(set(map(tuple, want))) == 3
-    assert [ch.message.content for ch in r.choices] == [text_of(tok, b, chat_stops(tok)) for b in want]
-    assert [ch.finish_reason for ch in r.choices] == ["stop" if b[-1] in chat_stops(tok) else "length" for b in want]
+    assert [ch.message.content for ch in r.choices] == [text_of(serve_tok, b, chat_stops(serve_tok)) for b in want]
+    stops = chat_stops(serve_tok)
+    assert [ch.finish_reason for ch in r.choices] == ["stop" if b[-1] in stops else "length" for b in want]
     assert r.usage.completion_tokens == sum(map(len, want))
     raw = c.completions.create(model=MODEL, prompt=prompt, max_tokens=12, n=3, best_of=4,
                                extra_body={"use_beam_search": True, "return_token_ids": True})
-    want4 = llm.generate([prompt], SamplingParams(max_tokens=12, use_beam_search=True, n=3, best_of=4,
-                                                  stop_token_ids=chat_stops(tok), end_id=EOD))[0].beams
+    want4 = serve_llm.generate([prompt], SamplingParams(max_tokens=12, use_beam_search=True, n=3, best_of=4,
+                                                  stop_token_ids=chat_stops(serve_tok), end_id=EOD))[0].beams
     assert [ch.model_extra["token_ids"] for ch in raw.choices] == want4
     for body, param in (({"n": 2, "use_beam_search": True, "stream": True}, "stream"),
                         ({"n": 2, "use_beam_search": True, "stop": ["x"]}, None)):
@@ -479,7 +469,7 @@ def test_load_200_requests_at_concurrency_8(server):
 
 
 # --- the HTTP load generator -------------------------------------------------------------------------------------
-def test_http_load_generator_against_the_server(server, llm):
+def test_http_load_generator_against_the_server(server, serve_llm):
     """benchmark_serving.py --base_url's client: 20 requests at 5 requests/s, each exactly its max_tokens, the
     same greedy tokens as the in-process LLM; its row prints beside run_load's."""
     import numpy as np
@@ -504,9 +494,9 @@ def test_http_load_generator_against_the_server(server, llm):
     assert 0 < row.ttft_p50_ms <= row.ttft_p99_ms < 120e3
     assert 0 <= row.itl_p50_ms <= row.itl_p99_ms and row.itl_p99_ms > 0
     assert row.output_tok_s == pytest.approx(sum(outs) / row.duration_s)
-    want = llm.generate(prompts, [SamplingParams(max_tokens=m, top_k=1, ignore_eos=True) for m in outs])
+    want = serve_llm.generate(prompts, [SamplingParams(max_tokens=m, top_k=1, ignore_eos=True) for m in outs])
     assert [r.token_ids for r in results] == [w.token_ids for w in want]
-    engine_row, requests = sv.run_load(llm, work)
+    engine_row, requests = sv.run_load(serve_llm, work)
     assert [len(q.output_token_ids) for q in requests] == outs and engine_row.output_tokens == row.output_tokens
     row.request_rate = engine_row.request_rate = rate
     table = sv.format_results([engine_row, row]).splitlines()

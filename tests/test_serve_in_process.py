@@ -19,30 +19,19 @@ def engine_dir(serve_engine_dir) -> Path:
     return serve_engine_dir
 
 
-@pytest.fixture(scope="module")
-def llm(engine_dir) -> LLM:
-    """The engine in this process, without a tokenizer (token ids only)."""
-    return LLM.from_engine(Engine.load(engine_dir, device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def tok(engine_dir) -> QWenTokenizer:
-    return QWenTokenizer.from_dir(engine_dir)
-
-
 # --- text and chunks ---------------------------------------------------------------------------------------------
-def test_incremental_text_holds_back_partial_characters_and_stop_prefixes(tok):
+def test_incremental_text_holds_back_partial_characters_and_stop_prefixes(serve_tok):
     text = "ab龘c𠀀, the end is near"
-    ids = tok.encode(text)
-    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))  # the emoji spans byte tokens
-    inc = IncrementalText(tok)
+    ids = serve_tok.encode(text)
+    assert any("\ufffd" in serve_tok.decode(ids[:i]) for i in range(1, len(ids)))  # the emoji spans byte tokens
+    inc = IncrementalText(serve_tok)
     deltas = [inc.update(ids[: i + 1], finished=i == len(ids) - 1) for i in range(len(ids))]
     assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
-    inc = IncrementalText(tok, stop=["end is"])
+    inc = IncrementalText(serve_tok, stop=["end is"])
     deltas = [inc.update(ids[: i + 1]) for i in range(len(ids))]
     assert "".join(deltas) == "ab龘c𠀀, the " and inc.stopped and inc.text == "ab龘c𠀀, the "
     assert inc.finish_reason("length") == "stop"
-    inc = IncrementalText(tok, stop=["end of"])  # a prefix that turns out not to be the stop string is released
+    inc = IncrementalText(serve_tok, stop=["end of"])  # a prefix that turns out not to be the stop string is released
     assert "".join(inc.update(ids[: i + 1], finished=i == len(ids) - 1) for i in range(len(ids))) == text
 
 
@@ -58,19 +47,19 @@ def test_streamed_chunk_template_equals_the_pydantic_chunk(text):
 
 
 # --- the app in this process (FastAPI's TestClient) --------------------------------------------------------------
-def test_internal_errors_are_500_without_a_traceback(engine_dir, llm, monkeypatch):
+def test_internal_errors_are_500_without_a_traceback(engine_dir, serve_llm, monkeypatch):
     from fastapi.testclient import TestClient
 
     from qwen_trtllm.serving.server import create_app
 
-    llm = LLM.from_engine(llm.engine, tokenizer=QWenTokenizer.from_dir(engine_dir))
-    app = create_app(llm, model_name=MODEL)
+    serve_llm = LLM.from_engine(serve_llm.engine, tokenizer=QWenTokenizer.from_dir(engine_dir))
+    app = create_app(serve_llm, model_name=MODEL)
 
     async def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
         yield  # an async generator, as generate_async
 
-    monkeypatch.setattr(llm, "generate_async", broken)
+    monkeypatch.setattr(serve_llm, "generate_async", broken)
     tc = TestClient(app, raise_server_exceptions=False)
     r = tc.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 2})
     assert r.status_code == 500
@@ -83,7 +72,7 @@ def test_internal_errors_are_500_without_a_traceback(engine_dir, llm, monkeypatc
     assert app.state.server.in_flight == 0
 
 
-def test_without_a_tokenizer_token_ids_in_and_out(llm):
+def test_without_a_tokenizer_token_ids_in_and_out(serve_llm):
     """An engine without qwen.tiktoken (serve.py --model): /v1/completions on token ids, answered with token ids
     and empty text; whatever needs text is a clear 400."""
     from fastapi.testclient import TestClient
@@ -91,8 +80,9 @@ def test_without_a_tokenizer_token_ids_in_and_out(llm):
     from qwen_trtllm.serving.server import create_app
 
     ids = [11, 22, 33, 44, 55]
-    want = llm.generate([ids], SamplingParams(max_tokens=6, top_k=1, stop_token_ids=[EOD], end_id=EOD))[0].token_ids
-    with TestClient(create_app(LLM.from_engine(llm.engine), model_name=MODEL)) as tc:
+    params = SamplingParams(max_tokens=6, top_k=1, stop_token_ids=[EOD], end_id=EOD)
+    want = serve_llm.generate([ids], params)[0].token_ids
+    with TestClient(create_app(LLM.from_engine(serve_llm.engine), model_name=MODEL)) as tc:
         r = tc.post("/v1/completions", json={"prompt": ids, "max_tokens": 6, "temperature": 0})
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
@@ -115,7 +105,7 @@ def test_without_a_tokenizer_token_ids_in_and_out(llm):
             assert r.status_code == 400 and "tokenizer" in err["message"] and err["param"] == param, r.text
 
 
-def test_ignore_eos_runs_to_max_tokens(engine_dir, tok):
+def test_ignore_eos_runs_to_max_tokens(engine_dir, serve_tok):
     """vLLM's ignore_eos: the stop tokens (here <|endoftext|>, made the greedy first token) end nothing."""
     import torch
     from fastapi.testclient import TestClient
@@ -123,12 +113,12 @@ def test_ignore_eos_runs_to_max_tokens(engine_dir, tok):
     from qwen_trtllm.serving.server import create_app
 
     engine = Engine.load(engine_dir, device="cpu")
-    prompt = tok.encode("The weather today is")
+    prompt = serve_tok.encode("The weather today is")
     first = LLM.from_engine(engine).generate([prompt], SamplingParams(max_tokens=1, top_k=1))[0].token_ids[0]
     with torch.no_grad():  # <|endoftext|>'s logit: twice the greedy token's
         engine.model.lm_head.weight[EOD] = 2 * engine.model.lm_head.weight[first]
     body = {"prompt": prompt, "max_tokens": 6, "temperature": 0}
-    with TestClient(create_app(LLM.from_engine(engine, tokenizer=tok), model_name=MODEL)) as tc:
+    with TestClient(create_app(LLM.from_engine(engine, tokenizer=serve_tok), model_name=MODEL)) as tc:
         r = tc.post("/v1/completions", json=body).json()
         assert (r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"]) == ("stop", 1)
         assert "token_ids" not in r["choices"][0]  # only when asked, on a server with a tokenizer
@@ -136,7 +126,7 @@ def test_ignore_eos_runs_to_max_tokens(engine_dir, tok):
         choice = r["choices"][0]
         assert (choice["finish_reason"], r["usage"]["completion_tokens"]) == ("length", 6)
         assert len(choice["token_ids"]) == 6 and choice["token_ids"][0] == EOD
-        assert choice["text"] == text_of(tok, choice["token_ids"], [EOD])  # stop tokens never become text
+        assert choice["text"] == text_of(serve_tok, choice["token_ids"], [EOD])  # stop tokens never become text
         r = tc.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 5, "temperature": 0,
                                                   "ignore_eos": True, "stream": True,
                                                   "stream_options": {"include_usage": True}})
