@@ -21,6 +21,8 @@ subcommands (each ends with a table; ARGS are passed through to the CLI named, l
   decode [ARGS]        examples/qwen/benchmark.py --model $MODEL --batch_size 1,16,64
                        --input_output_len "128,128;2048,128" --runs 3, e.g. --quant int8,int4,fp8, --quantize_lm_head,
                        --kv_cache_dtype fp8, --batch_size 1 --compare_hf, --engine_dir DIR. QWEN_TRTLLM_PDL=0: PDL off.
+                       TP=N: N tensor-parallel ranks under torchrun (the random weights split as build.py
+                       splits a checkpoint; QWEN_TRTLLM_ALL_REDUCE=nccl: NCCL for every all-reduce).
                        PEER=FILE also runs that peer (../shared/baselines/plain_cuda_graph_decode.py, COMPILE=1,
                        batches PEER_BS, default 1,64) in the same call.
   e2e [BUILD_ARGS]     the seed's workflow on a random $PRESET checkpoint: make_random_checkpoint.py ->
@@ -187,8 +189,14 @@ EOF
 cmd_decode() {
   model_args "$@"
   say "benchmark.py ${MODEL_FLAGS[*]} $*"
-  "$PY" examples/qwen/benchmark.py "${MODEL_FLAGS[@]}" --batch_size 1,16,64 --input_output_len "128,128;2048,128" \
-    --runs 3 --json_output "$OUT/decode.json" "$@" 2>&1 | tee "$OUT/decode.txt" | no_hf_log
+  local launch=("$PY") name=decode
+  if [ "${TP:-1}" -gt 1 ]; then  # tensor parallel: one rank per GPU under torchrun
+    launch=("$PY" -m torch.distributed.run --nproc-per-node "$TP" --master-port "${MASTER_PORT:-29533}")
+    name=decode_tp$TP
+  fi
+  "${launch[@]}" examples/qwen/benchmark.py "${MODEL_FLAGS[@]}" --batch_size 1,16,64 \
+    --input_output_len "128,128;2048,128" --runs 3 --json_output "$OUT/$name.json" "$@" 2>&1 \
+    | tee "$OUT/$name.txt" | no_hf_log
   local rc=$?
   if [ -n "${PEER:-}" ]; then
     say "peer: $PEER (COMPILE=${COMPILE:-1}, BS=${PEER_BS:-1,64})"

@@ -3,7 +3,7 @@ weights back to back in one CUDA graph (no L2 reuse, no launch gaps), per 7B sha
 bytes: the current config's, then the best three configs, best first.
 
 python3 scripts/gpu_gemv_tune.py [--rows 1] [--shapes qkv,...] [--format fp16|fp8|int8|int4] [--gated]
-                                 [--prefetch BYTES]
+                                 [--prefetch BYTES] [--tp 1|2|4|8]
 
 --format fp8 sweeps the FP8 GEMV (kernels/fp8_gemv.py: e4m3 weights, 1 byte each, fp16 activations) instead: its
 elementwise kernel for --rows 1-4, its tl.dot kernel for 5-16, each over that kernel's configs
@@ -215,9 +215,13 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=None,
                     help="L2 prefetch bytes per weight row (sm_90+; fp16, fp8, int8 at --rows 1-4: the weight-only "
                     "matmul's configs carry their own)")
+    ap.add_argument("--tp", type=int, default=1, choices=(1, 2, 4, 8),
+                    help="one tensor-parallel rank's shapes: qkv and gate_up rows / tp, dense and c_proj columns / tp "
+                    "(the lm_head is whole on every rank)")
     args = ap.parse_args()
-    shapes = {"qkv": (12288, 4096), "dense": (4096, 4096), "gate_up": (22016, 4096), "c_proj": (4096, 11008),
-              "lm_head": (151936, 4096)}
+    tp = args.tp
+    shapes = {"qkv": (12288 // tp, 4096), "dense": (4096, 4096 // tp), "gate_up": (22016 // tp, 4096),
+              "c_proj": (4096, 11008 // tp), "lm_head": (151936, 4096)}
     codes = args.format == "int8" and args.rows <= F.GEMV_ROWS  # int8 decode: the elementwise int8_gemv
     fp8 = args.format == "fp8" or codes
     weight_only = args.format == "int4" or (args.format == "int8" and not codes)

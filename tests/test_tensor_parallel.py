@@ -196,3 +196,30 @@ def test_run_cli_leaves_the_process_group_on_every_rank(tmp_path):
     # rank 1 finishes first; both must exit 0 with the group torn down (a rank leaving a live gloo group could abort)
     mp.spawn(_cli_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
     assert [(tmp_path / f"out.{r}").read_text() for r in (0, 1)] == ["0 False", "0 False"]
+
+
+def _random_engine_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    from qwen_trtllm.evaluation.benchmark import random_engine
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    engine = random_engine("tiny", "float32", "cpu", max_batch_size=3, max_input_len=16, max_output_len=12,
+                           rank=rank, world_size=world)
+    llm = LLM.from_engine(engine, config=CONFIG)
+    prompts, forced = _prompts(engine.config.vocab_size)
+    torch.save(engine_logits(llm.executor, prompts, forced), f"{out_file}.{rank}")
+    leave_distributed()
+
+
+def test_random_engine_shards_make_the_tp1_model(tmp_path):
+    """benchmark.py --model under torchrun: each rank's random_engine is its shard of the same random model."""
+    from qwen_trtllm.evaluation.benchmark import random_engine
+
+    llm = LLM.from_engine(random_engine("tiny", "float32", "cpu", max_batch_size=3, max_input_len=16,
+                                        max_output_len=12), config=CONFIG)
+    prompts, forced = _prompts(llm.engine.config.vocab_size)
+    want = engine_logits(llm.executor, prompts, forced)
+    mp.spawn(_random_engine_worker, args=(2, str(tmp_path / "pg"), str(tmp_path / "out")), nprocs=2)
+    for r in range(2):
+        got = torch.load(tmp_path / f"out.{r}")
+        assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 1e-5

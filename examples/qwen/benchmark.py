@@ -76,12 +76,11 @@ def main() -> int:
 
             engine.build = replace(engine.build, kernels="torch")
             engine.model.set_kernels(False)
-    elif world > 1:
-        raise QWenError("random models are single-GPU: pass --engine_dir of an engine built with --world_size")
-    else:
-        engine = bm.random_engine(args.model, args.dtype, "cuda", max_batch_size=max(batches),
-                                  max_input_len=max(i for i, _ in pairs), max_output_len=max(o for _, o in pairs),
-                                  kernels=args.kernels, kv_cache_dtype=args.kv_cache_dtype)
+    else:  # under torchrun/mpirun: this rank's shard of the random model (tensor parallel, as build.py splits)
+        engine = bm.random_engine(args.model, args.dtype, f"cuda:{torch.cuda.current_device()}",
+                                  max_batch_size=max(batches), max_input_len=max(i for i, _ in pairs),
+                                  max_output_len=max(o for _, o in pairs), kernels=args.kernels,
+                                  kv_cache_dtype=args.kv_cache_dtype, rank=rank, world_size=world)
     copy_gbs = bm.copy_bandwidth_gbs(engine.device)
     show(f"device {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s, "
           f"weights {bm.decode_step_bytes(engine, 0, 0) / 1e9:.2f} GB moved per decode step")

@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from qwen_trtllm.builder.build import runtime_weights_from_hf
 from qwen_trtllm.builder.engine_format import DTYPES, BuildConfig, QuantizationConfig
 from qwen_trtllm.checkpoint.random_checkpoint import PRESETS, random_tensor
 from qwen_trtllm.config import QWenConfig
 from qwen_trtllm.dtypes import dtype_name
-from qwen_trtllm.models.qwen.model import QWen
-from qwen_trtllm.models.qwen.weights import engine_to_qwen2
+from qwen_trtllm.models.qwen.weights import engine_to_qwen2, hf_shapes
 from qwen_trtllm.runtime.engine import Engine, check_kv_cache_supported, model_skeleton, use_triton_kernels
 from qwen_trtllm.runtime.executor import ExecutorConfig
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig, KVCacheManager
@@ -43,24 +43,35 @@ class BenchRow:
 
 def random_engine(preset: str, dtype: str = "float16", device: str = "cuda", max_batch_size: int = 64,
                   max_input_len: int = 2048, max_output_len: int = 128, seed: int = 0,
-                  kernels: str = "triton", kv_cache_dtype: str = "auto") -> Engine:
+                  kernels: str = "triton", kv_cache_dtype: str = "auto", rank: int = 0,
+                  world_size: int = 1) -> Engine:
     """An engine with random weights of a named shape, created directly on the device (no checkpoint files);
-    kv_cache_dtype as build.py's --int8_kv_cache ("int8") / --fp8_kv_cache ("fp8")."""
+    kv_cache_dtype as build.py's --int8_kv_cache / --fp8_kv_cache ("int8" / "fp8").
+
+    The weights are the random checkpoints' (random_tensor per Hugging Face name, drawn in file order from one
+    generator seeded with `seed`), split for tensor-parallel rank `rank` of `world_size` as build.py splits a
+    checkpoint: every rank draws every full tensor and keeps its shard, so the ranks together hold the tp 1 model.
+    """
     shape = PRESETS[preset]
     config = QWenConfig(**shape)
+    config.check_tensor_parallel(world_size)
     dtype = dtype_name(dtype, flag="--dtype")
-    with torch.device(device):
-        model = QWen(config).to(DTYPES[dtype])
     gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():  # the random checkpoints' scheme (their names: the embedding is transformer.wte)
-        for name, p in model.named_parameters():
-            p.copy_(random_tensor("transformer.wte.weight" if name == "embed.weight" else name, p.shape, gen, device))
+    hf_shape = hf_shapes(config.hidden_size, config.vocab_size, config.ffn_hidden_size, config.num_hidden_layers)
+
+    def draw(name: str) -> torch.Tensor:  # called once per name, in file order
+        return random_tensor(name, hf_shape[name], gen, device).to(DTYPES[dtype])
+
+    with torch.no_grad():
+        state = {k: v.clone() for k, v in runtime_weights_from_hf(draw, config, rank, world_size).items()}
+    model = model_skeleton(config, world_size, None)
+    model.load_state_dict(state, assign=True)
     model.eval().requires_grad_(False).set_kernels(kernels == "triton")
-    build = BuildConfig(dtype, max_batch_size=max_batch_size, max_input_len=max_input_len,
+    build = BuildConfig(dtype, world_size=world_size, max_batch_size=max_batch_size, max_input_len=max_input_len,
                         max_output_len=max_output_len, kernels=kernels, kv_cache_dtype=kv_cache_dtype)
     check_kv_cache_supported(kv_cache_dtype, torch.device(device), kernels == "triton")
     return Engine(engine_dir=None, config=config, build=build, model=model, device=torch.device(device),
-                  dtype=DTYPES[dtype])
+                  dtype=DTYPES[dtype], rank=rank, world_size=world_size)
 
 
 def quantized_engine(engine: Engine, precision: str, group_size: int = 128, quantize_lm_head: bool = False) -> Engine:
@@ -130,6 +141,9 @@ def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, ru
     torch.cuda.reset_peak_memory_stats(dev)
     ttfts, per_step, totals = [], [], []
     for i in range(runs + 1):  # the first run warms up (CUDA graph capture, Triton compilation)
+        if engine.rank != 0:  # tensor parallel: follow rank 0's steps; rank 0 alone times and reports
+            ex.worker_loop()
+            continue
         reqs = [ex.add_request(p, params) for p in prompts]
         t0 = time.perf_counter()
         ex.step()  # the prefill step
@@ -137,17 +151,23 @@ def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, ru
         while ex.has_work:
             ex.step()
         t2 = time.perf_counter()
+        ex.end_of_work()  # releases the other ranks' worker loops
         assert all(len(r.output_token_ids) == output_len for r in reqs)
         if i:
             ttfts.append((t1 - t0) * 1e3)
             per_step.append((t2 - t1) * 1e3 / max(output_len - 1, 1))
             totals.append(t2 - t0)
+    if engine.rank != 0:
+        release(llm)
+        return BenchRow("engine", batch, input_len, output_len, *[float("nan")] * 5)
     ttft, per_tok = statistics.median(ttfts), statistics.median(per_step)
     bw = decode_step_bytes(engine, batch, input_len + output_len // 2) / (per_tok * 1e-3) / 1e9
     q = engine.build.quantization
     quant = "" if q is None else q.precision + ("+lm_head" if q.quantize_lm_head else "")
     if engine.build.kv_cache_dtype != "auto":
         quant += ("+" if quant else "") + engine.build.kv_cache_dtype + "_kv"
+    if engine.world_size > 1:
+        quant += ("+" if quant else "") + f"tp{engine.world_size}"
     row = BenchRow(f"engine-{quant}" if quant else "engine", batch, input_len, output_len, ttft, per_tok,
                    batch * output_len / statistics.median(totals),
                    100 * bw / copy_gbs if copy_gbs else float("nan"), torch.cuda.max_memory_allocated(dev) / 2**30)

@@ -29,12 +29,18 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, N, eps, stride_x, stri
         tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
     else:
         h = x
+    tl.store(out_ptr + row * stride_out + cols, rms_norm_row(h, w_ptr, cols, mask, N, eps).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def rms_norm_row(h, w_ptr, cols, mask, N, eps):
+    """weight * RMSNorm(h) of one row h [BLOCK] (model dtype, zero where ~mask), in float32: normalised in float32,
+    rounded to h's dtype, then scaled (the HF order)."""
     hf = h.to(tl.float32)
     var = tl.sum(hf * hf, axis=0) / N
-    rstd = tl.rsqrt(var + eps)
-    n = (hf * rstd).to(x.dtype).to(tl.float32)  # the HF order: normalise in float32, round, then scale
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (w * n).to(out_ptr.dtype.element_ty), mask=mask)
+    n = (hf * tl.rsqrt(var + eps)).to(h.dtype).to(tl.float32)
+    return tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * n
 
 
 def _rows(t: Tensor, n: int) -> Tensor:

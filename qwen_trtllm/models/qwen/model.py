@@ -5,7 +5,8 @@ computes it: pre-RMSNorm blocks, fused QKV projection with bias, NeoX rotate-hal
 float32, causal attention, SwiGLU MLP c_proj(w1(x) * silu(w2(x))) (w2 is the gated branch), untied lm_head.
 Beyond the trained context (seq_length) it applies Qwen's two extensions: dynamic NTK-aware rotary scaling
 (the base grows with the prompt length, fixed per sequence for its generated tokens) and logn attention scaling
-of the queries. Linear layers are tensor-parallel aware (column/row split + one all-reduce per sub-block).
+of the queries. Linear layers are tensor-parallel aware (column/row split + one all-reduce per sub-block,
+fused with the residual add and RMSNorm after it).
 
 One step is a flat batch of tokens (in-flight batching, as TensorRT-LLM's PyTorch backend and vLLM run it): the
 decode tokens of `num_decode` sequences first, then the prompt chunks of the sequences in prefill. Every layer
@@ -20,7 +21,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from qwen_trtllm.config import QWenConfig
@@ -78,8 +78,9 @@ class AttentionMetadata:
 class Kernels:
     """The kernels one model runs, fixed at load time: Triton (`triton=True`) or their PyTorch references."""
 
-    def __init__(self, triton: bool):
+    def __init__(self, triton: bool, tp: int = 1, device: torch.device | None = None):
         from qwen_trtllm import kernels as k
+        from qwen_trtllm.kernels.all_reduce import AllReduce, one_shot_all_reduce
 
         self.triton = triton
         pick = lambda name: getattr(k, name if triton else name + "_reference")
@@ -87,6 +88,10 @@ class Kernels:
             pick("silu_mul")
         self.decode_attention, self.prefill_attention = pick("paged_decode_attention"), \
             pick("paged_prefill_attention")
+        # the tensor-parallel sum (NCCL, gloo on CPU), with Triton the one-shot kernel for decode-sized tensors,
+        # fused there with the residual add + RMSNorm after it (all_reduce.rms_norm)
+        self.all_reduce = AllReduce(tp, one_shot_all_reduce(device) if triton and tp > 1 and device else None,
+                                    self.rms_norm)
 
     def linear(self, layer: nn.Module, x: Tensor, gated: bool = False) -> Tensor:
         """A linear layer; plain nn.Linear goes through the Triton GEMV for decode-sized inputs (SiLU*mul fused
@@ -101,13 +106,6 @@ class Kernels:
         return layer(self.silu_mul(x) if gated else x)
 
 
-def all_reduce(x: Tensor, tp: int) -> Tensor:
-    """Sum the row-parallel partial outputs over the tensor-parallel ranks (a no-op at tp = 1)."""
-    if tp > 1:
-        dist.all_reduce(x)
-    return x
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -118,7 +116,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: QWenConfig, tp: int, layer: int):
         super().__init__()
-        self.heads, self.head_dim, self.tp, self.layer = config.num_attention_heads // tp, config.kv_channels, tp, layer
+        self.heads, self.head_dim, self.layer = config.num_attention_heads // tp, config.kv_channels, layer
         self.rotary_dim = config.rotary_dim
         self.logn_len = config.seq_length if config.use_logn_attn else 0
         width = self.heads * self.head_dim
@@ -126,7 +124,9 @@ class Attention(nn.Module):
         self.dense = nn.Linear(width, config.hidden_size, bias=False)  # row-parallel
 
     def forward(self, x: Tensor, meta: AttentionMetadata, ops: Kernels) -> Tensor:
-        """x [N, hidden] -> [N, hidden]: rotary + logn + KV write, then paged attention per phase."""
+        """x [N, hidden] -> this rank's partial output [N, hidden] (its heads through its rows of the dense
+        projection; the attention output is the sum over ranks): rotary + logn + KV write, paged attention per
+        phase."""
         kc, vc = meta.k_cache[self.layer], meta.v_cache[self.layer]
         scales = {} if meta.k_scale is None else {"k_scale": meta.k_scale[self.layer],
                                                   "v_scale": meta.v_scale[self.layer]}  # quantised cache
@@ -142,18 +142,19 @@ class Attention(nn.Module):
             parts.append(ops.prefill_attention(q[D:], kc, vc, meta.block_tables[D:], meta.query_start_loc,
                                                meta.context_lens[D:], scale, meta.max_query_len, **scales))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return all_reduce(ops.linear(self.dense, o.reshape(o.shape[0], -1)), self.tp)
+        return ops.linear(self.dense, o.reshape(o.shape[0], -1))
 
 
 class MLP(nn.Module):
     def __init__(self, config: QWenConfig, tp: int):
         super().__init__()
-        self.tp, ff = tp, config.ffn_hidden_size // tp
+        ff = config.ffn_hidden_size // tp
         self.gate_up = nn.Linear(config.hidden_size, 2 * ff, bias=False)  # column-parallel: [w2 (gate) | w1 (up)]
         self.c_proj = nn.Linear(ff, config.hidden_size, bias=False)  # row-parallel
 
     def forward(self, x: Tensor, ops: Kernels) -> Tensor:
-        return all_reduce(ops.linear(self.c_proj, ops.linear(self.gate_up, x), gated=True), self.tp)
+        """x [N, hidden] -> this rank's partial output [N, hidden] (the MLP output is the sum over ranks)."""
+        return ops.linear(self.c_proj, ops.linear(self.gate_up, x), gated=True)
 
 
 class Block(nn.Module):
@@ -175,11 +176,11 @@ class QWen(nn.Module):
         self.layers = nn.ModuleList(Block(config, tp, i) for i in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.ops = Kernels(triton=False)
+        self.ops = Kernels(triton=False, tp=tp)
 
     def set_kernels(self, triton: bool) -> QWen:
         """Fix the kernels of every layer: Triton, or plain PyTorch (weight-only layers included)."""
-        self.ops = Kernels(triton)
+        self.ops = Kernels(triton, self.tp, self.embed.weight.device)
         for m in self.modules():
             if hasattr(m, "use_triton"):
                 m.use_triton = triton
@@ -187,7 +188,9 @@ class QWen(nn.Module):
 
     def forward(self, input_ids: Tensor, meta: AttentionMetadata) -> Tensor:
         """input_ids [N] -> logits [S, vocab] (float32) at meta.logits_indices. Each residual add is fused into
-        the next RMSNorm: rms_norm(x, w, eps, residual) returns (norm(x + residual) * w, x + residual)."""
+        the next RMSNorm: rms_norm(x, w, eps, residual) returns (norm(x + residual) * w, x + residual), and with
+        tensor parallelism the sum of the ranks' partial outputs comes first (all_reduce.rms_norm); captured
+        attention / mlp outputs are this rank's partials there."""
         ops, cap = self.ops, meta.capture
         residual = self.embed(input_ids)
         if cap is not None:
@@ -196,11 +199,13 @@ class QWen(nn.Module):
         for i, layer in enumerate(self.layers):
             with nvtx_range(f"layer {i}"):
                 a = layer.attn(h, meta, ops)
-                h, residual = ops.rms_norm(a, layer.ln_2.weight, layer.ln_2.eps, residual=residual)
+                h, residual = ops.all_reduce.rms_norm(a, layer.ln_2.weight, layer.ln_2.eps, residual, slot=0)
                 m = layer.mlp(h, ops)
                 if i + 1 < len(self.layers):
                     nxt = self.layers[i + 1].ln_1
-                    h, residual_next = ops.rms_norm(m, nxt.weight, nxt.eps, residual=residual)
+                    h, residual_next = ops.all_reduce.rms_norm(m, nxt.weight, nxt.eps, residual, slot=1)
+                else:
+                    m = ops.all_reduce(m, slot=1)
                 if cap is not None:
                     out = residual_next if i + 1 < len(self.layers) else (m.float() + residual.float()).to(m.dtype)
                     cap.update({f"layers.{i}.attention": a, f"layers.{i}.mlp": m, f"layers.{i}.output": out})

@@ -1,0 +1,229 @@
+"""Tensor-parallel all-reduce of decode-sized tensors in one kernel over NVLink peer memory (one-shot).
+
+At batch 1 a tensor-parallel decode step sums 64 partial outputs of 8 KB (two per layer): latency, not bandwidth.
+NCCL's ring all-reduce spends several NVLink round trips and protocol steps on each. The one-shot all-reduce
+(TensorRT-LLM's ONESHOT custom all-reduce strategy, vLLM's custom all-reduce) spends one: every rank copies its
+partial into a buffer its peers can read, the ranks meet at a barrier, and every rank reads all the partials and
+sums them itself.
+
+The buffers and the barrier's signal pads are PyTorch symmetric memory (`torch.distributed._symmetric_memory.empty`
+and `rendezvous`: the same allocation on every rank, each rank holding device pointers to its peers' copies).
+The kernel's barrier is per program: program p of each rank sets its flag in every rank's signal pad (an atomic
+compare-and-swap 0 -> 1 with release semantics at system scope, after a CTA barrier so the whole program's
+copy is ordered before it) and waits until every rank's program p has set its flag in its own pad (swap 1 -> 0,
+acquire): the flags reset themselves, so the kernel can be captured in a CUDA graph and replayed. Every program
+of a rank must be resident at once for that barrier (at most MAX_PROGRAMS programs, far fewer than SMs).
+
+Two buffers (slots) alternate between consecutive all-reduces: a rank that reaches all-reduce k + 1 has finished
+all-reduce k (stream order; this kernel is launched without programmatic dependent launch), so a rank writing
+slot s at all-reduce k + 2 knows every peer finished reading slot s at all-reduce k once it passed the barrier of
+k + 1. Callers give the slot: the model's attention all-reduce uses slot 0, its MLP all-reduce slot 1, which
+alternate in every forward. The partials are summed in float32 in rank order, so every rank gets the same bits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from qwen_trtllm.kernels.rmsnorm import rms_norm_row
+from qwen_trtllm.logger import LOGGER
+
+MAX_BYTES = 1 << 17  # per slot: up to 16 rows of hidden 4096 in fp16 (1.8x faster than NCCL on H200s); NCCL above
+MAX_PROGRAMS = 32  # programs per all-reduce (each loops over its chunks); each needs WORLD flags per signal pad
+BLOCK = 1024  # elements per chunk: 2 KB of fp16, 8 per thread at 4 warps
+
+
+@triton.jit
+def _barrier(signal_pad_ptrs, pid, rank, WORLD: tl.constexpr):
+    """Wait until program `pid` of every rank reached this point; everything this program wrote before it is
+    visible to every rank's program `pid` after it."""
+    tl.debug_barrier()
+    for r in tl.static_range(WORLD):
+        pad = tl.load(signal_pad_ptrs + r).to(tl.pointer_type(tl.int32))
+        while tl.atomic_cas(pad + pid * WORLD + rank, 0, 1, sem="release", scope="sys") != 0:
+            pass
+    own = tl.load(signal_pad_ptrs + rank).to(tl.pointer_type(tl.int32))
+    for r in tl.static_range(WORLD):
+        while tl.atomic_cas(own + pid * WORLD + r, 1, 0, sem="acquire", scope="sys") != 1:
+            pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _sum_rows(b0, b1, b2, b3, b4, b5, b6, b7, offs, mask, WORLD: tl.constexpr):
+    """The ranks' chunks at offs summed in float32, in rank order (the same bits on every rank)."""
+    acc = tl.load(b0 + offs, mask=mask, other=0.0).to(tl.float32)
+    acc += tl.load(b1 + offs, mask=mask, other=0.0).to(tl.float32)
+    if WORLD > 2:
+        acc += tl.load(b2 + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(b3 + offs, mask=mask, other=0.0).to(tl.float32)
+    if WORLD > 4:
+        acc += tl.load(b4 + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(b5 + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(b6 + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(b7 + offs, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _one_shot_all_reduce_kernel(x_ptr, out_ptr, own_ptr, b0, b1, b2, b3, b4, b5, b6, b7, signal_pad_ptrs,
+                                slot_offset, n, rank, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+    """own_ptr: this rank's buffer; b0..b{WORLD-1}: every rank's buffer (mapped here), the rest unused."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for start in range(pid * BLOCK, n, programs * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(own_ptr + slot_offset + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+    _barrier(signal_pad_ptrs, pid, rank, WORLD)
+    for start in range(pid * BLOCK, n, programs * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        acc = _sum_rows(b0, b1, b2, b3, b4, b5, b6, b7, slot_offset + offs, mask, WORLD)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _one_shot_all_reduce_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, own_ptr, b0, b1, b2, b3, b4, b5, b6,
+                                         b7, signal_pad_ptrs, slot_offset, M, N, eps, rank, WORLD: tl.constexpr,
+                                         BLOCK: tl.constexpr):
+    """The all-reduce of x [M, N] fused with the residual add + RMSNorm after it (kernels/rmsnorm.py): rows of
+    contiguous x, residual, out and h; a program per row (looping when M exceeds the grid)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    for row in range(pid, M, programs):
+        offs = row * N + cols  # < 2^31: at most max_bytes per slot
+        tl.store(own_ptr + slot_offset + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+    _barrier(signal_pad_ptrs, pid, rank, WORLD)
+    for row in range(pid, M, programs):
+        offs = row * N + cols  # < 2^31: at most max_bytes per slot
+        a = _sum_rows(b0, b1, b2, b3, b4, b5, b6, b7, slot_offset + offs, mask, WORLD).to(x_ptr.dtype.element_ty)
+        r = tl.load(r_ptr + offs, mask=mask, other=0.0)
+        h = (a.to(tl.float32) + r.to(tl.float32)).to(a.dtype)  # as rms_norm(all_reduce(x), w, eps, residual)
+        tl.store(h_ptr + offs, h, mask=mask)
+        tl.store(out_ptr + offs, rms_norm_row(h, w_ptr, cols, mask, N, eps).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+class OneShotAllReduce:
+    """The one-shot all-reduce of one process group on one CUDA device (see the module docstring).
+
+    Construction is collective (every rank of `group` must construct it, in the same order) and allocates
+    2 x max_bytes of symmetric memory. Raises RuntimeError where symmetric memory cannot be set up (no peer
+    access between the GPUs, a backend without it)."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int = MAX_BYTES):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.world, self.rank, self.max_bytes = group.size(), group.rank(), max_bytes
+        if self.world not in (2, 4, 8):
+            raise RuntimeError(f"the one-shot kernel sums 2, 4 or 8 ranks, not {self.world}")
+        self.buffer = symm_mem.empty(2 * max_bytes, dtype=torch.uint8, device=device)
+        self._handle = handle = symm_mem.rendezvous(self.buffer, group)  # keeps the peers' mappings alive
+        if handle.signal_pad_size < MAX_PROGRAMS * self.world * 4:
+            raise RuntimeError(f"symmetric memory signal pads of {handle.signal_pad_size} bytes are too small for "
+                               f"{MAX_PROGRAMS} programs x {self.world} ranks")
+        peers = [handle.get_buffer(r, (2 * max_bytes,), torch.uint8) for r in range(self.world)]
+        self._peers = {dt: [b.view(dt) for b in peers] for dt in (torch.float16, torch.bfloat16, torch.float32)}
+        self.signal_pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+
+    def fits(self, x: Tensor) -> bool:
+        """Whether x can go through this all-reduce: float16 / bfloat16 / float32, contiguous, at most max_bytes
+        in 16-byte units."""
+        nbytes = x.numel() * x.element_size()
+        return x.dtype in self._peers and x.is_contiguous() and nbytes <= self.max_bytes and nbytes % 16 == 0
+
+    def _check(self, x: Tensor, slot: int) -> list[Tensor]:
+        """The buffers' pointer arguments for x: this rank's, then b0..b7 (unused ones repeat rank 0's)."""
+        if not self.fits(x):
+            raise ValueError(f"one-shot all-reduce takes contiguous float16/bfloat16/float32 tensors of at most "
+                             f"{self.max_bytes} bytes in 16-byte units, got {tuple(x.shape)} {x.dtype}: use NCCL "
+                             "(dist.all_reduce)")
+        if slot not in (0, 1):
+            raise ValueError(f"slot must be 0 or 1, got {slot}")
+        peers = self._peers[x.dtype]
+        return [peers[self.rank], *peers, *[peers[0]] * (8 - self.world)]
+
+    def __call__(self, x: Tensor, slot: int) -> Tensor:
+        """The sum of x over the ranks, a new tensor like x (summed in float32, rounded to x.dtype).
+        slot: 0 or 1, alternating between consecutive calls (the module docstring says why). Raises ValueError
+        for a tensor that `fits` refuses."""
+        buffers = self._check(x, slot)
+        out = torch.empty_like(x)
+        n = x.numel()
+        _one_shot_all_reduce_kernel[(min(triton.cdiv(n, BLOCK), MAX_PROGRAMS),)](
+            x, out, *buffers, self.signal_pad_ptrs, slot * self.max_bytes // x.element_size(), n, self.rank,
+            WORLD=self.world, BLOCK=BLOCK, num_warps=4)
+        return out
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor, slot: int) -> tuple[Tensor, Tensor]:
+        """rms_norm(self(x, slot), weight, eps, residual) in one kernel, with the same bits: (RMSNorm(h) * weight,
+        h) for h = sum over ranks of x [M, N] + residual [M, N] (contiguous, x's dtype); weight [N]. Raises
+        ValueError where `fits` refuses x or for a residual of another shape, dtype or layout."""
+        buffers = self._check(x, slot)
+        if residual.shape != x.shape or residual.dtype != x.dtype or not residual.is_contiguous():
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must be contiguous and match x "
+                             f"{tuple(x.shape)} {x.dtype}")
+        N = x.shape[-1]
+        M = x.numel() // N
+        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        h = torch.empty_like(x)
+        block = triton.next_power_of_2(N)
+        _one_shot_all_reduce_rms_norm_kernel[(min(M, MAX_PROGRAMS),)](
+            x, residual, weight, out, h, *buffers, self.signal_pad_ptrs, slot * self.max_bytes // x.element_size(),
+            M, N, eps, self.rank, WORLD=self.world, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+        return out, h
+
+
+_ONE_SHOT: dict[torch.device, OneShotAllReduce | None] = {}
+
+
+def one_shot_all_reduce(device: torch.device) -> OneShotAllReduce | None:
+    """The default process group's one-shot all-reduce on a CUDA device, set up once per device (collective: every
+    rank calls this at the same point). None without a process group of more than one NCCL rank, with
+    QWEN_TRTLLM_ALL_REDUCE=nccl, or where symmetric memory cannot be set up (then NCCL does every all-reduce)."""
+    if device.type != "cuda" or not dist.is_initialized() or dist.get_world_size() == 1 or \
+            dist.get_backend() != "nccl" or os.environ.get("QWEN_TRTLLM_ALL_REDUCE", "auto") == "nccl":
+        return None
+    if device not in _ONE_SHOT:
+        try:
+            _ONE_SHOT[device] = OneShotAllReduce(dist.group.WORLD, device)
+        except (RuntimeError, ImportError) as e:
+            LOGGER.warning(f"one-shot all-reduce unavailable ({e}): NCCL does every all-reduce")
+            _ONE_SHOT[device] = None
+    return _ONE_SHOT[device]
+
+
+class AllReduce:
+    """Sum of the row-parallel layers' partial outputs over the tensor-parallel ranks: the one-shot kernel for
+    tensors it fits (decode steps), torch.distributed (NCCL, gloo on CPU) for the rest; the identity at tp 1.
+
+    norm: the model's residual add + RMSNorm (kernels.rms_norm or its reference), which `rms_norm` runs after
+    the sum, or fused with it where the one-shot kernel takes x."""
+
+    def __init__(self, tp: int, one_shot: OneShotAllReduce | None = None, norm=None):
+        self.tp, self.one_shot, self.norm = tp, one_shot, norm
+
+    def __call__(self, x: Tensor, slot: int) -> Tensor:
+        """x [..., H] -> the sum over ranks (x itself, reduced in place, when NCCL does it). slot: 0 or 1,
+        alternating between consecutive calls (OneShotAllReduce)."""
+        if self.tp == 1:
+            return x
+        if self.one_shot is not None and self.one_shot.fits(x):
+            return self.one_shot(x, slot)
+        dist.all_reduce(x)
+        return x
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor, slot: int) -> tuple[Tensor, Tensor]:
+        """norm(self(x, slot), weight, eps, residual): (RMSNorm(h) * weight, h) for h = the sum of x over ranks +
+        residual, both [..., H]."""
+        if self.tp > 1 and self.one_shot is not None and self.one_shot.fits(x) and residual.is_contiguous():
+            return self.one_shot.rms_norm(x, weight, eps, residual, slot)
+        return self.norm(self(x, slot), weight, eps, residual=residual)

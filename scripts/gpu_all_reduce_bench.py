@@ -1,0 +1,88 @@
+"""Tensor-parallel all-reduce latency: NCCL (dist.all_reduce) against the one-shot kernel (kernels/all_reduce.py),
+each as a decode step issues them (64 in a row, in one CUDA graph), per message size. Checks both against each
+other first. Run on a machine with N GPUs, from the repository root:
+
+    PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc-per-node 2 scripts/gpu_all_reduce_bench.py \
+        [--rows 1,8,16,32,64,128] [--hidden 4096] [--calls 64] [--json_output FILE]
+
+Prints (rank 0) one row per size: microseconds per all-reduce for each, and the one-shot's speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from qwen_trtllm.kernels.all_reduce import OneShotAllReduce
+
+
+def graph_us(fn, x: torch.Tensor, calls: int, reps: int = 20) -> float:
+    """Microseconds per call of fn, `calls` dependent calls captured in one CUDA graph (median of reps)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(calls):
+            fn(x, i)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = x
+        for i in range(calls):
+            y = fn(y, i)
+    times = []
+    for _ in range(reps + 3):
+        dist.barrier()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return sorted(times[3:])[reps // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="1,8,16,32,64,128", help="tokens per all-reduce, comma-separated")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--calls", type=int, default=64, help="all-reduces per graph (a decode step: 2 per layer)")
+    p.add_argument("--json_output", default=None)
+    a = p.parse_args()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl")
+    dev = torch.device("cuda", rank)
+    sizes = [int(r) for r in a.rows.split(",")]
+    one_shot = OneShotAllReduce(dist.group.WORLD, dev, max_bytes=max(sizes) * a.hidden * 2)  # beyond MAX_BYTES too
+
+    def nccl(x: torch.Tensor, i: int) -> torch.Tensor:
+        dist.all_reduce(x)
+        return x
+
+    rows = []
+    for m in sizes:
+        x = torch.randn(m, a.hidden, device=dev, dtype=torch.float16) / world
+        ref = x.clone()
+        dist.all_reduce(ref)
+        ok = torch.allclose(one_shot(x, 0).float(), ref.float(), rtol=1e-3, atol=1e-3)
+        n_us, o_us = graph_us(nccl, x.clone(), a.calls), graph_us(lambda t, i: one_shot(t, i % 2), x, a.calls)
+        rows.append(dict(rows=m, bytes=x.numel() * 2, nccl_us=n_us, one_shot_us=o_us, equal=bool(ok)))
+    if rank == 0:
+        print(f"{world} ranks, {torch.cuda.get_device_name()}, {a.calls} all-reduces per graph")
+        print(f"{'rows':>5} {'bytes':>9} {'NCCL us':>8} {'one-shot us':>12} {'speed-up':>9}  check")
+        for r in rows:
+            print(f"{r['rows']:>5} {r['bytes']:>9} {r['nccl_us']:>8.2f} {r['one_shot_us']:>12.2f} "
+                  f"{r['nccl_us'] / r['one_shot_us']:>8.2f}x  {'equal' if r['equal'] else 'DIFFERENT'}")
+        if a.json_output:
+            with open(a.json_output, "w") as f:
+                json.dump({"world": world, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
