@@ -51,13 +51,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.con
         tl.store(y_ptr + m * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per GPU model for narrow (N <= 4096) and wide outputs: the best of
-# scripts/gpu_gemv_tune.py (in-graph sweep, PDL + prefetch launch as the engine runs it) for the Qwen-7B shapes.
-# H200 (2026-12-01): 4 warps; 512-code K tiles for wide outputs (qkv 26.3 us, gate_up 45.1, lm_head 292.5: 3.8-4.3
-# TB/s) and 1 KiB ones for narrow (dense 9.8, c_proj 22.4); the H100 table (2026-11-25) measured 5-18% slower there.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) per GPU model for narrow (N <= 4096), medium (N <= 8192) and wide
+# outputs: the best of scripts/gpu_gemv_tune.py (in-graph sweep, PDL + prefetch launch as the engine runs it) for
+# the Qwen-7B shapes. H200 (2026-12-01): 4 warps; 512-code K tiles for wide outputs (qkv 26.3 us, gate_up 45.1,
+# lm_head 292.5: 3.8-4.3 TB/s) and 1 KiB ones for narrow (dense 9.8, c_proj 22.4); medium is tensor parallel 2's
+# qkv (N 6144: 15.8 -> 14.0 us with 16-row blocks, `--tp 2`); the H100 table (2026-11-25) measured 5-18% slower
+# there. The H100 has no medium row of its own (its wide one).
 _CONFIGS = {
-    "H200": ((16, 1024, 4, 3), (8, 512, 4, 3)),
-    "H100": ((16, 1024, 8, 3), (8, 1024, 8, 3)),
+    "H200": ((16, 1024, 4, 3), (16, 512, 4, 3), (8, 512, 4, 3)),
+    "H100": ((16, 1024, 8, 3), (8, 1024, 8, 3), (8, 1024, 8, 3)),
 }
 
 
@@ -67,8 +69,8 @@ def default_config(N: int, K: int, device: torch.device) -> tuple[int, int, int,
     interpreter, in the tests) programs run one after another: fewer, larger ones, K tiles no wider than K."""
     if device.type != "cuda":
         return 64, min(1024, triton.next_power_of_2(K)), 8, 3
-    narrow, wide = _CONFIGS.get(gpu_model(device), _CONFIGS["H100"])
-    return narrow if N <= 4096 else wide
+    narrow, medium, wide = _CONFIGS.get(gpu_model(device), _CONFIGS["H100"])
+    return narrow if N <= 4096 else medium if N <= 8192 else wide
 
 
 def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = False,
