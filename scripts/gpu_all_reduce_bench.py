@@ -3,9 +3,12 @@ each as a decode step issues them (64 in a row, in one CUDA graph), per message 
 other first. Run on a machine with N GPUs, from the repository root:
 
     PYTHONPATH=$PWD python3 -m torch.distributed.run --nproc-per-node 2 scripts/gpu_all_reduce_bench.py \
-        [--rows 1,8,16,32,64,128] [--hidden 4096] [--calls 64] [--json_output FILE]
+        [--rows 1,8,16,32,64,128] [--hidden 4096] [--calls 64] [--programs 32,128] [--block 1024]
+        [--json_output FILE]
 
-Prints (rank 0) one row per size: microseconds per all-reduce for each, and the one-shot's speed-up.
+Prints (rank 0) one row per size and one-shot launch config (--programs: kernels/all_reduce.py's MAX_PROGRAMS,
+--block: its BLOCK; the module's values by default): microseconds per all-reduce for each, and the one-shot's
+speed-up.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from qwen_trtllm.kernels.all_reduce import OneShotAllReduce
+from qwen_trtllm.kernels import all_reduce as A
 
 
 def graph_us(fn, x: torch.Tensor, calls: int, reps: int = 20) -> float:
@@ -51,6 +54,8 @@ def main() -> None:
     p.add_argument("--rows", default="1,8,16,32,64,128", help="tokens per all-reduce, comma-separated")
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--calls", type=int, default=64, help="all-reduces per graph (a decode step: 2 per layer)")
+    p.add_argument("--programs", default=str(A.MAX_PROGRAMS), help="one-shot grid caps to sweep, comma-separated")
+    p.add_argument("--block", default=str(A.BLOCK), help="one-shot chunk sizes (elements) to sweep, comma-separated")
     p.add_argument("--json_output", default=None)
     a = p.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -58,7 +63,9 @@ def main() -> None:
     dist.init_process_group("nccl")
     dev = torch.device("cuda", rank)
     sizes = [int(r) for r in a.rows.split(",")]
-    one_shot = OneShotAllReduce(dist.group.WORLD, dev, max_bytes=max(sizes) * a.hidden * 2)  # beyond MAX_BYTES too
+    configs = [(int(p), int(b)) for p in a.programs.split(",") for b in a.block.split(",")]
+    A.MAX_PROGRAMS = max(p for p, _ in configs)  # the signal pads are checked for the largest grid
+    one_shot = A.OneShotAllReduce(dist.group.WORLD, dev, max_bytes=max(sizes) * a.hidden * 2)  # beyond MAX_BYTES
 
     def nccl(x: torch.Tensor, i: int) -> torch.Tensor:
         dist.all_reduce(x)
@@ -69,14 +76,20 @@ def main() -> None:
         x = torch.randn(m, a.hidden, device=dev, dtype=torch.float16) / world
         ref = x.clone()
         dist.all_reduce(ref)
-        ok = torch.allclose(one_shot(x, 0).float(), ref.float(), rtol=1e-3, atol=1e-3)
-        n_us, o_us = graph_us(nccl, x.clone(), a.calls), graph_us(lambda t, i: one_shot(t, i % 2), x, a.calls)
-        rows.append(dict(rows=m, bytes=x.numel() * 2, nccl_us=n_us, one_shot_us=o_us, equal=bool(ok)))
+        n_us = graph_us(nccl, x.clone(), a.calls)
+        for programs, block in configs:
+            A.MAX_PROGRAMS, A.BLOCK = programs, block
+            ok = all(torch.allclose(one_shot(x, s).float(), ref.float(), rtol=1e-3, atol=1e-3) for s in (0, 1))
+            o_us = graph_us(lambda t, i: one_shot(t, i % 2), x, a.calls)
+            rows.append(dict(rows=m, bytes=x.numel() * 2, programs=programs, block=block, nccl_us=n_us,
+                             one_shot_us=o_us, equal=bool(ok)))
     if rank == 0:
         print(f"{world} ranks, {torch.cuda.get_device_name()}, {a.calls} all-reduces per graph")
-        print(f"{'rows':>5} {'bytes':>9} {'NCCL us':>8} {'one-shot us':>12} {'speed-up':>9}  check")
+        print(f"{'rows':>5} {'bytes':>9} {'programs':>8} {'block':>6} {'NCCL us':>8} {'one-shot us':>12} "
+              f"{'speed-up':>9}  check")
         for r in rows:
-            print(f"{r['rows']:>5} {r['bytes']:>9} {r['nccl_us']:>8.2f} {r['one_shot_us']:>12.2f} "
+            print(f"{r['rows']:>5} {r['bytes']:>9} {r['programs']:>8} {r['block']:>6} {r['nccl_us']:>8.2f} "
+                  f"{r['one_shot_us']:>12.2f} "
                   f"{r['nccl_us'] / r['one_shot_us']:>8.2f}x  {'equal' if r['equal'] else 'DIFFERENT'}")
         if a.json_output:
             with open(a.json_output, "w") as f:

@@ -67,9 +67,9 @@ def _sum_like_kernel(xs: list[torch.Tensor]) -> torch.Tensor:
 
 @pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (4, 2)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n", [4096, 72, 40 * 1024 + 8])  # one row, a short row, more chunks than programs
+@pytest.mark.parametrize("n", [4096, 72, MAX_PROGRAMS * BLOCK + 56])  # one row, a short row, a program loops
 def test_one_shot_kernel_against_simulated_peers(world, rank, dtype, n):
-    slot_elems, slot = 48 * 1024, 1
+    slot_elems, slot = n + 64, 1
     g = torch.Generator().manual_seed(n + world)
     xs = [torch.randn(n, generator=g).to(dtype).to(DEVICE) for _ in range(world)]
     programs = min(triton.cdiv(n, BLOCK), MAX_PROGRAMS)
@@ -86,7 +86,8 @@ def test_one_shot_kernel_against_simulated_peers(world, rank, dtype, n):
 @pytest.mark.parametrize("rows", [1, 5, MAX_PROGRAMS + 3])  # more rows than programs: a program loops
 def test_one_shot_rms_norm_kernel_against_simulated_peers(world, rank, dtype, rows):
     """The fused all-reduce + residual add + RMSNorm equals rms_norm(sum of the partials, ...) bit for bit."""
-    H, slot_elems, slot, eps = 96, 4 * 1024, 0, 1e-6
+    H, slot, eps = 96, 0, 1e-6
+    slot_elems = rows * H + 32
     g = torch.Generator().manual_seed(rows * 10 + world)
     xs = [torch.randn(rows, H, generator=g).to(dtype).to(DEVICE) for _ in range(world)]
     residual = torch.randn(rows, H, generator=g).to(dtype).to(DEVICE)
@@ -127,7 +128,7 @@ def _one_shot_worker(rank: int, world: int, port: int) -> None:
     calls = 0  # consecutive all-reduces alternate slots
     try:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            for rows in (1, 3, 16 if dtype != torch.float32 else 8):
+            for rows in (1, 3, 128 if dtype != torch.float32 else 64):  # up to MAX_BYTES
                 g = torch.Generator(device=dev).manual_seed(rows * 10 + rank)
                 x = torch.randn(rows, 4096, generator=g, device=dev).to(dtype)
                 residual = torch.randn(rows, 4096, generator=g, device=dev).to(dtype)
