@@ -51,13 +51,16 @@ def graph_us(fn, x: torch.Tensor, calls: int, reps: int = 20) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.epilog = "defaults: --rows 1,8,16,32,64,128 --hidden 4096 --calls 64, --programs / --block the module's"
     p.add_argument("--rows", default="1,8,16,32,64,128", help="tokens per all-reduce, comma-separated")
-    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=4096, help="elements per row (Qwen-7B's hidden size)")
     p.add_argument("--calls", type=int, default=64, help="all-reduces per graph (a decode step: 2 per layer)")
     p.add_argument("--programs", default=str(A.MAX_PROGRAMS), help="one-shot grid caps to sweep, comma-separated")
     p.add_argument("--block", default=str(A.BLOCK), help="one-shot chunk sizes (elements) to sweep, comma-separated")
-    p.add_argument("--json_output", default=None)
+    p.add_argument("--json_output", default=None, help="also write the rows here as JSON (rank 0)")
     a = p.parse_args()
+    if "RANK" not in os.environ:
+        p.error("run it under python3 -m torch.distributed.run --nproc-per-node N (one rank per GPU)")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl")
@@ -79,7 +82,7 @@ def main() -> None:
         n_us = graph_us(nccl, x.clone(), a.calls)
         for programs, block in configs:
             A.MAX_PROGRAMS, A.BLOCK = programs, block
-            ok = all(torch.allclose(one_shot(x, s).float(), ref.float(), rtol=1e-3, atol=1e-3) for s in (0, 1))
+            ok = all([torch.allclose(one_shot(x, s).float(), ref.float(), rtol=1e-3, atol=1e-3) for s in (0, 1)])
             o_us = graph_us(lambda t, i: one_shot(t, i % 2), x, a.calls)
             rows.append(dict(rows=m, bytes=x.numel() * 2, programs=programs, block=block, nccl_us=n_us,
                              one_shot_us=o_us, equal=bool(ok)))

@@ -22,7 +22,8 @@ subcommands (each ends with a table; ARGS are passed through to the CLI named, l
                        --input_output_len "128,128;2048,128" --runs 3, e.g. --quant int8,int4,fp8, --quantize_lm_head,
                        --kv_cache_dtype fp8, --batch_size 1 --compare_hf, --engine_dir DIR. QWEN_TRTLLM_PDL=0: PDL off.
                        TP=N: N tensor-parallel ranks under torchrun (the random weights split as build.py
-                       splits a checkpoint; QWEN_TRTLLM_ALL_REDUCE=nccl: NCCL for every all-reduce).
+                       splits a checkpoint; QWEN_TRTLLM_ALL_REDUCE=nccl: NCCL for every all-reduce); results
+                       in $OUT/decode_tpN.json and .txt instead of decode.json and .txt.
                        PEER=FILE also runs that peer (../shared/baselines/plain_cuda_graph_decode.py, COMPILE=1,
                        batches PEER_BS, default 1,64) in the same call.
   e2e [BUILD_ARGS]     the seed's workflow on a random $PRESET checkpoint: make_random_checkpoint.py ->
@@ -188,8 +189,12 @@ EOF
 
 cmd_decode() {
   model_args "$@"
-  say "benchmark.py ${MODEL_FLAGS[*]} $*"
+  say "benchmark.py ${MODEL_FLAGS[*]} $*${TP:+ (TP=$TP: torchrun, one rank per GPU)}"
   local launch=("$PY") name=decode
+  if ! [[ ${TP:-1} =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: TP=${TP} is not a number of ranks: set TP=2 (or 4, 8) or unset it" >&2
+    return 2
+  fi
   if [ "${TP:-1}" -gt 1 ]; then  # tensor parallel: one rank per GPU under torchrun
     launch=("$PY" -m torch.distributed.run --nproc-per-node "$TP" --master-port "${MASTER_PORT:-29533}")
     name=decode_tp$TP

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import triton
 from net import free_port
 
+from qwen_trtllm import QWenError
 from qwen_trtllm.kernels import interpreted, rms_norm, rms_norm_reference, triton_available
 from qwen_trtllm.kernels.all_reduce import (
     BLOCK,
@@ -65,9 +66,13 @@ def _sum_like_kernel(xs: list[torch.Tensor]) -> torch.Tensor:
     return acc.to(xs[0].dtype)
 
 
-@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (4, 2)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n", [4096, 72, MAX_PROGRAMS * BLOCK + 56])  # one row, a short row, a program loops
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# one row, a short row (every rank and dtype); more chunks than programs, so programs loop (two cases: slow on CPU)
+CASES = [(w, r, dt, n) for w, r in [(2, 0), (2, 1), (4, 2)] for dt in DTYPES for n in (4096, 72)] + \
+    [(2, 1, torch.float16, MAX_PROGRAMS * BLOCK + 56), (4, 2, torch.float32, MAX_PROGRAMS * BLOCK + 56)]
+
+
+@pytest.mark.parametrize("world,rank,dtype,n", CASES)
 def test_one_shot_kernel_against_simulated_peers(world, rank, dtype, n):
     slot_elems, slot = n + 64, 1
     g = torch.Generator().manual_seed(n + world)
@@ -81,9 +86,9 @@ def test_one_shot_kernel_against_simulated_peers(world, rank, dtype, n):
     _check_barrier(xs, rank, buffers, pads, slot_elems, slot, programs)
 
 
-@pytest.mark.parametrize("world,rank", [(2, 1), (4, 3)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 5, MAX_PROGRAMS + 3])  # more rows than programs: a program loops
+@pytest.mark.parametrize("world,rank,dtype,rows",  # and more rows than programs, so a program loops (two cases)
+                         [(w, r, dt, m) for w, r in [(2, 1), (4, 3)] for dt in DTYPES for m in (1, 5)] +
+                         [(2, 1, torch.bfloat16, MAX_PROGRAMS + 3), (4, 3, torch.float16, MAX_PROGRAMS + 3)])
 def test_one_shot_rms_norm_kernel_against_simulated_peers(world, rank, dtype, rows):
     """The fused all-reduce + residual add + RMSNorm equals rms_norm(sum of the partials, ...) bit for bit."""
     H, slot, eps = 96, 0, 1e-6
@@ -108,6 +113,13 @@ def test_one_shot_rms_norm_kernel_against_simulated_peers(world, rank, dtype, ro
 def test_all_reduce_is_the_identity_at_tp1():
     x = torch.randn(3, 8)
     assert AllReduce(1)(x, slot=0) is x
+
+
+def test_bad_all_reduce_strategy_is_refused(monkeypatch):
+    monkeypatch.setenv("QWEN_TRTLLM_ALL_REDUCE", "NCCL")
+    with pytest.raises(QWenError, match="QWEN_TRTLLM_ALL_REDUCE=NCCL is not one of auto, nccl"):
+        AllReduce(2, torch.device("cuda", 0))
+    AllReduce(2, None)  # no one-shot wanted (CPU, torch kernels): the variable is not read
 
 
 def _ranks(fn, world: int, *args) -> None:
@@ -185,10 +197,10 @@ def _tp_engine_worker(rank: int, world: int, port: int, out: str) -> None:
     dev = _init(rank, world, port)
     llm = LLM.from_engine(random_engine("tiny", "float32", str(dev), max_batch_size=4, max_input_len=32,
                                         max_output_len=16, rank=rank, world_size=world))
-    assert llm.engine.model.ops.all_reduce.one_shot is not None
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 17, 9)]
     logits = engine_logits(llm.executor, prompts, torch.randint(0, 1000, (3, 8), generator=g))
+    assert llm.engine.model.ops.all_reduce.one_shot is not None  # set up at the first all-reduce
     greedy = llm.generate(prompts, SamplingParams(max_tokens=12, top_k=1, ignore_eos=True))
     torch.save({"logits": logits.cpu(), "greedy": [o.token_ids for o in greedy]}, f"{out}.{rank}")
     leave_distributed()

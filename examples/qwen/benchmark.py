@@ -31,7 +31,8 @@ def main() -> int:
     p = parser(__doc__)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default="qwen-7b", help="random weights of a named shape: tiny, qwen-1.8b, qwen-7b, "
-                     "qwen-14b (created directly on the GPU)")
+                     "qwen-14b (created directly on the GPU; under torchrun/mpirun each rank makes its "
+                     "tensor-parallel shard)")
     src.add_argument("--engine_dir", default=None, help="an engine directory built by build.py")
     p.add_argument("--batch_size", default="1,8,64", help="comma-separated batch sizes")
     p.add_argument("--input_output_len", default="128,128;2048,128",
@@ -68,6 +69,8 @@ def main() -> int:
 
     pairs, batches = parse_pairs(args.input_output_len), [int(b) for b in args.batch_size.split(",")]
     rank, world = init_distributed()  # under torchrun/mpirun: a tensor-parallel engine, rank 0 reports
+    if args.compare_hf and world > 1:
+        raise QWenError("--compare_hf runs Hugging Face on one GPU: drop it under torchrun/mpirun, or run one rank")
     show = print if rank == 0 else (lambda *a, **k: None)
     if args.engine_dir:
         engine = load_engine_on_all_ranks(args.engine_dir, rank, world)
@@ -89,14 +92,14 @@ def main() -> int:
         eng = engine if quant is None else bm.quantized_engine(engine, quant, args.group_size, args.quantize_lm_head)
         for inp, out in pairs:
             for b in batches:
-                if not bm.fits(eng, b, inp + out):
+                if not bm.fits(eng, b, inp + out):  # on every rank (tensor parallel: the ranks agree)
                     show(f"skipped batch {b} x {inp + out} tokens: its KV cache does not fit in GPU memory")
                     continue
                 rows.append(bm.bench_engine(eng, b, inp, out, args.runs, copy_gbs))
                 show(bm.format_table(rows[-1:]).splitlines()[-1], flush=True)
         if quant is not None:
             del eng
-    if args.compare_hf and world == 1:
+    if args.compare_hf:
         hf = bm.hf_model_sharing_weights(engine)
         for inp, out in pairs[:1]:
             for b in [int(v) for v in args.hf_batch_size.split(",")]:

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.distributed as dist
 
 from qwen_trtllm.builder.build import runtime_weights_from_hf
 from qwen_trtllm.builder.engine_format import DTYPES, BuildConfig, QuantizationConfig
@@ -131,7 +132,9 @@ def static_batch_llm(engine: Engine, batch: int, input_len: int, output_len: int
 def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, runs: int = 3,
                  copy_gbs: float | None = None) -> BenchRow:
     """A static batch through the in-flight batching runtime: `batch` requests of input_len submitted together,
-    all prompts in one prefill step (max_num_tokens = batch x input_len), output_len tokens each."""
+    all prompts in one prefill step (max_num_tokens = batch x input_len), output_len tokens each. Tensor parallel:
+    every rank calls this, rank 0 times and returns the row, the other ranks follow its steps and return a row
+    of NaN."""
     dev = engine.device
     llm = static_batch_llm(engine, batch, input_len, output_len)
     ex = llm.executor
@@ -193,9 +196,15 @@ def kv_cache_bytes(engine: Engine, batch: int, seq_len: int) -> int:
 
 
 def fits(engine: Engine, batch: int, seq_len: int, workspace: int = 4 << 30) -> bool:
-    """Whether a KV cache for batch x seq_len fits next to what is allocated now, with some workspace."""
+    """Whether a KV cache for batch x seq_len fits next to what is allocated now, with some workspace; on every
+    rank of a tensor-parallel engine (a collective there: the ranks must run the same rows)."""
     free, _ = torch.cuda.mem_get_info(engine.device)
-    return kv_cache_bytes(engine, batch, seq_len) + workspace < free
+    ok = kv_cache_bytes(engine, batch, seq_len) + workspace < free
+    if engine.world_size > 1:
+        t = torch.tensor([int(ok)], device=engine.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        ok = bool(t.item())
+    return ok
 
 
 def hf_model_sharing_weights(engine: Engine):

@@ -33,14 +33,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwen_trtllm import QWenError
 from qwen_trtllm.kernels.rmsnorm import rms_norm_row
 from qwen_trtllm.logger import LOGGER
 
 # scripts/gpu_all_reduce_bench.py on two H200s (64 all-reduces per CUDA graph, us each, NCCL -> one-shot):
-# 8 KB 10.5 -> 5.7, 128 KB 12.1 -> 6.8, 512 KB 15.5 -> 7.8, 1 MB 19.4 -> 9.7 with 128 programs of 2048-element
-# chunks (32 programs of 1024: 1 MB 24.2, slower than NCCL: too few loads in flight over NVLink).
+# 8 KB 10.5 -> 5.9, 128 KB 12.1 -> 6.8, 512 KB 15.5 -> 7.8, 1 MB 19.4 -> 9.7 with 128 programs of 2048-element
+# chunks (32 programs of 1024: 1 MB 24.2, slower than NCCL: too few loads in flight over NVLink). In the model
+# (tp 2 decode) only the 128 KB threshold with 32 x 1024 was measured: batch 1 3.43 -> 3.23-3.27 ms (docs/PERF.md).
 MAX_BYTES = 1 << 20  # per slot: up to 128 rows of hidden 4096 in fp16; NCCL above (prefill)
-MAX_PROGRAMS = 128  # programs per all-reduce (each loops over its chunks); each needs WORLD flags per signal pad
+MAX_PROGRAMS = 128  # programs per all-reduce (each loops over its chunks), fewer where signal pads are small
 BLOCK = 2048  # elements per chunk: 4 KB of fp16, 16 per thread at 4 warps
 
 
@@ -132,24 +134,25 @@ class OneShotAllReduce:
             raise RuntimeError(f"the one-shot kernel sums 2, 4 or 8 ranks, not {self.world}")
         self.buffer = symm_mem.empty(2 * max_bytes, dtype=torch.uint8, device=device)
         self._handle = handle = symm_mem.rendezvous(self.buffer, group)  # keeps the peers' mappings alive
-        if handle.signal_pad_size < MAX_PROGRAMS * self.world * 4:
-            raise RuntimeError(f"symmetric memory signal pads of {handle.signal_pad_size} bytes are too small for "
-                               f"{MAX_PROGRAMS} programs x {self.world} ranks")
+        # programs per launch: each needs a 4-byte flag per rank in every signal pad
+        self.max_programs = min(MAX_PROGRAMS, handle.signal_pad_size // (4 * self.world))
+        if self.max_programs < 1:
+            raise RuntimeError(f"symmetric memory signal pads of {handle.signal_pad_size} bytes hold no flags")
         peers = [handle.get_buffer(r, (2 * max_bytes,), torch.uint8) for r in range(self.world)]
         self._peers = {dt: [b.view(dt) for b in peers] for dt in (torch.float16, torch.bfloat16, torch.float32)}
         self.signal_pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
 
     def fits(self, x: Tensor) -> bool:
-        """Whether x can go through this all-reduce: float16 / bfloat16 / float32, contiguous, at most max_bytes
-        in 16-byte units."""
+        """Whether x can go through this all-reduce: float16 / bfloat16 / float32, contiguous, a multiple of 16
+        bytes and at most max_bytes."""
         nbytes = x.numel() * x.element_size()
         return x.dtype in self._peers and x.is_contiguous() and nbytes <= self.max_bytes and nbytes % 16 == 0
 
     def _check(self, x: Tensor, slot: int) -> list[Tensor]:
         """The buffers' pointer arguments for x: this rank's, then b0..b7 (unused ones repeat rank 0's)."""
         if not self.fits(x):
-            raise ValueError(f"one-shot all-reduce takes contiguous float16/bfloat16/float32 tensors of at most "
-                             f"{self.max_bytes} bytes in 16-byte units, got {tuple(x.shape)} {x.dtype}: use NCCL "
+            raise ValueError(f"one-shot all-reduce takes contiguous float16/bfloat16/float32 tensors of a multiple "
+                             f"of 16 bytes up to {self.max_bytes}, got {tuple(x.shape)} {x.dtype}: use NCCL "
                              "(dist.all_reduce)")
         if slot not in (0, 1):
             raise ValueError(f"slot must be 0 or 1, got {slot}")
@@ -163,46 +166,78 @@ class OneShotAllReduce:
         buffers = self._check(x, slot)
         out = torch.empty_like(x)
         n = x.numel()
-        _one_shot_all_reduce_kernel[(min(triton.cdiv(n, BLOCK), MAX_PROGRAMS),)](
+        _one_shot_all_reduce_kernel[(min(triton.cdiv(n, BLOCK), self.max_programs),)](
             x, out, *buffers, self.signal_pad_ptrs, slot * self.max_bytes // x.element_size(), n, self.rank,
             WORLD=self.world, BLOCK=BLOCK, num_warps=4)
         return out
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor, slot: int) -> tuple[Tensor, Tensor]:
         """rms_norm(self(x, slot), weight, eps, residual) in one kernel, with the same bits: (RMSNorm(h) * weight,
-        h) for h = sum over ranks of x [M, N] + residual [M, N] (contiguous, x's dtype); weight [N]. Raises
-        ValueError where `fits` refuses x or for a residual of another shape, dtype or layout."""
+        h) for h = sum over ranks of x [M, N] + residual [M, N] (contiguous, x's dtype); weight [N] contiguous.
+        Raises ValueError where `fits` refuses x, for a residual of another shape, dtype or layout, or a weight
+        that is not [N] and contiguous."""
         buffers = self._check(x, slot)
-        if residual.shape != x.shape or residual.dtype != x.dtype or not residual.is_contiguous():
+        N = x.shape[-1]
+        if not self.takes_residual(x, residual):
             raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must be contiguous and match x "
                              f"{tuple(x.shape)} {x.dtype}")
-        N = x.shape[-1]
+        if weight.shape != (N,) or not weight.is_contiguous():
+            raise ValueError(f"weight {tuple(weight.shape)} must be contiguous of shape ({N},)")
         M = x.numel() // N
         out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
         h = torch.empty_like(x)
         block = triton.next_power_of_2(N)
-        _one_shot_all_reduce_rms_norm_kernel[(min(M, MAX_PROGRAMS),)](
+        _one_shot_all_reduce_rms_norm_kernel[(min(M, self.max_programs),)](
             x, residual, weight, out, h, *buffers, self.signal_pad_ptrs, slot * self.max_bytes // x.element_size(),
             M, N, eps, self.rank, WORLD=self.world, BLOCK=block, num_warps=4 if block <= 1024 else 8)
         return out, h
 
+    @staticmethod
+    def takes_residual(x: Tensor, residual: Tensor) -> bool:
+        return residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous()
+
 
 _ONE_SHOT: dict[torch.device, OneShotAllReduce | None] = {}
+STRATEGIES = ("auto", "nccl")  # QWEN_TRTLLM_ALL_REDUCE
+
+
+def _all_ranks(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (a collective)."""
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def all_reduce_strategy() -> str:
+    """QWEN_TRTLLM_ALL_REDUCE: "auto" (the default: one-shot where it fits) or "nccl" (NCCL for every all-reduce).
+    Raises QWenError for another value."""
+    strategy = os.environ.get("QWEN_TRTLLM_ALL_REDUCE", "auto")
+    if strategy not in STRATEGIES:
+        raise QWenError(f"QWEN_TRTLLM_ALL_REDUCE={strategy} is not one of {', '.join(STRATEGIES)}: unset it (auto) "
+                        "or set nccl")
+    return strategy
 
 
 def one_shot_all_reduce(device: torch.device) -> OneShotAllReduce | None:
-    """The default process group's one-shot all-reduce on a CUDA device, set up once per device (collective: every
-    rank calls this at the same point). None without a process group of more than one NCCL rank, with
-    QWEN_TRTLLM_ALL_REDUCE=nccl, or where symmetric memory cannot be set up (then NCCL does every all-reduce)."""
+    """The default process group's one-shot all-reduce on a CUDA device, set up once per device; None without a
+    process group of more than one NCCL rank. Collective: every rank calls this at the same point, and the ranks
+    agree, so either all of them use the one-shot kernel or none does (none when any rank has
+    QWEN_TRTLLM_ALL_REDUCE=nccl or cannot set up symmetric memory; NCCL then does every all-reduce).
+    Raises QWenError for a QWEN_TRTLLM_ALL_REDUCE other than auto or nccl."""
+    strategy = all_reduce_strategy()
     if device.type != "cuda" or not dist.is_initialized() or dist.get_world_size() == 1 or \
-            dist.get_backend() != "nccl" or os.environ.get("QWEN_TRTLLM_ALL_REDUCE", "auto") == "nccl":
+            dist.get_backend() != "nccl":
         return None
     if device not in _ONE_SHOT:
-        try:
-            _ONE_SHOT[device] = OneShotAllReduce(dist.group.WORLD, device)
-        except (RuntimeError, ImportError) as e:
-            LOGGER.warning(f"one-shot all-reduce unavailable ({e}): NCCL does every all-reduce")
-            _ONE_SHOT[device] = None
+        one_shot = None
+        if _all_ranks(strategy == "auto", device):
+            try:
+                one_shot = OneShotAllReduce(dist.group.WORLD, device)
+            except (RuntimeError, ImportError) as e:
+                LOGGER.warning(f"one-shot all-reduce unavailable ({e}): NCCL does every all-reduce")
+            if not _all_ranks(one_shot is not None, device):
+                one_shot = None
+        _ONE_SHOT[device] = one_shot
     return _ONE_SHOT[device]
 
 
@@ -210,25 +245,45 @@ class AllReduce:
     """Sum of the row-parallel layers' partial outputs over the tensor-parallel ranks: the one-shot kernel for
     tensors it fits (decode steps), torch.distributed (NCCL, gloo on CPU) for the rest; the identity at tp 1.
 
+    one_shot_device: the CUDA device whose one-shot all-reduce to use (None: never). It is set up at the first
+    all-reduce, which every rank reaches at the same step (a forward outside CUDA-graph capture: graphs are
+    captured after warm-up runs), not when the engine loads: a rank that fails to load then stops every rank
+    with its error instead of leaving the others in the set-up's collective.
     norm: the model's residual add + RMSNorm (kernels.rms_norm or its reference), which `rms_norm` runs after
     the sum, or fused with it where the one-shot kernel takes x."""
 
-    def __init__(self, tp: int, one_shot: OneShotAllReduce | None = None, norm=None):
-        self.tp, self.one_shot, self.norm = tp, one_shot, norm
+    def __init__(self, tp: int, one_shot_device: torch.device | None = None, norm=None):
+        self.tp, self.norm, self._device = tp, norm, one_shot_device if tp > 1 else None
+        if self._device is not None:
+            all_reduce_strategy()  # a bad QWEN_TRTLLM_ALL_REDUCE fails when the engine loads
+        self._one_shot: OneShotAllReduce | None = None
+
+    @property
+    def one_shot(self) -> OneShotAllReduce | None:
+        """The one-shot all-reduce, set up on first use (collective); None where NCCL does every all-reduce.
+        Raises RuntimeError when first used inside CUDA-graph capture."""
+        if self._device is not None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("run a forward outside CUDA-graph capture first: the one-shot all-reduce is set "
+                                   "up at the first all-reduce")
+            self._one_shot, self._device = one_shot_all_reduce(self._device), None
+        return self._one_shot
 
     def __call__(self, x: Tensor, slot: int) -> Tensor:
         """x [..., H] -> the sum over ranks (x itself, reduced in place, when NCCL does it). slot: 0 or 1,
         alternating between consecutive calls (OneShotAllReduce)."""
         if self.tp == 1:
             return x
-        if self.one_shot is not None and self.one_shot.fits(x):
-            return self.one_shot(x, slot)
+        one_shot = self.one_shot
+        if one_shot is not None and one_shot.fits(x):
+            return one_shot(x, slot)
         dist.all_reduce(x)
         return x
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor, slot: int) -> tuple[Tensor, Tensor]:
         """norm(self(x, slot), weight, eps, residual): (RMSNorm(h) * weight, h) for h = the sum of x over ranks +
         residual, both [..., H]."""
-        if self.tp > 1 and self.one_shot is not None and self.one_shot.fits(x) and residual.is_contiguous():
-            return self.one_shot.rms_norm(x, weight, eps, residual, slot)
+        one_shot = self.one_shot if self.tp > 1 else None
+        if one_shot is not None and one_shot.fits(x) and one_shot.takes_residual(x, residual):
+            return one_shot.rms_norm(x, weight, eps, residual, slot)
         return self.norm(self(x, slot), weight, eps, residual=residual)

@@ -55,8 +55,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.con
 # outputs: the best of scripts/gpu_gemv_tune.py (in-graph sweep, PDL + prefetch launch as the engine runs it) for
 # the Qwen-7B shapes. H200 (2026-12-01): 4 warps; 512-code K tiles for wide outputs (qkv 26.3 us, gate_up 45.1,
 # lm_head 292.5: 3.8-4.3 TB/s) and 1 KiB ones for narrow (dense 9.8, c_proj 22.4); medium is tensor parallel 2's
-# qkv (N 6144: 15.8 -> 14.0 us with 16-row blocks, `--tp 2`); the H100 table (2026-11-25) measured 5-18% slower
-# there. The H100 has no medium row of its own (its wide one).
+# qkv (N 6144: 15.8 -> 14.0 us with 16-row blocks, `--tp 2`), and also covers shapes not measured with it (qwen-1.8b's
+# qkv 6144, qwen-14b's dense and c_proj 5120, tensor parallel 4's gate_up 5504); the H100 table (2026-11-25)
+# measured 5-18% slower there. The H100 has no medium row of its own (its wide one).
 _CONFIGS = {
     "H200": ((16, 1024, 4, 3), (16, 512, 4, 3), (8, 512, 4, 3)),
     "H100": ((16, 1024, 8, 3), (8, 1024, 8, 3), (8, 1024, 8, 3)),

@@ -80,7 +80,7 @@ class Kernels:
 
     def __init__(self, triton: bool, tp: int = 1, device: torch.device | None = None):
         from qwen_trtllm import kernels as k
-        from qwen_trtllm.kernels.all_reduce import AllReduce, one_shot_all_reduce
+        from qwen_trtllm.kernels.all_reduce import AllReduce
 
         self.triton = triton
         pick = lambda name: getattr(k, name if triton else name + "_reference")
@@ -90,7 +90,7 @@ class Kernels:
             pick("paged_prefill_attention")
         # the tensor-parallel sum (NCCL, gloo on CPU), with Triton the one-shot kernel for decode-sized tensors,
         # fused there with the residual add + RMSNorm after it (all_reduce.rms_norm)
-        self.all_reduce = AllReduce(tp, one_shot_all_reduce(device) if triton and tp > 1 and device else None,
+        self.all_reduce = AllReduce(tp, device if triton and device is not None and device.type == "cuda" else None,
                                     self.rms_norm)
 
     def linear(self, layer: nn.Module, x: Tensor, gated: bool = False) -> Tensor:
@@ -189,8 +189,9 @@ class QWen(nn.Module):
     def forward(self, input_ids: Tensor, meta: AttentionMetadata) -> Tensor:
         """input_ids [N] -> logits [S, vocab] (float32) at meta.logits_indices. Each residual add is fused into
         the next RMSNorm: rms_norm(x, w, eps, residual) returns (norm(x + residual) * w, x + residual), and with
-        tensor parallelism the sum of the ranks' partial outputs comes first (all_reduce.rms_norm); captured
-        attention / mlp outputs are this rank's partials there."""
+        tensor parallelism the sum of the ranks' partial outputs comes first (all_reduce.rms_norm). Captured
+        attention / mlp outputs are the sums at tp 1 only (at tp > 1 partials, or sums where NCCL reduced them in
+        place; compare_layers runs tp 1)."""
         ops, cap = self.ops, meta.capture
         residual = self.embed(input_ids)
         if cap is not None:
