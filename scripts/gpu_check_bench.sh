@@ -189,12 +189,12 @@ EOF
 
 cmd_decode() {
   model_args "$@"
-  say "benchmark.py ${MODEL_FLAGS[*]} $*${TP:+ (TP=$TP: torchrun, one rank per GPU)}"
-  local launch=("$PY") name=decode
   if ! [[ ${TP:-1} =~ ^[1-9][0-9]*$ ]]; then
     echo "error: TP=${TP} is not a number of ranks: set TP=2 (or 4, 8) or unset it" >&2
     return 2
   fi
+  say "benchmark.py ${MODEL_FLAGS[*]} $*${TP:+ (TP=$TP: torchrun, one rank per GPU)}"
+  local launch=("$PY") name=decode
   if [ "${TP:-1}" -gt 1 ]; then  # tensor parallel: one rank per GPU under torchrun
     launch=("$PY" -m torch.distributed.run --nproc-per-node "$TP" --master-port "${MASTER_PORT:-29533}")
     name=decode_tp$TP

@@ -21,6 +21,7 @@ from qwen_trtllm.kernels.all_reduce import (
     BLOCK,
     MAX_PROGRAMS,
     AllReduce,
+    OneShotAllReduce,
     _one_shot_all_reduce_kernel,
     _one_shot_all_reduce_rms_norm_kernel,
 )
@@ -113,6 +114,48 @@ def test_one_shot_rms_norm_kernel_against_simulated_peers(world, rank, dtype, ro
 def test_all_reduce_is_the_identity_at_tp1():
     x = torch.randn(3, 8)
     assert AllReduce(1)(x, slot=0) is x
+
+
+def _stub(max_bytes: int = 1 << 12) -> OneShotAllReduce:
+    """A OneShotAllReduce without symmetric memory (its checks run before any launch)."""
+    o = object.__new__(OneShotAllReduce)
+    o.world, o.rank, o.max_bytes, o.max_programs = 2, 0, max_bytes, MAX_PROGRAMS
+    o._peers = {dt: [torch.zeros(2 * max_bytes, dtype=torch.uint8).view(dt)] * 2 for dt in DTYPES}
+    return o
+
+
+def test_one_shot_refusals():
+    o, x = _stub(), torch.zeros(2, 64, dtype=torch.float16)
+    for bad in (torch.zeros(2, 2048, dtype=torch.float16), x.t(), x.int(), torch.zeros(3, dtype=torch.float16)):
+        assert not o.fits(bad)  # too big, not contiguous, not float, not a multiple of 16 bytes
+        with pytest.raises(ValueError, match="one-shot all-reduce takes contiguous"):
+            o(bad, 0)
+    with pytest.raises(ValueError, match="slot must be 0 or 1"):
+        o(x, 2)
+    w = torch.ones(64, dtype=torch.float16)
+    for residual in (torch.zeros(2, 64), torch.zeros(1, 64, dtype=torch.float16), torch.zeros(64, 2).half().t()):
+        assert not o.takes_residual(x, residual)
+        with pytest.raises(ValueError, match="must be contiguous and match x"):
+            o.rms_norm(x, w, 1e-6, residual, 0)
+    with pytest.raises(ValueError, match=r"weight \(32,\) must be contiguous of shape \(64,\)"):
+        o.rms_norm(x, w[:32], 1e-6, torch.zeros_like(x), 0)
+
+
+def test_one_shot_is_set_up_at_the_first_all_reduce_not_at_load(monkeypatch):
+    from qwen_trtllm.kernels import all_reduce
+    from qwen_trtllm.models.qwen.model import Kernels
+
+    calls = []
+    monkeypatch.setattr(all_reduce, "one_shot_all_reduce", lambda device: calls.append(device))
+    ops = Kernels(triton=True, tp=2, device=torch.device("cuda", 0))  # what loading an engine makes
+    assert calls == []  # no collective while the ranks may still disagree on load errors
+    assert ops.all_reduce.one_shot is None and ops.all_reduce.one_shot is None
+    assert calls == [torch.device("cuda", 0)]  # once
+    late = Kernels(triton=True, tp=2, device=torch.device("cuda", 0)).all_reduce
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="outside CUDA-graph capture first"):
+        _ = late.one_shot
 
 
 def test_bad_all_reduce_strategy_is_refused(monkeypatch):

@@ -2,6 +2,7 @@
 
 python3 examples/qwen/benchmark.py --model qwen-7b --batch_size 1,8,64 --input_output_len "128,128;2048,128" \
     --dtype float16 --compare_hf
+torchrun --nproc-per-node 2 examples/qwen/benchmark.py --model qwen-7b --batch_size 1,64   # tensor parallel 2
 """
 
 import json
@@ -48,7 +49,8 @@ def main() -> int:
                    "(default: 128)")
     p.add_argument("--quantize_lm_head", action="store_true", help="--quant rows also quantise the lm_head")
     p.add_argument("--runs", type=int, default=3, help="timed runs per row (the median is reported)")
-    p.add_argument("--compare_hf", action="store_true", help="also time Hugging Face eager on the same weights")
+    p.add_argument("--compare_hf", action="store_true", help="also time Hugging Face eager on the same weights "
+                   "(one rank only)")
     p.add_argument("--hf_batch_size", default=None, help="batch sizes for --compare_hf (eager is slow; default: 1,8)")
     p.add_argument("--json_output", default=None, help="write the rows here as JSON")
     args = p.parse_args()

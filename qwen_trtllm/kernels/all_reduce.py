@@ -41,6 +41,8 @@ from qwen_trtllm.logger import LOGGER
 # 8 KB 10.5 -> 5.9, 128 KB 12.1 -> 6.8, 512 KB 15.5 -> 7.8, 1 MB 19.4 -> 9.7 with 128 programs of 2048-element
 # chunks (32 programs of 1024: 1 MB 24.2, slower than NCCL: too few loads in flight over NVLink). In the model
 # (tp 2 decode) only the 128 KB threshold with 32 x 1024 was measured: batch 1 3.43 -> 3.23-3.27 ms (docs/PERF.md).
+# 63 of the model's 64 all-reduces per step run the fused kernel (a program per row), whose time at 17-128 rows
+# was not measured: `gpu_all_reduce_bench.py --fused` times it.
 MAX_BYTES = 1 << 20  # per slot: up to 128 rows of hidden 4096 in fp16; NCCL above (prefill)
 MAX_PROGRAMS = 128  # programs per all-reduce (each loops over its chunks), fewer where signal pads are small
 BLOCK = 2048  # elements per chunk: 4 KB of fp16, 16 per thread at 4 warps
@@ -233,8 +235,9 @@ def one_shot_all_reduce(device: torch.device) -> OneShotAllReduce | None:
         if _all_ranks(strategy == "auto", device):
             try:
                 one_shot = OneShotAllReduce(dist.group.WORLD, device)
-            except (RuntimeError, ImportError) as e:
-                LOGGER.warning(f"one-shot all-reduce unavailable ({e}): NCCL does every all-reduce")
+            except Exception as e:  # any failure: this rank says no, and the ranks agree on it below
+                LOGGER.warning(f"one-shot all-reduce unavailable ({type(e).__name__}: {e}): NCCL does every "
+                               "all-reduce")
             if not _all_ranks(one_shot is not None, device):
                 one_shot = None
         _ONE_SHOT[device] = one_shot
@@ -263,7 +266,7 @@ class AllReduce:
         """The one-shot all-reduce, set up on first use (collective); None where NCCL does every all-reduce.
         Raises RuntimeError when first used inside CUDA-graph capture."""
         if self._device is not None:
-            if torch.cuda.is_current_stream_capturing():
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("run a forward outside CUDA-graph capture first: the one-shot all-reduce is set "
                                    "up at the first all-reduce")
             self._one_shot, self._device = one_shot_all_reduce(self._device), None
