@@ -14,7 +14,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.distributed as dist
 
 from qwen_trtllm.builder.build import runtime_weights_from_hf
 from qwen_trtllm.builder.engine_format import DTYPES, BuildConfig, QuantizationConfig
@@ -22,6 +21,7 @@ from qwen_trtllm.checkpoint.random_checkpoint import PRESETS, random_tensor
 from qwen_trtllm.config import QWenConfig
 from qwen_trtllm.dtypes import dtype_name
 from qwen_trtllm.models.qwen.weights import engine_to_qwen2, hf_shapes
+from qwen_trtllm.runtime.distributed import min_over_ranks
 from qwen_trtllm.runtime.engine import Engine, check_kv_cache_supported, model_skeleton, use_triton_kernels
 from qwen_trtllm.runtime.executor import ExecutorConfig
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig, KVCacheManager
@@ -200,11 +200,7 @@ def fits(engine: Engine, batch: int, seq_len: int, workspace: int = 4 << 30) -> 
     rank of a tensor-parallel engine (a collective there: the ranks must run the same rows)."""
     free, _ = torch.cuda.mem_get_info(engine.device)
     ok = kv_cache_bytes(engine, batch, seq_len) + workspace < free
-    if engine.world_size > 1:
-        t = torch.tensor([int(ok)], device=engine.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        ok = bool(t.item())
-    return ok
+    return bool(min_over_ranks(int(ok), engine.device)) if engine.world_size > 1 else ok
 
 
 def hf_model_sharing_weights(engine: Engine):

@@ -150,8 +150,9 @@ class OneShotAllReduce:
         nbytes = x.numel() * x.element_size()
         return x.dtype in self._peers and x.is_contiguous() and nbytes <= self.max_bytes and nbytes % 16 == 0
 
-    def _check(self, x: Tensor, slot: int) -> list[Tensor]:
-        """The buffers' pointer arguments for x: this rank's, then b0..b7 (unused ones repeat rank 0's)."""
+    def _check(self, x: Tensor, slot: int) -> tuple[list[Tensor], int]:
+        """The buffers' pointer arguments for x (this rank's, then b0..b7; unused ones repeat rank 0's) and the
+        slot's offset in them, in elements."""
         if not self.fits(x):
             raise ValueError(f"one-shot all-reduce takes contiguous float16/bfloat16/float32 tensors of a multiple "
                              f"of 16 bytes up to {self.max_bytes}, got {tuple(x.shape)} {x.dtype}: use NCCL "
@@ -159,18 +160,17 @@ class OneShotAllReduce:
         if slot not in (0, 1):
             raise ValueError(f"slot must be 0 or 1, got {slot}")
         peers = self._peers[x.dtype]
-        return [peers[self.rank], *peers, *[peers[0]] * (8 - self.world)]
+        return [peers[self.rank], *peers, *[peers[0]] * (8 - self.world)], slot * self.max_bytes // x.element_size()
 
     def __call__(self, x: Tensor, slot: int) -> Tensor:
         """The sum of x over the ranks, a new tensor like x (summed in float32, rounded to x.dtype).
         slot: 0 or 1, alternating between consecutive calls (the module docstring says why). Raises ValueError
         for a tensor that `fits` refuses."""
-        buffers = self._check(x, slot)
+        buffers, offset = self._check(x, slot)
         out = torch.empty_like(x)
         n = x.numel()
         _one_shot_all_reduce_kernel[(min(triton.cdiv(n, BLOCK), self.max_programs),)](
-            x, out, *buffers, self.signal_pad_ptrs, slot * self.max_bytes // x.element_size(), n, self.rank,
-            WORLD=self.world, BLOCK=BLOCK, num_warps=4)
+            x, out, *buffers, self.signal_pad_ptrs, offset, n, self.rank, WORLD=self.world, BLOCK=BLOCK, num_warps=4)
         return out
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor, slot: int) -> tuple[Tensor, Tensor]:
@@ -178,7 +178,7 @@ class OneShotAllReduce:
         h) for h = sum over ranks of x [M, N] + residual [M, N] (contiguous, x's dtype); weight [N] contiguous.
         Raises ValueError where `fits` refuses x, for a residual of another shape, dtype or layout, or a weight
         that is not [N] and contiguous."""
-        buffers = self._check(x, slot)
+        buffers, offset = self._check(x, slot)
         N = x.shape[-1]
         if not self.takes_residual(x, residual):
             raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must be contiguous and match x "
@@ -190,8 +190,8 @@ class OneShotAllReduce:
         h = torch.empty_like(x)
         block = triton.next_power_of_2(N)
         _one_shot_all_reduce_rms_norm_kernel[(min(M, self.max_programs),)](
-            x, residual, weight, out, h, *buffers, self.signal_pad_ptrs, slot * self.max_bytes // x.element_size(),
-            M, N, eps, self.rank, WORLD=self.world, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+            x, residual, weight, out, h, *buffers, self.signal_pad_ptrs, offset, M, N, eps, self.rank,
+            WORLD=self.world, BLOCK=block, num_warps=4 if block <= 1024 else 8)
         return out, h
 
     @staticmethod
@@ -201,13 +201,6 @@ class OneShotAllReduce:
 
 _ONE_SHOT: dict[torch.device, OneShotAllReduce | None] = {}
 STRATEGIES = ("auto", "nccl")  # QWEN_TRTLLM_ALL_REDUCE
-
-
-def _all_ranks(flag: bool, device: torch.device) -> bool:
-    """Whether `flag` holds on every rank (a collective)."""
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def all_reduce_strategy() -> str:
@@ -231,14 +224,16 @@ def one_shot_all_reduce(device: torch.device) -> OneShotAllReduce | None:
             dist.get_backend() != "nccl":
         return None
     if device not in _ONE_SHOT:
+        from qwen_trtllm.runtime.distributed import min_over_ranks  # here: the runtime package loads the model
+
         one_shot = None
-        if _all_ranks(strategy == "auto", device):
+        if min_over_ranks(strategy == "auto", device):
             try:
                 one_shot = OneShotAllReduce(dist.group.WORLD, device)
             except Exception as e:  # any failure: this rank says no, and the ranks agree on it below
                 LOGGER.warning(f"one-shot all-reduce unavailable ({type(e).__name__}: {e}): NCCL does every "
                                "all-reduce")
-            if not _all_ranks(one_shot is not None, device):
+            if not min_over_ranks(one_shot is not None, device):
                 one_shot = None
         _ONE_SHOT[device] = one_shot
     return _ONE_SHOT[device]
@@ -286,7 +281,7 @@ class AllReduce:
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, residual: Tensor, slot: int) -> tuple[Tensor, Tensor]:
         """norm(self(x, slot), weight, eps, residual): (RMSNorm(h) * weight, h) for h = the sum of x over ranks +
         residual, both [..., H]."""
-        one_shot = self.one_shot if self.tp > 1 else None
+        one_shot = self.one_shot  # None at tp 1
         if one_shot is not None and one_shot.fits(x) and one_shot.takes_residual(x, residual):
             return one_shot.rms_norm(x, weight, eps, residual, slot)
         return self.norm(self(x, slot), weight, eps, residual=residual)

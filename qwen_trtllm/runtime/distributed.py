@@ -37,6 +37,16 @@ def init_distributed(timeout_s: float = 120.0) -> tuple[int, int]:
     return rank, world
 
 
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest `value` over the ranks of the default process group (a collective; tensors on `device`,
+    the process group's device); `value` itself without a process group."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def all_ranks_agree(error: str | None) -> None:
     """Raise the first rank's error on every rank if any rank had one (a no-op without a process group)."""
     if not dist.is_initialized():

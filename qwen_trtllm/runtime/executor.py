@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from qwen_trtllm import QWenError
 from qwen_trtllm.models.qwen.model import sequence_ntk_alpha
+from qwen_trtllm.runtime.distributed import min_over_ranks
 from qwen_trtllm.runtime.engine import Engine, use_triton_kernels
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig, KVCacheManager, pool_size_in_blocks
 from qwen_trtllm.runtime.model_runner import BeamGroup, ModelRunner, StepOutput, StepPlan
@@ -72,9 +73,7 @@ class Executor:
         default_tokens = self.max_batch_size * -(-self.max_seq_len // kv.tokens_per_block) * kv.tokens_per_block
         blocks = pool_size_in_blocks(kv, per_block, engine.device, default_tokens, reserve=self.activation_bytes())
         if engine.world_size > 1:  # every rank must hold the same pool: the smallest
-            t = torch.tensor([blocks], device=engine.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            blocks = int(t.item())
+            blocks = min_over_ranks(blocks, engine.device)
         self.kv_cache = KVCacheManager(cfg.num_hidden_layers, heads, cfg.kv_channels, blocks, kv.tokens_per_block,
                                        engine.dtype, engine.device, use_triton_kernels(build, engine.device),
                                        build.kv_cache_dtype)
