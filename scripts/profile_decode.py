@@ -27,17 +27,25 @@ ABLATIONS = ("rms_norm", "attention", "one_split", "rotary")
 
 
 def ablate(ops, names: list[str]) -> None:
-    """Replace the named kernels of a model's Kernels with shape-correct no-ops (launch nothing)."""
+    """Replace the named kernels of a model's Kernels with shape-correct no-ops (launch nothing). Decode steps run
+    rotary + KV write + attention as one kernel (rotary_paged_decode_attention): attention drops all of it, rotary
+    only its rotary and KV write (paged_decode_attention on the unrotated q)."""
+    from qwen_trtllm.kernels import paged_decode_attention
+
+    def q_of(qkv, heads, head_dim):
+        return qkv[:, :heads * head_dim].unflatten(1, (heads, head_dim))
+
     for name in names:
         if name == "rms_norm":
             ops.rms_norm = lambda x, w, eps, residual=None: (x, x if residual is None else residual)
         elif name == "attention":
-            ops.decode_attention = lambda q, *args, **kw: q
+            ops.rotary_decode_attention = lambda qkv, f, p, s, kc, vc, bt, lens, heads, head_dim, *a, **kw: \
+                q_of(qkv, heads, head_dim)
         elif name == "one_split":  # real numbers: single-pass decode attention (no merge kernel)
-            ops.decode_attention = functools.partial(ops.decode_attention, num_splits=1)
+            ops.rotary_decode_attention = functools.partial(ops.rotary_decode_attention, num_splits=1)
         elif name == "rotary":
-            ops.rotary_kv_write = lambda qkv, inv_freq, pos, slots, kc, vc, heads, head_dim, *args, **kw: \
-                qkv[:, :heads * head_dim].view(qkv.shape[0], heads, head_dim)
+            ops.rotary_decode_attention = lambda qkv, f, p, s, kc, vc, bt, lens, heads, head_dim, rd, scale, logn, \
+                **kw: paged_decode_attention(q_of(qkv, heads, head_dim), kc, vc, bt, lens, scale, **kw)
 
 
 def main() -> None:

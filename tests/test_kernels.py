@@ -25,6 +25,8 @@ from qwen_trtllm.kernels import (
     rms_norm_reference,
     rotary_kv_write,
     rotary_kv_write_reference,
+    rotary_paged_decode_attention,
+    rotary_paged_decode_attention_reference,
     silu_mul,
     silu_mul_reference,
     triton_available,
@@ -256,6 +258,59 @@ def test_paged_decode_attention_head_dim_128_and_empty(num_splits):
     ref = paged_decode_attention_reference(q, kc, vc, tables, lens, 0.1)
     assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(ref[1], torch.zeros_like(ref[1]))
     assert rel_err(out, ref) < 1e-5
+
+
+def _rotary_decode_case(dtype, lens, H, D, block_size, rotary_dim, gen, cache_dtype=None):
+    """A decode step's operands on _paged_kv's caches: qkv, inv_freq (one row per sequence), the newest key's
+    positions (seq_lens - 1) and slots; cache_dtype int8 / fp8: the caches quantised, with their scales."""
+    kc, vc, tables, *_ = _paged_kv(dtype, lens, H, D, block_size, gen)
+    scales = {}
+    if cache_dtype is not None:
+        from qwen_trtllm.kernels import quantize_kv_reference
+
+        (kc, ks), (vc, vs) = (quantize_kv_reference(c.float().nan_to_num(), cache_dtype) for c in (kc, vc))
+        scales = {"k_scale": ks, "v_scale": vs}
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    positions = (seq_lens - 1).clamp_min(0).long()
+    slots = _slots(tables, torch.arange(len(lens), device=DEVICE), positions, block_size)
+    qkv = randn(len(lens), 3 * H * D, gen=gen, dtype=dtype)
+    inv_freq = _inv_freq([1.0 + i for i in range(len(lens))], rotary_dim)
+    return qkv, inv_freq, positions, slots, kc, vc, tables, seq_lens, scales
+
+
+def assert_rotary_decode_equals_two_kernels(dtype, lens, H, D, block_size, rotary_dim, logn, num_splits, seed,
+                                            cache_dtype=None):
+    """rotary_paged_decode_attention against rotary_kv_write then paged_decode_attention on copies of the same
+    caches: the same output, caches and scales to the bit; and against the reference per sequence."""
+    g = torch.Generator().manual_seed(seed)
+    qkv, freq, pos, slots, kc, vc, tables, lens_t, scales = _rotary_decode_case(dtype, lens, H, D, block_size,
+                                                                                 rotary_dim, g, cache_dtype)
+    two = {"k_cache": kc.clone(), "v_cache": vc.clone(), **{k: v.clone() for k, v in scales.items()}}
+    one = {"k_cache": kc.clone(), "v_cache": vc.clone(), **{k: v.clone() for k, v in scales.items()}}
+    sc = {k: two[k] for k in scales}
+    q = rotary_kv_write(qkv, freq, pos, slots, two["k_cache"], two["v_cache"], H, D, rotary_dim, logn, **sc)
+    want = paged_decode_attention(q, two["k_cache"], two["v_cache"], tables, lens_t, 0.17, num_splits, **sc)
+    got = rotary_paged_decode_attention(qkv, freq, pos, slots, one["k_cache"], one["v_cache"], tables, lens_t, H, D,
+                                        rotary_dim, 0.17, logn, num_splits, **{k: one[k] for k in scales})
+    assert got.shape == (len(lens), H, D) and got.dtype == dtype
+    assert torch.equal(got, want)
+    for name in two:
+        torch.testing.assert_close(one[name], two[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    ref = rotary_paged_decode_attention_reference(qkv, freq, pos, slots, kc, vc, tables, lens_t, H, D, rotary_dim,
+                                                  0.17, logn, **scales)  # q rounded to its dtype, as the kernel
+    # the interpreter truncates q to bf16 where the reference rounds it (both kernels alike: checked bitwise above)
+    tol = TOL[dtype] if dtype != torch.bfloat16 or ROUNDS_BF16 else 2 * TOL[dtype]
+    for b in range(len(lens)):
+        assert rel_err(got[b], ref[b]) < tol, f"sequence {b}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN in unwritten slots
+def test_rotary_paged_decode_attention_equals_rotary_then_attention(dtype, num_splits):
+    """Rotary inside the decode kernel (one launch): lengths 1, 64, 200 and 37 put the newest key in the first, a
+    middle and the last split; partial rotary (24 of 32 dims); logn past seq_length 40."""
+    assert_rotary_decode_equals_two_kernels(dtype, [1, 64, 200, 37], 2, 32, 16, 24, 40, num_splits, 31 + num_splits)
 
 
 def test_paged_decode_reference_matches_dense():

@@ -145,6 +145,16 @@ def _true_kv(qkv, positions, heads, head_dim, seq_index=None):
 
 @needs_triton
 @pytest.mark.parametrize("cache_dtype", formats())
+def test_rotary_decode_attention_on_quantised_caches(cache_dtype):
+    """Rotary inside the decode kernel quantises the newest k and v as rotary_kv_write does: the same codes, scales
+    and output to the bit as rotary_kv_write then paged_decode_attention, and the reference's output."""
+    from test_kernels import assert_rotary_decode_equals_two_kernels
+
+    assert_rotary_decode_equals_two_kernels(torch.float16, [1, 64, 200, 37], 2, 32, 16, 32, 0, 4, 7, cache_dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", formats())
 @pytest.mark.parametrize("dtype,seq_index", [pytest.param(torch.float32, False, id="decode-fp32"),
                                               pytest.param(torch.float16, True, id="prefill-fp16")])
 def test_rotary_kv_write_quantised_equals_reference(cache_dtype, dtype, seq_index):

@@ -234,6 +234,88 @@ def _plans(engine, llm):
     return runner, mixed, tables
 
 
+def test_no_garbage_collection_inside_a_graph_capture(monkeypatch):
+    """A dead reference cycle holding CUDA graphs, collected while another graph captures, destroys them mid-capture:
+    CUDA refuses that and invalidates the capture. _capture collects before it and holds the collector off until the
+    capture has ended, also when the captured function raises (the CUDA calls faked: this runs on CPU)."""
+    import contextlib
+    import gc
+
+    from qwen_trtllm.runtime import model_runner as mr
+
+    events: list[tuple[str, bool]] = []
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    class FakeCapture:
+        def __init__(self, graph, pool=None):
+            pass
+
+        def __enter__(self):
+            events.append(("capture", gc.isenabled()))
+
+        def __exit__(self, *exc):
+            events.append(("end", gc.isenabled()))
+
+    monkeypatch.setattr(mr.torch.cuda, "Stream", lambda device: FakeStream())
+    monkeypatch.setattr(mr.torch.cuda, "current_stream", lambda: FakeStream())
+    monkeypatch.setattr(mr.torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(mr.torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(mr.torch.cuda, "graph", FakeCapture)
+    monkeypatch.setattr(mr.gc, "collect", lambda: events.append(("collect", gc.isenabled())) or 0)
+    _, out = mr._capture(lambda x: events.append(("fn", gc.isenabled())) or x + 1, (1,), "cuda", None)
+    assert out == 2 and gc.isenabled()
+    assert events == [("fn", True), ("fn", True), ("collect", True), ("capture", False), ("fn", False), ("end", False)]
+
+    def fails_in_capture(x):
+        if events and events[-1][0] == "capture":
+            raise RuntimeError("captured op failed")
+        events.append(("fn", gc.isenabled()))
+
+    events.clear()
+    with pytest.raises(RuntimeError, match="captured op failed"):
+        mr._capture(fails_in_capture, (1,), "cuda", None)
+    assert gc.isenabled() and events[-1] == ("end", False)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
+def test_a_graph_dying_in_a_dead_cycle_during_a_capture_does_not_break_it():
+    """An older CUDA graph whose last reference becomes a dead cycle during a capture, with a collector that would
+    run at nearly every allocation: the capture succeeds (no collection inside it) and its replay is right; the old
+    graph is collected afterwards."""
+    import gc
+
+    from qwen_trtllm.runtime.model_runner import _capture
+
+    x = torch.zeros(4, device=DEVICE)
+    old = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(old):
+        x.add_(1.0)
+    holder, calls = [old], []
+    del old
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t)
+        if len(calls) == 3:  # the captured call (after two warm-ups): the old graph's last reference dies in a cycle
+            cycle = {"graph": holder.pop()}
+            cycle["self"] = cycle
+            del cycle
+            _ = [[] for _ in range(100)]  # allocations that trigger the collector when it is on
+        return t * 2.0
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        graph, out = _capture(fn, (x,), torch.device(DEVICE), None)
+    finally:
+        gc.set_threshold(*threshold)
+    x.fill_(3.0)
+    graph.replay()
+    assert torch.equal(out, torch.full_like(x, 6.0)) and not holder
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_model_runner_mixed_prefill_and_decode(engine, graphs):
     if graphs and DEVICE != "cuda":

@@ -1,7 +1,8 @@
 """Triton kernels for the decode step, each next to its plain PyTorch reference (`<name>_reference`).
 
 rms_norm (fused residual add + RMSNorm), rotary_kv_write (rotary + logn + paged KV-cache write),
-paged_decode_attention (flash decoding over the paged KV cache), paged_prefill_attention (causal flash attention of
+paged_decode_attention (flash decoding over the paged KV cache; rotary_paged_decode_attention: with rotary_kv_write
+inside it, for decode-only steps), paged_prefill_attention (causal flash attention of
 packed prefill chunks over the paged KV cache), silu_mul (SwiGLU) and copy_kv_blocks (beam search's copy-on-write
 of KV cache blocks). The KV-cache kernels also take int8 / fp8 caches with per-(token, head) scales (kv_quant.py:
 quantize_kv_reference / dequantize_kv_reference define the format). The wrappers launch with grids computed from
@@ -26,6 +27,8 @@ try:
         paged_decode_attention_reference,
         paged_prefill_attention,
         paged_prefill_attention_reference,
+        rotary_paged_decode_attention,
+        rotary_paged_decode_attention_reference,
     )
     from qwen_trtllm.kernels.rmsnorm import rms_norm, rms_norm_reference
     from qwen_trtllm.kernels.rotary import (
@@ -43,6 +46,7 @@ __all__ = ["apply_rotary_reference", "copy_kv_blocks", "copy_kv_blocks_reference
            "dequantize_kv_reference", "interpreted", "logn_scale_reference", "paged_decode_attention",
            "paged_decode_attention_reference", "paged_prefill_attention", "paged_prefill_attention_reference",
            "quantize_kv_reference", "rms_norm", "rms_norm_reference", "rotary_kv_write", "rotary_kv_write_reference",
+           "rotary_paged_decode_attention", "rotary_paged_decode_attention_reference",
            "silu_mul", "silu_mul_reference", "triton_available"]
 
 

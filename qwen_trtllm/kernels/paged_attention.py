@@ -17,7 +17,7 @@ float32 (base-2 exponent), so the loop has no reduction across the key axis; the
 contiguous keys; whole-block tiles with a per-tile softmax reached 2.7-3.7 TB/s.) The split writes the normalised
 partial output and its log-sum-exp to a float32 workspace; a split with no keys writes the neutral partial
 (lse = -inf, output 0). Stage 2 (grid B x heads) merges the splits with the log-sum-exp rule. With one split stage
-1 writes the output.
+1 writes the output. rotary_paged_decode_attention runs rotary_kv_write's work inside stage 1 (its docstring).
 
 Prefill (grid P * ceil(max_query_len / BLOCK_M) x heads): a program takes BLOCK_M query rows of one sequence and
 runs the flash-attention loop (tl.dot, online softmax in float32, exp2) over the blocks of that sequence: first
@@ -33,13 +33,16 @@ before the P.V product. The references dequantise the gathered cache.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from qwen_trtllm.kernels.kv_quant import check_scales, is_quantized
+from qwen_trtllm.kernels.kv_quant import QMAX, check_scales, is_quantized, native_rint
 from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start, sm_count
+from qwen_trtllm.kernels.rotary import rotary_kv_write_reference, rotary_q_kv_write
 
 _LOG2E = 1.4426950408889634
 _STAGE_BYTES = 160 * 1024  # shared memory the prefill K/V pipeline may take (an H200 SM has 227 KiB)
@@ -75,11 +78,15 @@ KEY_TILE = 16  # keys per decode tile (a slice of one block): measured best on a
 
 
 @triton.jit
-def _paged_decode_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, qk_scale,
-                               max_seq, stride_qb, stride_qh, stride_bt, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, s_sb,
-                               s_sh, N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _paged_decode_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, freq_ptr,
+                               pos_ptr, slot_ptr, qk_scale, max_seq, stride_qb, stride_qh, stride_bt, stride_freq,
+                               k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, s_sb, s_sh, logn_len, log_logn_len,
+                               N_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, DIRECT: tl.constexpr,
-                               NUM_STAGES: tl.constexpr, QUANT: tl.constexpr = False, PDL: tl.constexpr = False):
+                               NUM_STAGES: tl.constexpr, QUANT: tl.constexpr = False,
+                               ROTARY: tl.constexpr = False, ROT_DIM: tl.constexpr = 0, USE_LOGN: tl.constexpr = False,
+                               QMAX: tl.constexpr = 127.0, FP8: tl.constexpr = False,
+                               NATIVE_RINT: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_start(PDL, EARLY=True)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -91,7 +98,16 @@ def _paged_decode_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens
 
     d = tl.arange(0, HEAD_DIM)
     offs = tl.arange(0, TILE)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * qk_scale  # log2 units
+    if ROTARY:  # q_ptr: the fused QKV rows. The split holding the newest key writes its k and v first
+        owner = s == tl.maximum(seq_len - 1, 0) // tl.maximum(chunk, 1)
+        q = rotary_q_kv_write(q_ptr + b * stride_qb, freq_ptr + b * stride_freq, tl.load(pos_ptr + b).to(tl.int64),
+                              tl.load(slot_ptr + b).to(tl.int64), h, owner, k_ptr, v_ptr, ks_ptr, vs_ptr, k_sb, k_sh,
+                              k_ss, v_sb, v_sh, v_ss, s_sb, s_sh, logn_len, log_logn_len, N_HEADS, HEAD_DIM, ROT_DIM,
+                              BLOCK_SIZE, USE_LOGN, HEAD_DIM, QUANT, QMAX, FP8, NATIVE_RINT)
+        tl.debug_barrier()  # the newest k and v are in the cache before any thread of the program reads keys
+        q = q.to(tl.float32) * qk_scale  # log2 units
+    else:
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * qk_scale
     table = bt_ptr + b * stride_bt
     k_head = k_ptr + h * k_sh + offs[:, None] * k_ss + d[None, :]
     v_head = v_ptr + h * v_sh + offs[:, None] * v_ss + d[None, :]
@@ -190,8 +206,49 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     (AssertionError otherwise).
     """
     B, H, D = q.shape
+    assert q.stride(2) == 1
+    return _decode(q, q.stride(0), q.stride(1), H, D, k_cache, v_cache, block_tables, seq_lens, scale, num_splits,
+                   k_scale, v_scale)
+
+
+def rotary_paged_decode_attention(qkv: Tensor, inv_freq: Tensor, positions: Tensor, slot_mapping: Tensor,
+                                  k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                                  n_heads: int, head_dim: int, rotary_dim: int, scale: float, logn_seq_length: int = 0,
+                                  num_splits: int | None = None, k_scale: Tensor | None = None,
+                                  v_scale: Tensor | None = None) -> Tensor:
+    """rotary_kv_write then paged_decode_attention for decode tokens (token b = sequence b), in one launch, as
+    TensorRT-LLM's attention plugin applies rotary to the new token inside its decode kernel: every split program
+    rotates its head's q (and applies logn) itself, and the split that holds the newest key (position seq_lens[b] - 1)
+    first writes the rotated k and v at slot_mapping[b] (quantised for int8 / fp8 caches), so no q is written to
+    memory and no rotary kernel runs. Arguments as the two functions' (qkv [B, 3 * n_heads * head_dim], inv_freq
+    [>= B, rotary_dim // 2] one row per token, positions [B] = seq_lens - 1, slot_mapping [B]); the same caches
+    written and the same output to the bit as the two kernels. Returns [B, n_heads, head_dim] in qkv.dtype."""
+    B = qkv.shape[0]
+    assert qkv.dim() == 2 and qkv.shape[1] == 3 * n_heads * head_dim and qkv.stride(1) == 1
+    assert rotary_dim % 2 == 0 and 0 < rotary_dim <= head_dim
+    assert inv_freq.dim() == 2 and inv_freq.shape[0] >= B and inv_freq.shape[1] == rotary_dim // 2
+    assert inv_freq.dtype == torch.float32 and inv_freq.stride(1) == 1
+    assert positions.shape == (B,) and slot_mapping.shape == (B,) and positions.stride(0) == 1
+    assert slot_mapping.stride(0) == 1 and not positions.is_floating_point() and not slot_mapping.is_floating_point()
+    assert logn_seq_length == 0 or logn_seq_length > 1
+    logn = int(logn_seq_length)
+    rotary = dict(freq=inv_freq, positions=positions, slots=slot_mapping, stride_freq=inv_freq.stride(0),
+                  logn=(max(logn, 1), math.log(max(logn, 2))), ROTARY=True, ROT_DIM=rotary_dim, USE_LOGN=logn > 0,
+                  QMAX=QMAX.get(k_cache.dtype, 127.0), FP8=k_cache.dtype == torch.float8_e4m3fn,
+                  NATIVE_RINT=native_rint(qkv.device))
+    return _decode(qkv, qkv.stride(0), 0, n_heads, head_dim, k_cache, v_cache, block_tables, seq_lens, scale,
+                   num_splits, k_scale, v_scale, **rotary)
+
+
+def _decode(q: Tensor, stride_qb: int, stride_qh: int, H: int, D: int, k_cache: Tensor, v_cache: Tensor,
+            block_tables: Tensor, seq_lens: Tensor, scale: float, num_splits: int | None, k_scale: Tensor | None,
+            v_scale: Tensor | None, freq: Tensor | None = None, positions: Tensor | None = None,
+            slots: Tensor | None = None, stride_freq: int = 0, logn: tuple[int, float] = (1, 0.0),
+            **rotary) -> Tensor:
+    """The decode launch of both functions above; q: their q, or the QKV rows (rotary)."""
+    B = q.shape[0]
     block_size = _check_cache(k_cache, v_cache, H, D, k_scale, v_scale)
-    assert q.stride(2) == 1 and seq_lens.shape == (B,)
+    assert seq_lens.shape == (B,)
     assert block_tables.dim() == 2 and block_tables.shape[0] == B and block_tables.stride(1) == 1
     assert not block_tables.is_floating_point() and not seq_lens.is_floating_point()
     max_seq = block_tables.shape[1] * block_size
@@ -206,18 +263,34 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         lse_ws = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     pdl = pdl_enabled(q.device)
     ks, vs, s_sb, s_sh = _scale_args(k_cache, k_scale, v_scale)
+    unused = seq_lens  # pointer stand-ins without rotary
     _paged_decode_split_kernel[(B, H, splits)](
-        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, o_ws, lse_ws, scale * _LOG2E, max_seq, q.stride(0),
-        q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sb, s_sh, N_HEADS=H, NUM_SPLITS=splits,
-        HEAD_DIM=D, BLOCK_SIZE=block_size, TILE=KEY_TILE, DIRECT=splits == 1, NUM_STAGES=3,
-        QUANT=k_scale is not None, PDL=pdl, num_warps=2, launch_pdl=pdl)
+        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, o_ws, lse_ws, unused if freq is None else freq,
+        unused if positions is None else positions, unused if slots is None else slots, scale * _LOG2E, max_seq,
+        stride_qb, stride_qh, block_tables.stride(0), stride_freq, k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_sb, s_sh, *logn, N_HEADS=H,
+        NUM_SPLITS=splits, HEAD_DIM=D, BLOCK_SIZE=block_size, TILE=KEY_TILE, DIRECT=splits == 1, NUM_STAGES=3,
+        QUANT=k_scale is not None, PDL=pdl, num_warps=2, launch_pdl=pdl, **rotary)
     if splits > 1:
         block_s = triton.next_power_of_2(splits)
         _paged_decode_merge_kernel[(B, H)](o_ws, lse_ws, out, N_HEADS=H, NUM_SPLITS=splits, HEAD_DIM=D,
                                            BLOCK_S=block_s, PDL=pdl, num_warps=1 if block_s <= 8 else 4,
                                            launch_pdl=pdl)
     return out
+
+
+def rotary_paged_decode_attention_reference(qkv: Tensor, inv_freq: Tensor, positions: Tensor,
+                                            slot_mapping: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                            block_tables: Tensor, seq_lens: Tensor, n_heads: int, head_dim: int,
+                                            rotary_dim: int, scale: float, logn_seq_length: int = 0,
+                                            num_splits: int | None = None, k_scale: Tensor | None = None,
+                                            v_scale: Tensor | None = None) -> Tensor:
+    """Plain PyTorch rotary_paged_decode_attention: rotary_kv_write_reference, then paged_decode_attention_reference
+    (num_splits unused)."""
+    q = rotary_kv_write_reference(qkv, inv_freq, positions, slot_mapping, k_cache, v_cache, n_heads, head_dim,
+                                  rotary_dim, logn_seq_length, k_scale=k_scale, v_scale=v_scale)
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale=k_scale,
+                                            v_scale=v_scale)
 
 
 def _gather_blocks(cache: Tensor, blocks: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:

@@ -21,6 +21,53 @@ from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start
 
 
 @triton.jit
+def rotary_q_kv_write(row, freq_row, pos, slot, h, write_kv, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kc_sb, kc_sh, kc_ss,
+                      vc_sb, vc_sh, vc_ss, s_sb, s_sh, logn_len, log_logn_len, N_HEADS: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                      USE_LOGN: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+                      FP8: tl.constexpr, NATIVE_RINT: tl.constexpr):
+    """Head h of one token: its rotated (and logn-scaled) q [BLOCK_D] in the qkv dtype; when write_kv, its rotated
+    k and its v written to the caches at `slot` (quantised with their scales when QUANT). row: the token's qkv row,
+    freq_row: its sequence's inv_freq row, pos: its position (int64)."""
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    HALF: tl.constexpr = ROT_DIM // 2
+    d = tl.arange(0, BLOCK_D)
+    in_head = d < HEAD_DIM
+    rotated = d < ROT_DIM
+    first = d < HALF
+    partner = tl.where(first, d + HALF, d - HALF)  # out[j] = x[j] c - x[j+half] s; out[j+half] = x[j+half] c + x[j] s
+    freq = tl.load(freq_row + tl.where(first, d, d - HALF), mask=rotated, other=0.0)
+    angle = pos.to(tl.float32) * freq  # the float32 product PyTorch forms; tl.cos / tl.sin lower to libdevice
+    cos, sin = tl.cos(angle), tl.sin(angle)  # __nv_cosf / __nv_sinf on CUDA (full range reduction, ~1 ulp)
+    sin = tl.where(first, -sin, sin)
+
+    q_in = row + h * HEAD_DIM
+    q = tl.load(q_in + d, mask=in_head, other=0.0).to(tl.float32)
+    q_p = tl.load(q_in + partner, mask=rotated, other=0.0).to(tl.float32)
+    q = tl.where(rotated, q * cos + q_p * sin, q).to(row.dtype.element_ty)
+    if USE_LOGN:  # the model's order: rotate and round, then scale in float32 and round again
+        p1 = (pos + 1).to(tl.float32)
+        scale = tl.where(p1 > logn_len, tl.log(p1) / log_logn_len, 1.0)
+        q = (q.to(tl.float32) * scale).to(row.dtype.element_ty)
+
+    kv = in_head & write_kv
+    k_in = row + (N_HEADS + h) * HEAD_DIM
+    k = tl.load(k_in + d, mask=kv, other=0.0).to(tl.float32)
+    k_p = tl.load(k_in + partner, mask=rotated & write_kv, other=0.0).to(tl.float32)
+    k = tl.where(rotated, k * cos + k_p * sin, k)
+    v = tl.load(row + (2 * N_HEADS + h) * HEAD_DIM + d, mask=kv, other=0.0)
+    if QUANT:  # float32 k and v -> codes (values on the format's grid) + one scale each for this (token, head)
+        k, k_scale = quantize_vector(k, QMAX, FP8, NATIVE_RINT)
+        v, v_scale = quantize_vector(v.to(tl.float32), QMAX, FP8, NATIVE_RINT)
+        tl.store(ks_ptr + block * s_sb + h * s_sh + offset, k_scale, mask=write_kv)
+        tl.store(vs_ptr + block * s_sb + h * s_sh + offset, v_scale, mask=write_kv)
+    tl.store(kc_ptr + block * kc_sb + h * kc_sh + offset * kc_ss + d, k.to(kc_ptr.dtype.element_ty), mask=kv)
+    tl.store(vc_ptr + block * vc_sb + h * vc_sh + offset * vc_ss + d, v.to(vc_ptr.dtype.element_ty), mask=kv)
+    return q
+
+
+@triton.jit
 def _rotary_kv_kernel(qkv_ptr, freq_ptr, pos_ptr, slot_ptr, idx_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, q_ptr,
                       stride_qkv, stride_freq, stride_pos, stride_slot, stride_idx, kc_sb, kc_sh, kc_ss, vc_sb, vc_sh,
                       vc_ss, s_sb, s_sh, logn_len, log_logn_len, N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -33,43 +80,13 @@ def _rotary_kv_kernel(qkv_ptr, freq_ptr, pos_ptr, slot_ptr, idx_ptr, kc_ptr, vc_
     h = tl.program_id(1).to(tl.int64)
     s = tl.load(idx_ptr + b * stride_idx).to(tl.int64) if HAS_INDEX else b  # its sequence: inv_freq row
     slot = tl.load(slot_ptr + b * stride_slot).to(tl.int64)  # where its k and v go
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
-    HALF: tl.constexpr = ROT_DIM // 2
-    d = tl.arange(0, BLOCK_D)
-    in_head = d < HEAD_DIM
-    rotated = d < ROT_DIM
-    first = d < HALF
-    partner = tl.where(first, d + HALF, d - HALF)  # out[j] = x[j] c - x[j+half] s; out[j+half] = x[j+half] c + x[j] s
     pos = tl.load(pos_ptr + b * stride_pos).to(tl.int64)
-    freq = tl.load(freq_ptr + s * stride_freq + tl.where(first, d, d - HALF), mask=rotated, other=0.0)
-    angle = pos.to(tl.float32) * freq  # the float32 product PyTorch forms; tl.cos / tl.sin lower to libdevice
-    cos, sin = tl.cos(angle), tl.sin(angle)  # __nv_cosf / __nv_sinf on CUDA (full range reduction, ~1 ulp)
-    sin = tl.where(first, -sin, sin)
-
-    row = qkv_ptr + b * stride_qkv
-    q_in = row + h * HEAD_DIM
-    q = tl.load(q_in + d, mask=in_head, other=0.0).to(tl.float32)
-    q_p = tl.load(q_in + partner, mask=rotated, other=0.0).to(tl.float32)
-    q = tl.where(rotated, q * cos + q_p * sin, q).to(q_ptr.dtype.element_ty)
-    if USE_LOGN:  # the model's order: rotate and round, then scale in float32 and round again
-        p1 = (pos + 1).to(tl.float32)
-        scale = tl.where(p1 > logn_len, tl.log(p1) / log_logn_len, 1.0)
-        q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + (b * N_HEADS + h) * HEAD_DIM + d, q, mask=in_head)
-
-    k_in = row + (N_HEADS + h) * HEAD_DIM
-    k = tl.load(k_in + d, mask=in_head, other=0.0).to(tl.float32)
-    k_p = tl.load(k_in + partner, mask=rotated, other=0.0).to(tl.float32)
-    k = tl.where(rotated, k * cos + k_p * sin, k)
-    v = tl.load(row + (2 * N_HEADS + h) * HEAD_DIM + d, mask=in_head, other=0.0)
-    if QUANT:  # float32 k and v -> codes (values on the format's grid) + one scale each for this (token, head)
-        k, k_scale = quantize_vector(k, QMAX, FP8, NATIVE_RINT)
-        v, v_scale = quantize_vector(v.to(tl.float32), QMAX, FP8, NATIVE_RINT)
-        tl.store(ks_ptr + block * s_sb + h * s_sh + offset, k_scale)
-        tl.store(vs_ptr + block * s_sb + h * s_sh + offset, v_scale)
-    tl.store(kc_ptr + block * kc_sb + h * kc_sh + offset * kc_ss + d, k.to(kc_ptr.dtype.element_ty), mask=in_head)
-    tl.store(vc_ptr + block * vc_sb + h * vc_sh + offset * vc_ss + d, v.to(vc_ptr.dtype.element_ty), mask=in_head)
+    q = rotary_q_kv_write(qkv_ptr + b * stride_qkv, freq_ptr + s * stride_freq, pos, slot, h, True, kc_ptr, vc_ptr,
+                          ks_ptr, vs_ptr, kc_sb, kc_sh, kc_ss, vc_sb, vc_sh, vc_ss, s_sb, s_sh, logn_len,
+                          log_logn_len, N_HEADS, HEAD_DIM, ROT_DIM, BLOCK_SIZE, USE_LOGN, BLOCK_D, QUANT, QMAX, FP8,
+                          NATIVE_RINT)
+    d = tl.arange(0, BLOCK_D)
+    tl.store(q_ptr + (b * N_HEADS + h) * HEAD_DIM + d, q, mask=d < HEAD_DIM)
 
 
 def rotary_kv_write(qkv: Tensor, inv_freq: Tensor, positions: Tensor, slot_mapping: Tensor, k_cache: Tensor,

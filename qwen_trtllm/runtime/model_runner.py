@@ -9,6 +9,7 @@ and the host reads all of them once at the end (blocks for every step were reser
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -325,16 +326,28 @@ class DecodeSteps:
 
 
 def _capture(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], device: torch.device, pool):
-    """fn(*inputs) captured in a CUDA graph after two warm-up runs (Triton compilation, cuBLAS workspaces)."""
+    """fn(*inputs) captured in a CUDA graph after two warm-up runs (Triton compilation, cuBLAS workspaces).
+
+    Python's garbage collector runs before the capture and not during it (as vLLM freezes it there): a dead
+    reference cycle holding an older runner's CUDA graphs, collected mid-capture, destroys those graphs while this
+    stream captures, which CUDA refuses and which invalidates the capture (cudaErrorStreamCaptureInvalidated; seen
+    on the H200 in the runtime tests: two graph resets refused during a decode-graph capture, which then failed)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
             fn(*inputs)
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        output = fn(*inputs)
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            output = fn(*inputs)
+    finally:
+        if collecting:
+            gc.enable()
     return graph, output
 
 

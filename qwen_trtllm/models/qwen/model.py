@@ -88,6 +88,7 @@ class Kernels:
             pick("silu_mul")
         self.decode_attention, self.prefill_attention = pick("paged_decode_attention"), \
             pick("paged_prefill_attention")
+        self.rotary_decode_attention = pick("rotary_paged_decode_attention")
         # the tensor-parallel sum (NCCL, gloo on CPU), with Triton the one-shot kernel for decode-sized tensors,
         # fused there with the residual add + RMSNorm after it (all_reduce.rms_norm)
         self.all_reduce = AllReduce(tp, device if triton and device is not None and device.type == "cuda" else None,
@@ -126,14 +127,19 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, meta: AttentionMetadata, ops: Kernels) -> Tensor:
         """x [N, hidden] -> this rank's partial output [N, hidden] (its heads through its rows of the dense
         projection; the attention output is the sum over ranks): rotary + logn + KV write, paged attention per
-        phase."""
+        phase (decode-only steps: all of it in one kernel)."""
         kc, vc = meta.k_cache[self.layer], meta.v_cache[self.layer]
         scales = {} if meta.k_scale is None else {"k_scale": meta.k_scale[self.layer],
                                                   "v_scale": meta.v_scale[self.layer]}  # quantised cache
-        q = ops.rotary_kv_write(ops.linear(self.qkv, x), meta.inv_freq, meta.positions, meta.slot_mapping, kc, vc,
-                                self.heads, self.head_dim, self.rotary_dim, self.logn_len, seq_index=meta.seq_index,
-                                **scales)
+        qkv = ops.linear(self.qkv, x)
         D, scale = meta.num_decode, 1.0 / math.sqrt(self.head_dim)
+        if D == x.shape[0]:  # token i is sequence i: its inv_freq row, positions = seq_lens - 1
+            o = ops.rotary_decode_attention(qkv, meta.inv_freq, meta.positions, meta.slot_mapping, kc, vc,
+                                            meta.block_tables[:D], meta.seq_lens[:D], self.heads, self.head_dim,
+                                            self.rotary_dim, scale, self.logn_len, **scales)
+            return ops.linear(self.dense, o.reshape(D, -1))
+        q = ops.rotary_kv_write(qkv, meta.inv_freq, meta.positions, meta.slot_mapping, kc, vc, self.heads,
+                                self.head_dim, self.rotary_dim, self.logn_len, seq_index=meta.seq_index, **scales)
         parts = []
         if D:
             parts.append(ops.decode_attention(q[:D], kc, vc, meta.block_tables[:D], meta.seq_lens[:D], scale,
