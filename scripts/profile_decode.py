@@ -28,9 +28,9 @@ ABLATIONS = ("rms_norm", "attention", "one_split", "rotary")
 
 def ablate(ops, names: list[str]) -> None:
     """Replace the named kernels of a model's Kernels with shape-correct no-ops (launch nothing). Decode steps run
-    rotary + KV write + attention as one kernel (rotary_paged_decode_attention): attention drops all of it, rotary
-    only its rotary and KV write (paged_decode_attention on the unrotated q)."""
-    from qwen_trtllm.kernels import paged_decode_attention
+    rotary + KV write + attention as one kernel (rotary_paged_decode_attention, since the seventh session of
+    issue 16: the ablations recorded in docs/PERF.md before it timed the two kernels apart): attention drops all of
+    it, rotary only its rotary and KV write (ops.decode_attention on the unrotated q)."""
 
     def q_of(qkv, heads, head_dim):
         return qkv[:, :heads * head_dim].unflatten(1, (heads, head_dim))
@@ -43,9 +43,10 @@ def ablate(ops, names: list[str]) -> None:
                 q_of(qkv, heads, head_dim)
         elif name == "one_split":  # real numbers: single-pass decode attention (no merge kernel)
             ops.rotary_decode_attention = functools.partial(ops.rotary_decode_attention, num_splits=1)
+            ops.decode_attention = functools.partial(ops.decode_attention, num_splits=1)
         elif name == "rotary":
             ops.rotary_decode_attention = lambda qkv, f, p, s, kc, vc, bt, lens, heads, head_dim, rd, scale, logn, \
-                **kw: paged_decode_attention(q_of(qkv, heads, head_dim), kc, vc, bt, lens, scale, **kw)
+                **kw: ops.decode_attention(q_of(qkv, heads, head_dim), kc, vc, bt, lens, scale, **kw)
 
 
 def main() -> None:

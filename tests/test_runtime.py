@@ -286,6 +286,7 @@ def test_a_graph_dying_in_a_dead_cycle_during_a_capture_does_not_break_it():
     run at nearly every allocation: the capture succeeds (no collection inside it) and its replay is right; the old
     graph is collected afterwards."""
     import gc
+    import weakref
 
     from qwen_trtllm.runtime.model_runner import _capture
 
@@ -293,7 +294,7 @@ def test_a_graph_dying_in_a_dead_cycle_during_a_capture_does_not_break_it():
     old = torch.cuda.CUDAGraph()
     with torch.cuda.graph(old):
         x.add_(1.0)
-    holder, calls = [old], []
+    holder, calls, gone = [old], [], weakref.ref(old)
     del old
 
     def fn(t: torch.Tensor) -> torch.Tensor:
@@ -313,7 +314,9 @@ def test_a_graph_dying_in_a_dead_cycle_during_a_capture_does_not_break_it():
         gc.set_threshold(*threshold)
     x.fill_(3.0)
     graph.replay()
-    assert torch.equal(out, torch.full_like(x, 6.0)) and not holder
+    assert torch.equal(out, torch.full_like(x, 6.0))
+    gc.collect()
+    assert not holder and gone() is None  # the old graph died in the cycle and was collected after the capture
 
 
 @pytest.mark.parametrize("graphs", [False, True])

@@ -222,7 +222,11 @@ def rotary_paged_decode_attention(qkv: Tensor, inv_freq: Tensor, positions: Tens
     first writes the rotated k and v at slot_mapping[b] (quantised for int8 / fp8 caches), so no q is written to
     memory and no rotary kernel runs. Arguments as the two functions' (qkv [B, 3 * n_heads * head_dim], inv_freq
     [>= B, rotary_dim // 2] one row per token, positions [B] = seq_lens - 1, slot_mapping [B]); the same caches
-    written and the same output to the bit as the two kernels. Returns [B, n_heads, head_dim] in qkv.dtype."""
+    written and the same output to the bit as the two kernels. Returns [B, n_heads, head_dim] in qkv.dtype.
+    Contract (not checked: no host synchronisation): slot_mapping[b] is the cache slot of position seq_lens[b] - 1
+    through block_tables[b], and seq_lens[b] <= block_tables.shape[1] * block_size; otherwise another split may read
+    the slot while it is written. Rows that share a slot (CUDA-graph padding rows on the dummy block 0) race, as in
+    rotary_kv_write: their outputs are not meant to be read."""
     B = qkv.shape[0]
     assert qkv.dim() == 2 and qkv.shape[1] == 3 * n_heads * head_dim and qkv.stride(1) == 1
     assert rotary_dim % 2 == 0 and 0 < rotary_dim <= head_dim

@@ -57,13 +57,19 @@ def rotary_q_kv_write(row, freq_row, pos, slot, h, write_kv, kc_ptr, vc_ptr, ks_
     k_p = tl.load(k_in + partner, mask=rotated & write_kv, other=0.0).to(tl.float32)
     k = tl.where(rotated, k * cos + k_p * sin, k)
     v = tl.load(row + (2 * N_HEADS + h) * HEAD_DIM + d, mask=kv, other=0.0)
+    k_codes = kc_ptr + block * kc_sb + h * kc_sh + offset * kc_ss + d
+    v_codes = vc_ptr + block * vc_sb + h * vc_sh + offset * vc_ss + d
     if QUANT:  # float32 k and v -> codes (values on the format's grid) + one scale each for this (token, head)
-        k, k_scale = quantize_vector(k, QMAX, FP8, NATIVE_RINT)
-        v, v_scale = quantize_vector(v.to(tl.float32), QMAX, FP8, NATIVE_RINT)
-        tl.store(ks_ptr + block * s_sb + h * s_sh + offset, k_scale, mask=write_kv)
-        tl.store(vs_ptr + block * s_sb + h * s_sh + offset, v_scale, mask=write_kv)
-    tl.store(kc_ptr + block * kc_sb + h * kc_sh + offset * kc_ss + d, k.to(kc_ptr.dtype.element_ty), mask=kv)
-    tl.store(vc_ptr + block * vc_sb + h * vc_sh + offset * vc_ss + d, v.to(vc_ptr.dtype.element_ty), mask=kv)
+        if write_kv:  # the amax reductions only where the vectors are written
+            k_q, k_scale = quantize_vector(k, QMAX, FP8, NATIVE_RINT)
+            v_q, v_scale = quantize_vector(v.to(tl.float32), QMAX, FP8, NATIVE_RINT)
+            tl.store(ks_ptr + block * s_sb + h * s_sh + offset, k_scale)
+            tl.store(vs_ptr + block * s_sb + h * s_sh + offset, v_scale)
+            tl.store(k_codes, k_q.to(kc_ptr.dtype.element_ty), mask=in_head)
+            tl.store(v_codes, v_q.to(vc_ptr.dtype.element_ty), mask=in_head)
+    else:
+        tl.store(k_codes, k.to(kc_ptr.dtype.element_ty), mask=kv)
+        tl.store(v_codes, v.to(vc_ptr.dtype.element_ty), mask=kv)
     return q
 
 

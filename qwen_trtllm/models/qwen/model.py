@@ -133,7 +133,7 @@ class Attention(nn.Module):
                                                   "v_scale": meta.v_scale[self.layer]}  # quantised cache
         qkv = ops.linear(self.qkv, x)
         D, scale = meta.num_decode, 1.0 / math.sqrt(self.head_dim)
-        if D == x.shape[0]:  # token i is sequence i: its inv_freq row, positions = seq_lens - 1
+        if meta.seq_index is None:  # decode only, token i is sequence i: its inv_freq row, positions = seq_lens - 1
             o = ops.rotary_decode_attention(qkv, meta.inv_freq, meta.positions, meta.slot_mapping, kc, vc,
                                             meta.block_tables[:D], meta.seq_lens[:D], self.heads, self.head_dim,
                                             self.rotary_dim, scale, self.logn_len, **scales)
