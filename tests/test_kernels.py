@@ -285,8 +285,7 @@ def assert_rotary_decode_equals_two_kernels(dtype, lens, H, D, block_size, rotar
     g = torch.Generator().manual_seed(seed)
     qkv, freq, pos, slots, kc, vc, tables, lens_t, scales = _rotary_decode_case(dtype, lens, H, D, block_size,
                                                                                  rotary_dim, g, cache_dtype)
-    two = {"k_cache": kc.clone(), "v_cache": vc.clone(), **{k: v.clone() for k, v in scales.items()}}
-    one = {"k_cache": kc.clone(), "v_cache": vc.clone(), **{k: v.clone() for k, v in scales.items()}}
+    two, one = ({k: v.clone() for k, v in {"k_cache": kc, "v_cache": vc, **scales}.items()} for _ in range(2))
     sc = {k: two[k] for k in scales}
     q = rotary_kv_write(qkv, freq, pos, slots, two["k_cache"], two["v_cache"], H, D, rotary_dim, logn, **sc)
     want = paged_decode_attention(q, two["k_cache"], two["v_cache"], tables, lens_t, 0.17, num_splits, **sc)

@@ -33,16 +33,14 @@ before the P.V product. The references dequantise the gathered cache.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from qwen_trtllm.kernels.kv_quant import QMAX, check_scales, is_quantized, native_rint
+from qwen_trtllm.kernels.kv_quant import check_scales, is_quantized
 from qwen_trtllm.kernels.launch import pdl_enabled, pdl_start, sm_count
-from qwen_trtllm.kernels.rotary import rotary_kv_write_reference, rotary_q_kv_write
+from qwen_trtllm.kernels.rotary import rotary_args, rotary_kv_write_reference, rotary_q_kv_write
 
 _LOG2E = 1.4426950408889634
 _STAGE_BYTES = 160 * 1024  # shared memory the prefill K/V pipeline may take (an H200 SM has 227 KiB)
@@ -227,21 +225,12 @@ def rotary_paged_decode_attention(qkv: Tensor, inv_freq: Tensor, positions: Tens
     through block_tables[b], and seq_lens[b] <= block_tables.shape[1] * block_size; otherwise another split may read
     the slot while it is written. Rows that share a slot (CUDA-graph padding rows on the dummy block 0) race, as in
     rotary_kv_write: their outputs are not meant to be read."""
-    B = qkv.shape[0]
-    assert qkv.dim() == 2 and qkv.shape[1] == 3 * n_heads * head_dim and qkv.stride(1) == 1
-    assert rotary_dim % 2 == 0 and 0 < rotary_dim <= head_dim
-    assert inv_freq.dim() == 2 and inv_freq.shape[0] >= B and inv_freq.shape[1] == rotary_dim // 2
-    assert inv_freq.dtype == torch.float32 and inv_freq.stride(1) == 1
-    assert positions.shape == (B,) and slot_mapping.shape == (B,) and positions.stride(0) == 1
-    assert slot_mapping.stride(0) == 1 and not positions.is_floating_point() and not slot_mapping.is_floating_point()
-    assert logn_seq_length == 0 or logn_seq_length > 1
-    logn = int(logn_seq_length)
-    rotary = dict(freq=inv_freq, positions=positions, slots=slot_mapping, stride_freq=inv_freq.stride(0),
-                  logn=(max(logn, 1), math.log(max(logn, 2))), ROTARY=True, ROT_DIM=rotary_dim, USE_LOGN=logn > 0,
-                  QMAX=QMAX.get(k_cache.dtype, 127.0), FP8=k_cache.dtype == torch.float8_e4m3fn,
-                  NATIVE_RINT=native_rint(qkv.device))
+    logn, rotary = rotary_args(qkv, inv_freq, positions, slot_mapping, k_cache, n_heads, head_dim, rotary_dim,
+                               logn_seq_length)
+    assert positions.stride(0) == 1 and slot_mapping.stride(0) == 1
     return _decode(qkv, qkv.stride(0), 0, n_heads, head_dim, k_cache, v_cache, block_tables, seq_lens, scale,
-                   num_splits, k_scale, v_scale, **rotary)
+                   num_splits, k_scale, v_scale, freq=inv_freq, positions=positions, slots=slot_mapping,
+                   stride_freq=inv_freq.stride(0), logn=logn, ROTARY=True, **rotary)
 
 
 def _decode(q: Tensor, stride_qb: int, stride_qh: int, H: int, D: int, k_cache: Tensor, v_cache: Tensor,

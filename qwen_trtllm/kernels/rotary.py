@@ -115,14 +115,8 @@ def rotary_kv_write(qkv: Tensor, inv_freq: Tensor, positions: Tensor, slot_mappi
     synchronisation (CUDA-graph safe).
     """
     N = qkv.shape[0]
-    assert qkv.dim() == 2 and qkv.shape[1] == 3 * n_heads * head_dim and qkv.stride(1) == 1
-    assert rotary_dim % 2 == 0 and 0 < rotary_dim <= head_dim
-    assert inv_freq.dim() == 2 and inv_freq.shape[1] == rotary_dim // 2 and inv_freq.stride(1) == 1
-    assert inv_freq.dtype == torch.float32 and (seq_index is not None or inv_freq.shape[0] >= N)
-    assert seq_index is None or (seq_index.shape == (N,) and not seq_index.is_floating_point())
-    assert positions.shape == (N,) and not positions.is_floating_point()
-    assert slot_mapping.shape == (N,) and not slot_mapping.is_floating_point()
-    assert logn_seq_length == 0 or logn_seq_length > 1
+    logn, rotary = rotary_args(qkv, inv_freq, positions, slot_mapping, k_cache, n_heads, head_dim, rotary_dim,
+                               logn_seq_length, seq_index)
     assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, "caches: [num_blocks, n_heads, block_size, head_dim]"
     assert k_cache.shape[1] == n_heads and k_cache.shape[3] == head_dim
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
@@ -130,7 +124,6 @@ def rotary_kv_write(qkv: Tensor, inv_freq: Tensor, positions: Tensor, slot_mappi
     q = torch.empty(N, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if N == 0:
         return q
-    logn = int(logn_seq_length)
     index = positions if seq_index is None else seq_index
     pdl = pdl_enabled(qkv.device)
     quant = k_scale is not None
@@ -139,12 +132,31 @@ def rotary_kv_write(qkv: Tensor, inv_freq: Tensor, positions: Tensor, slot_mappi
         qkv, inv_freq, positions, slot_mapping, index, k_cache, v_cache, ks, vs, q, qkv.stride(0),
         inv_freq.stride(0), positions.stride(0), slot_mapping.stride(0), index.stride(0), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, max(logn, 1), math.log(max(logn, 2)),
-        N_HEADS=n_heads, HEAD_DIM=head_dim, ROT_DIM=rotary_dim, BLOCK_SIZE=k_cache.shape[2], USE_LOGN=logn > 0,
-        HAS_INDEX=seq_index is not None, BLOCK_D=triton.next_power_of_2(head_dim), QUANT=quant,
-        QMAX=QMAX.get(k_cache.dtype, 127.0), FP8=k_cache.dtype == torch.float8_e4m3fn,
-        NATIVE_RINT=native_rint(qkv.device), PDL=pdl, num_warps=1 if head_dim <= 128 else 2, launch_pdl=pdl)
+        ks.stride(0) if quant else 0, ks.stride(1) if quant else 0, *logn, N_HEADS=n_heads, HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[2], HAS_INDEX=seq_index is not None, BLOCK_D=triton.next_power_of_2(head_dim),
+        QUANT=quant, PDL=pdl, num_warps=1 if head_dim <= 128 else 2, launch_pdl=pdl, **rotary)
     return q
+
+
+def rotary_args(qkv: Tensor, inv_freq: Tensor, positions: Tensor, slot_mapping: Tensor, k_cache: Tensor,
+                n_heads: int, head_dim: int, rotary_dim: int, logn_seq_length: int,
+                seq_index: Tensor | None = None) -> tuple[tuple[int, float], dict]:
+    """The checks on the rotary arguments shared by rotary_kv_write and the decode attention kernel that runs its
+    work (paged_attention.rotary_paged_decode_attention), and what both kernels take for rotary_q_kv_write:
+    ((logn_len, log_logn_len), {ROT_DIM, USE_LOGN, QMAX, FP8, NATIVE_RINT}). AssertionError on bad arguments."""
+    N = qkv.shape[0]
+    assert qkv.dim() == 2 and qkv.shape[1] == 3 * n_heads * head_dim and qkv.stride(1) == 1
+    assert rotary_dim % 2 == 0 and 0 < rotary_dim <= head_dim
+    assert inv_freq.dim() == 2 and inv_freq.shape[1] == rotary_dim // 2 and inv_freq.stride(1) == 1
+    assert inv_freq.dtype == torch.float32 and (seq_index is not None or inv_freq.shape[0] >= N)
+    assert seq_index is None or (seq_index.shape == (N,) and not seq_index.is_floating_point())
+    assert positions.shape == (N,) and not positions.is_floating_point()
+    assert slot_mapping.shape == (N,) and not slot_mapping.is_floating_point()
+    assert logn_seq_length == 0 or logn_seq_length > 1
+    logn = int(logn_seq_length)
+    return (max(logn, 1), math.log(max(logn, 2))), dict(
+        ROT_DIM=rotary_dim, USE_LOGN=logn > 0, QMAX=QMAX.get(k_cache.dtype, 127.0),
+        FP8=k_cache.dtype == torch.float8_e4m3fn, NATIVE_RINT=native_rint(qkv.device))
 
 
 def apply_rotary_reference(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int) -> Tensor:

@@ -135,19 +135,19 @@ class Attention(nn.Module):
         D, scale = meta.num_decode, 1.0 / math.sqrt(self.head_dim)
         if meta.seq_index is None:  # decode only, token i is sequence i: its inv_freq row, positions = seq_lens - 1
             o = ops.rotary_decode_attention(qkv, meta.inv_freq, meta.positions, meta.slot_mapping, kc, vc,
-                                            meta.block_tables[:D], meta.seq_lens[:D], self.heads, self.head_dim,
+                                            meta.block_tables, meta.seq_lens, self.heads, self.head_dim,
                                             self.rotary_dim, scale, self.logn_len, **scales)
-            return ops.linear(self.dense, o.reshape(D, -1))
-        q = ops.rotary_kv_write(qkv, meta.inv_freq, meta.positions, meta.slot_mapping, kc, vc, self.heads,
-                                self.head_dim, self.rotary_dim, self.logn_len, seq_index=meta.seq_index, **scales)
-        parts = []
-        if D:
-            parts.append(ops.decode_attention(q[:D], kc, vc, meta.block_tables[:D], meta.seq_lens[:D], scale,
-                                              **scales))
-        if q.shape[0] > D:
-            parts.append(ops.prefill_attention(q[D:], kc, vc, meta.block_tables[D:], meta.query_start_loc,
-                                               meta.context_lens[D:], scale, meta.max_query_len, **scales))
-        o = parts[0] if len(parts) == 1 else torch.cat(parts)
+        else:
+            q = ops.rotary_kv_write(qkv, meta.inv_freq, meta.positions, meta.slot_mapping, kc, vc, self.heads,
+                                    self.head_dim, self.rotary_dim, self.logn_len, seq_index=meta.seq_index, **scales)
+            parts = []
+            if D:
+                parts.append(ops.decode_attention(q[:D], kc, vc, meta.block_tables[:D], meta.seq_lens[:D], scale,
+                                                  **scales))
+            if q.shape[0] > D:
+                parts.append(ops.prefill_attention(q[D:], kc, vc, meta.block_tables[D:], meta.query_start_loc,
+                                                   meta.context_lens[D:], scale, meta.max_query_len, **scales))
+            o = parts[0] if len(parts) == 1 else torch.cat(parts)
         return ops.linear(self.dense, o.reshape(o.shape[0], -1))
 
 
