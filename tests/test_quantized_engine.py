@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from kernel_paths import assert_triton_path_matches_plain
 from safetensors import safe_open
 
@@ -75,7 +76,6 @@ def test_int8_engine_triton_path_matches_plain(tiny_checkpoint, tmp_path, monkey
     + F.linear): the same teacher-forced logits to float32 rounding. Its batch-3 decode steps take int8_gemv
     (kernels/fp8_gemv.py) in every linear layer, with SiLU*mul fused into c_proj; the prefill takes the weight-only
     matmul (tests/test_weight_only.py covers that kernel and the routing at every row count)."""
-    import torch
 
     import qwen_trtllm.kernels.fp8_gemv as fp8_gemv_mod
     from qwen_trtllm.builder.build import build_engine
@@ -100,3 +100,37 @@ def test_int8_engine_triton_path_matches_plain(tiny_checkpoint, tmp_path, monkey
     layers = engine.config.num_hidden_layers  # 2 decode steps of 3 rows: qkv, dense, gate_up, gated c_proj
     assert sorted(set(rows)) == [(3, False), (3, True)] and len(rows) == 2 * layers * 4
     assert rows.count((3, True)) == 2 * layers
+
+
+def test_quantized_engine_shares_the_unquantised_tensors():
+    """benchmark.py's in-memory quantised copy (its new tensors made again after the quantiser's temporaries are
+    freed, on CUDA): the quantised layers equal quantize_state_dict's, the rest is the original's storage."""
+
+    from qwen_trtllm.evaluation.benchmark import quantized_engine, random_engine
+    from qwen_trtllm.quantization import quantize_state_dict
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = random_engine("tiny", "float32" if device == "cpu" else "float16", device, max_batch_size=2,
+                         max_input_len=16, max_output_len=8)
+    q = quantized_engine(base, "int8")
+    state, got = base.model.state_dict(), q.model.state_dict()
+    want = quantize_state_dict(state, "int8")
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].device == v.device and torch.equal(got[k], v), k
+        assert (got[k].data_ptr() == v.data_ptr()) == (k in state), k  # only the unquantised tensors are shared
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bench_engine times CUDA steps")
+def test_bench_engine_refuses_a_batch_its_kv_cache_cannot_hold(monkeypatch):
+    """A pool one block short of the static batch: no row (the batch would run in waves and its decode ms/token
+    would count a later wave's prefill); the full pool gives a row."""
+    from qwen_trtllm.evaluation import benchmark as bm
+    from qwen_trtllm.runtime import executor
+
+    engine = bm.random_engine("tiny", max_batch_size=4, max_input_len=16, max_output_len=8)
+    row = bm.bench_engine(engine, 4, 16, 8, runs=1)
+    assert row is not None and row.batch == 4 and row.decode_ms_per_token > 0
+    sized = executor.pool_size_in_blocks
+    monkeypatch.setattr(executor, "pool_size_in_blocks", lambda *a, **k: sized(*a, **k) - 1)
+    assert bm.bench_engine(engine, 4, 16, 8, runs=1) is None

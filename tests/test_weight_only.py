@@ -203,6 +203,27 @@ def test_kernels_replay_in_cuda_graphs(precision):
         assert _rel(y, ref) <= 2e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a 4.3 GB output: the compiled kernels on a GPU")
+@pytest.mark.parametrize("precision,group", [("int8", 128), ("int4", 128), ("int4", 16)])
+def test_outputs_past_two_giga_elements(precision, group):
+    """Offsets past 2^31 elements: a prefill chunk of 131072 tokens through gate_up (N 22016) has M x N = 2.9e9
+    (benchmark.py's batch 64 x 2048 prefill; int32 offsets faulted). Here M x N = 2.15e9 with select_config's
+    prefill kernel (int4 groups of 16: the gemv kernel): the rows at both ends and across the boundary equal the
+    reference. (Split-K, whose partials take int64 offsets too past 2^31, is only picked for a few hundred tiles.)"""
+    M, N, K = 65600, 32768 + 64, 128
+    x, qw, s, b, _ = _case(precision, 8, K, N, torch.float16, group, seed=21)
+    assert select_config(M, N, K, precision, group).kernel == ("gemv" if group < 32 else "mma")
+    x = torch.randn(M, K, generator=torch.Generator(DEVICE).manual_seed(22), device=DEVICE).half()
+    y = weight_only_matmul(x, qw, s, precision, group, b)
+    deq = dequantize_int8(qw, s) if precision == "int8" else dequantize_int4(qw, s, group)
+    edge = 2**31 // N  # the first row whose last elements lie past 2^31
+    for rows in (slice(0, 4), slice(edge - 2, edge + 2), slice(M - 4, M)):
+        ref = x[rows].double() @ deq.double().T + b.double()
+        assert _rel(y[rows], ref) <= 2e-3, rows
+    del y
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K,gated", [(1, 96, 512, False), (3, 130, 600, False), (4, 72, 200, True),
                                          (1, 40, 256, True)])

@@ -94,10 +94,12 @@ def main() -> int:
         eng = engine if quant is None else bm.quantized_engine(engine, quant, args.group_size, args.quantize_lm_head)
         for inp, out in pairs:
             for b in batches:
-                if not bm.fits(eng, b, inp + out):  # on every rank (tensor parallel: the ranks agree)
-                    show(f"skipped batch {b} x {inp + out} tokens: its KV cache does not fit in GPU memory")
+                row = bm.bench_engine(eng, b, inp, out, args.runs, copy_gbs)
+                if row is None:  # on every rank (tensor parallel: the ranks agree on the pool)
+                    show(f"skipped batch {b} x {inp + out} tokens: their KV cache does not fit in GPU memory beside "
+                         f"the weights and a {b * inp}-token prefill's activations; lower --batch_size", flush=True)
                     continue
-                rows.append(bm.bench_engine(eng, b, inp, out, args.runs, copy_gbs))
+                rows.append(row)
                 show(bm.format_table(rows[-1:]).splitlines()[-1], flush=True)
         if quant is not None:
             del eng

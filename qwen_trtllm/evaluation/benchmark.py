@@ -21,7 +21,6 @@ from qwen_trtllm.checkpoint.random_checkpoint import PRESETS, random_tensor
 from qwen_trtllm.config import QWenConfig
 from qwen_trtllm.dtypes import dtype_name
 from qwen_trtllm.models.qwen.weights import engine_to_qwen2, hf_shapes
-from qwen_trtllm.runtime.distributed import min_over_ranks
 from qwen_trtllm.runtime.engine import Engine, check_kv_cache_supported, model_skeleton, use_triton_kernels
 from qwen_trtllm.runtime.executor import ExecutorConfig
 from qwen_trtllm.runtime.kv_cache import KvCacheConfig, KVCacheManager
@@ -86,9 +85,18 @@ def quantized_engine(engine: Engine, precision: str, group_size: int = 128, quan
         check_fp8_supported(engine.device)
 
     build = replace(engine.build, quantization=QuantizationConfig(precision, group_size, quantize_lm_head))
+    state = engine.model.state_dict()
+    quantized = quantize_state_dict(state, precision, group_size, quantize_lm_head)
+    if engine.device.type == "cuda":
+        # The new tensors are made again after the quantiser's temporaries went back to the device: left where they
+        # were made, they pin the temporaries' cached segments (30 GiB for int8 7B on an H200), which the KV cache
+        # pool, sized from the device's free memory, then cannot take.
+        made = {k: v.cpu() for k, v in quantized.items() if v is not state.get(k)}
+        quantized.update({k: None for k in made})
+        torch.cuda.empty_cache()
+        quantized.update({k: v.to(engine.device) for k, v in made.items()})
     model = model_skeleton(engine.config, engine.world_size, build.quantization)
-    model.load_state_dict(quantize_state_dict(engine.model.state_dict(), precision, group_size, quantize_lm_head),
-                          assign=True)
+    model.load_state_dict(quantized, assign=True)
     model.set_kernels(use_triton_kernels(build, engine.device))
     return Engine(engine.engine_dir, engine.config, build, model.eval(), engine.device, engine.dtype, engine.rank,
                   engine.world_size)
@@ -130,14 +138,23 @@ def static_batch_llm(engine: Engine, batch: int, input_len: int, output_len: int
 
 
 def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, runs: int = 3,
-                 copy_gbs: float | None = None) -> BenchRow:
+                 copy_gbs: float | None = None) -> BenchRow | None:
     """A static batch through the in-flight batching runtime: `batch` requests of input_len submitted together,
     all prompts in one prefill step (max_num_tokens = batch x input_len), output_len tokens each. Tensor parallel:
     every rank calls this, rank 0 times and returns the row, the other ranks follow its steps and return a row
-    of NaN."""
+    of NaN.
+
+    None (on every rank) when the KV cache pool, sized from the free device memory less the prefill's activation
+    reserve, cannot hold the whole batch: the requests would run in waves and decode ms/token would count the
+    later waves' prefill and decode too. RuntimeError if a prefill step leaves a request without its first
+    token."""
     dev = engine.device
     llm = static_batch_llm(engine, batch, input_len, output_len)
     ex = llm.executor
+    kv = ex.kv_cache
+    if kv.num_blocks - 1 < batch * -(-(input_len + output_len) // kv.tokens_per_block):  # same pool on every rank
+        release(llm)
+        return None
     g = torch.Generator().manual_seed(batch * 1000 + input_len)
     prompts = torch.randint(0, engine.config.vocab_size, (batch, input_len), generator=g).tolist()
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
@@ -151,6 +168,9 @@ def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, ru
         t0 = time.perf_counter()
         ex.step()  # the prefill step
         t1 = time.perf_counter()
+        if any(len(r.output_token_ids) != 1 for r in reqs):
+            raise RuntimeError(f"the prefill step gave {sum(len(r.output_token_ids) == 1 for r in reqs)} of {batch} "
+                               "requests their first token: TTFT and decode ms/token would mix the batch's waves")
         while ex.has_work:
             ex.step()
         t2 = time.perf_counter()
@@ -193,14 +213,6 @@ def kv_cache_bytes(engine: Engine, batch: int, seq_len: int) -> int:
     per_token = KVCacheManager.bytes_per_block(cfg.num_hidden_layers, cfg.num_attention_heads // engine.world_size,
                                                cfg.kv_channels, 1, engine.dtype, engine.build.kv_cache_dtype)
     return batch * seq_len * per_token
-
-
-def fits(engine: Engine, batch: int, seq_len: int, workspace: int = 4 << 30) -> bool:
-    """Whether a KV cache for batch x seq_len fits next to what is allocated now, with some workspace; on every
-    rank of a tensor-parallel engine (a collective there: the ranks must run the same rows)."""
-    free, _ = torch.cuda.mem_get_info(engine.device)
-    ok = kv_cache_bytes(engine, batch, seq_len) + workspace < free
-    return bool(min_over_ranks(int(ok), engine.device)) if engine.world_size > 1 else ok
 
 
 def hf_model_sharing_weights(engine: Engine):

@@ -113,24 +113,30 @@ def _uint4x2_to_f16_asm(b):
 
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, tile, M, N, stride_ym, pid_k,
-              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, WIDE: tl.constexpr):
     """Store the tile; with SPLIT_K > 1 store the fp32 partial instead, and let the program that finishes a tile
     last sum all its partials in split order (deterministic) and reset the tile's counter: no second kernel."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    rows = offs_m[:, None]
+    if WIDE:  # int64 offsets: a prefill chunk's M x N can pass 2^31 (131072 tokens x 22016 for gate_up)
+        rows = rows.to(tl.int64)
+    y_ptrs = y_ptr + rows * stride_ym + offs_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + n_ld).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        p_ptrs = p_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(p_ptrs + pid_k * M * N, acc, mask=mask)
+        plane = M * N  # one split's partial [M, N]
+        if WIDE:
+            plane = tl.cast(M, tl.int64) * N
+        p_ptrs = p_ptr + rows * N + offs_n[None, :]
+        tl.store(p_ptrs + pid_k * plane, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the release below
         ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT_K - 1:
             total = tl.zeros(acc.shape, tl.float32)
             for s in tl.static_range(SPLIT_K):
-                total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                total += tl.load(p_ptrs + s * plane, mask=mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(b_ptr + n_ld).to(tl.float32)[None, :]
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
@@ -141,7 +147,7 @@ def _epilogue(acc, offs_m, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, tile, M, 
 def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                     n_groups, k_per_split, ROWS: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_K: tl.constexpr, PDL: tl.constexpr, WIDE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pdl_start(PDL)
@@ -149,6 +155,8 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, 
     n_ld = offs_n % N  # loads stay in bounds; stores are masked
     offs_r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
     r_ld = tl.minimum(offs_r, M - 1)
+    if WIDE:
+        r_ld = r_ld.to(tl.int64)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     if INT4:
@@ -180,7 +188,7 @@ def _wo_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, 
         acc = tl.sum(acc3, axis=2) * tl.load(s_ptr + n_ld).to(tl.float32)[None, :]
     tile = tl.program_id(2) * tl.num_programs(0) + pid_n
     _epilogue(acc, offs_r, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, tile, M, N, stride_ym, pid_k, HAS_BIAS,
-              SPLIT_K)
+              SPLIT_K, WIDE)
 
 
 @triton.jit
@@ -188,7 +196,7 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, s
                    n_groups, k_per_split, INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, XKIND: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   USE_ASM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                   USE_ASM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, WIDE: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -201,6 +209,8 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, s
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ld = offs_m % M
+    if WIDE:  # x's row offsets in int64, as the epilogue's
+        m_ld = m_ld.to(tl.int64)
     n_ld = offs_n % N
     m_ok = offs_m < M
     k_lo = pid_k * k_per_split
@@ -256,7 +266,7 @@ def _wo_mma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, cnt_ptr, M, N, K, s
     if not INT4:
         acc = acc * tl.load(s_ptr + n_ld).to(tl.float32)[None, :]
     _epilogue(acc, offs_m, offs_n, n_ld, b_ptr, y_ptr, p_ptr, cnt_ptr, pid, M, N, stride_ym, pid_k, HAS_BIAS,
-              SPLIT_K)
+              SPLIT_K, WIDE)
 
 
 @dataclass(frozen=True)
@@ -379,7 +389,8 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
         tiles = grid[0]
     counters = arrival_counters(x.device, tiles) if split > 1 else y
     pdl = cfg.pdl and pdl_enabled(x.device)
-    common = dict(INT4=int4, GROUP=group_size if int4 else 1, HAS_BIAS=bias is not None, SPLIT_K=split,
+    wide = max(M * max(x.stride(0), N), split * M * N) >= 2**31  # int64 row offsets (int32 keeps decode lean)
+    common = dict(INT4=int4, GROUP=group_size if int4 else 1, HAS_BIAS=bias is not None, SPLIT_K=split, WIDE=wide,
                   EVEN_K=K % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk, PDL=pdl,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
                   **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and x.is_cuda else {}))

@@ -199,11 +199,12 @@ class KVCacheManager:
 def pool_size_in_blocks(config: KvCacheConfig, bytes_per_block: int, device: torch.device,
                         default_tokens: int, reserve: int = 0) -> int:
     """Blocks for the pool: free_gpu_memory_fraction of the device memory free now (CUDA, after the weights
-    are loaded) less `reserve` bytes for the steps' activations, capped by max_tokens; default_tokens off CUDA.
-    One extra block is the null block."""
+    are loaded, with PyTorch's cached unused memory given back first) less `reserve` bytes for the steps'
+    activations, capped by max_tokens; default_tokens off CUDA. One extra block is the null block."""
     cap = None if config.max_tokens is None else -(-config.max_tokens // config.tokens_per_block)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(device)
         blocks = max(int((free - reserve) * config.free_gpu_memory_fraction), 0) // bytes_per_block
         if cap is not None:
