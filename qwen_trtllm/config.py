@@ -71,10 +71,10 @@ class QWenConfig:
             raise QWenError(f"rotary_pct={self.rotary_pct} must give an even rotary dim within kv_channels")
 
     def check_tensor_parallel(self, tp: int) -> None:
-        if tp < 1 or self.num_attention_heads % tp or self.ffn_hidden_size % tp:
+        if tp < 1 or self.num_attention_heads % tp or self.ffn_hidden_size % tp or self.vocab_size % tp:
             raise QWenError(f"tensor parallelism {tp} must divide num_attention_heads "
-                            f"({self.num_attention_heads}) and the MLP width ({self.ffn_hidden_size}); "
-                            "choose a divisor such as 1, 2 or 4")
+                            f"({self.num_attention_heads}), the MLP width ({self.ffn_hidden_size}) and the "
+                            f"vocabulary ({self.vocab_size}, lm_head's rows); choose a divisor such as 1, 2 or 4")
 
     # --- Hugging Face config.json -------------------------------------------------------------------
     @classmethod

@@ -79,15 +79,21 @@ def test_half_precision_engines_run_on_cpu(engines, reference, dtype, tol):
     assert stats["rel_err"] < tol, stats
 
 
-def test_ft_and_hf_sources_build_identical_engines(tiny_checkpoint, engines, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_ft_and_hf_sources_build_identical_engines(tiny_checkpoint, engines, tp, tmp_path):
+    """Every rank file alike from either source; at tp 2 the FT directory holds lm_head whole (a global tensor, as
+    TensorRT-LLM's converter writes it) and the builder splits it like the checkpoint's."""
     from qwen_trtllm.checkpoint.ft_format import convert_checkpoint
 
-    ft = convert_checkpoint(tiny_checkpoint, tmp_path / "ft", tp=1, storage_type="float32")
-    eng = build_engine(tmp_path / "engine", ft_dir=ft, dtype="float32", max_batch_size=4, max_input_len=32,
-                       max_output_len=16)
-    a, b = load_file(str(eng / "rank0.safetensors")), load_file(str(engines["float32"] / "rank0.safetensors"))
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    ft = convert_checkpoint(tiny_checkpoint, tmp_path / "ft", tp=tp, storage_type="float32")
+    assert (ft / "lm_head.weight.bin").is_file() and not (ft / "lm_head.weight.0.bin").exists()
+    kw = dict(dtype="float32", max_batch_size=4, max_input_len=32, max_output_len=16, world_size=tp)
+    eng = build_engine(tmp_path / "engine", ft_dir=ft, **kw)
+    ref = engines["float32"] if tp == 1 else build_engine(tmp_path / "hf", hf_dir=tiny_checkpoint, **kw)
+    for r in range(tp):
+        a, b = load_file(str(eng / f"rank{r}.safetensors")), load_file(str(ref / f"rank{r}.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])

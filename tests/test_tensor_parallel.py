@@ -97,6 +97,20 @@ def test_rank_files_hold_only_their_shard(tp_engines):
         full = Engine.load(tp_engines[1], device="cpu").model.state_dict()
         qkv = f.get_tensor("layers.0.attn.qkv.weight")
         assert qkv.shape[0] == full["layers.0.attn.qkv.weight"].shape[0] // 2
+        vocab = full["lm_head.weight"].shape[0]  # lm_head is vocab-parallel: rank 1 holds the second half
+        assert torch.equal(f.get_tensor("lm_head.weight"), full["lm_head.weight"][vocab // 2:])
+        assert f.get_tensor("embed.weight").shape[0] == vocab  # the embedding is replicated
+
+
+def test_tensor_parallel_must_divide_the_vocabulary():
+    from qwen_trtllm import QWenError
+    from qwen_trtllm.checkpoint.random_checkpoint import PRESETS
+    from qwen_trtllm.config import QWenConfig
+
+    config = QWenConfig(**{**PRESETS["tiny"], "vocab_size": 1025})
+    config.check_tensor_parallel(1)
+    with pytest.raises(QWenError, match=r"vocabulary \(1025"):
+        config.check_tensor_parallel(2)
 
 
 def _torchrun(engine: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:

@@ -51,10 +51,16 @@ def _ft_to_engine_layout(t: torch.Tensor, kind: str, hidden_size: int) -> torch.
     return t.t()  # column, row
 
 
-def runtime_weights_from_ft(ft: dict[str, torch.Tensor], config: QWenConfig) -> dict[str, torch.Tensor]:
-    """One rank's FT tensors ([in, out] linears) -> the runtime's state dict ([out, in], gate|up fused)."""
-    return fuse((w, w.engine_name(i), _ft_to_engine_layout(ft[w.ft_name(i)], w.ft_kind, config.hidden_size))
-                for w, i in iter_weights(config.num_hidden_layers))
+def runtime_weights_from_ft(ft: dict[str, torch.Tensor], config: QWenConfig, rank: int,
+                            tp: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s FT tensors ([in, out] linears) -> its runtime state dict ([out, in], gate|up fused); the
+    global rows, whole in the FT directory, are split here (lm_head: the rank's vocabulary rows)."""
+
+    def tensor(w, i: int | None) -> torch.Tensor:
+        t = _ft_to_engine_layout(ft[w.ft_name(i)], w.ft_kind, config.hidden_size)
+        return shard(t, w.split, rank, tp) if w.ft_kind == "global" else t
+
+    return fuse((w, w.engine_name(i), tensor(w, i)) for w, i in iter_weights(config.num_hidden_layers))
 
 
 def runtime_weights_from_hf(get, config: QWenConfig, rank: int, tp: int) -> dict[str, torch.Tensor]:
@@ -194,7 +200,7 @@ def build_engine(output_dir: str | Path, *, ft_dir: str | Path | None = None, hf
 
         def rank_weights(r: int) -> dict[str, torch.Tensor]:
             ft = {k: check_finite(t, k, f"{src} (rank {r})") for k, t in read_ft_rank(src, r).items()}
-            return runtime_weights_from_ft(ft, config)
+            return runtime_weights_from_ft(ft, config, r, world_size)
 
         source = {"ft_dir": str(src), "storage_dtype": info.get("storage_dtype")}
     else:

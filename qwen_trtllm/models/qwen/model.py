@@ -6,7 +6,7 @@ float32, causal attention, SwiGLU MLP c_proj(w1(x) * silu(w2(x))) (w2 is the gat
 Beyond the trained context (seq_length) it applies Qwen's two extensions: dynamic NTK-aware rotary scaling
 (the base grows with the prompt length, fixed per sequence for its generated tokens) and logn attention scaling
 of the queries. Linear layers are tensor-parallel aware (column/row split + one all-reduce per sub-block,
-fused with the residual add and RMSNorm after it).
+fused with the residual add and RMSNorm after it; lm_head vocab-parallel, its logits gathered).
 
 One step is a flat batch of tokens (in-flight batching, as TensorRT-LLM's PyTorch backend and vLLM run it): the
 decode tokens of `num_decode` sequences first, then the prompt chunks of the sequences in prefill. Every layer
@@ -82,7 +82,7 @@ class Kernels:
         from qwen_trtllm import kernels as k
         from qwen_trtllm.kernels.all_reduce import AllReduce
 
-        self.triton = triton
+        self.triton, self.tp = triton, tp
         pick = lambda name: getattr(k, name if triton else name + "_reference")
         self.rms_norm, self.rotary_kv_write, self.silu_mul = pick("rms_norm"), pick("rotary_kv_write"), \
             pick("silu_mul")
@@ -93,6 +93,18 @@ class Kernels:
         # fused there with the residual add + RMSNorm after it (all_reduce.rms_norm)
         self.all_reduce = AllReduce(tp, device if triton and device is not None and device.type == "cuda" else None,
                                     self.rms_norm)
+
+    def gather_vocab(self, x: Tensor) -> Tensor:
+        """Vocab-parallel logits: x [S, V/tp], this rank's vocabulary columns -> [S, V], every rank's in rank
+        order (an all-gather: NCCL, gloo on CPU; in the dtype given, before the float32 cast: half the bytes)."""
+        if self.tp == 1:
+            return x
+        import torch.distributed as dist
+
+        out = x.new_empty(self.tp * x.shape[0], x.shape[1])
+        gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # torch < 2.13: the latter
+        gather(out, x.contiguous())
+        return out.view(self.tp, *x.shape).transpose(0, 1).reshape(x.shape[0], -1)
 
     def linear(self, layer: nn.Module, x: Tensor, gated: bool = False) -> Tensor:
         """A linear layer; plain nn.Linear goes through the Triton GEMV for decode-sized inputs (SiLU*mul fused
@@ -181,7 +193,7 @@ class QWen(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, tp, i) for i in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size // tp, bias=False)  # vocab-parallel
         self.ops = Kernels(triton=False, tp=tp)
 
     def set_kernels(self, triton: bool) -> QWen:
@@ -220,7 +232,7 @@ class QWen(nn.Module):
                     residual = residual_next
         idx = meta.logits_indices
         h, _ = ops.rms_norm(m[idx], self.ln_f.weight, self.ln_f.eps, residual=residual[idx])
-        logits = ops.linear(self.lm_head, h).float()
+        logits = ops.gather_vocab(ops.linear(self.lm_head, h)).float()
         if cap is not None:
             cap.update({"ln_f": h, "logits": logits})
         return logits

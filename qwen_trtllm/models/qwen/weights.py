@@ -14,6 +14,9 @@ Tensor-parallel splits (Hugging Face layout):
   column  split on the out axis (dim 0): [F, H] -> [F/tp, H];
   row     split on the in axis (dim 1): [H, F] -> [H, F/tp];
   qkv     [3H, ...] viewed [3, H, ...]; rank r keeps its slice of the middle axis from each of q, k and v.
+lm_head is column-split (vocab-parallel: rank r computes logits r*V/tp..(r+1)*V/tp - 1 and the ranks gather
+them, as TensorRT-LLM's lm_head ColumnLinear with gather_output does); like every global row it is whole in the
+FT directory (TensorRT-LLM's converter writes lm_head.weight.bin once) and is split when the engine is built.
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ class Weight:
 
     @property
     def ft_kind(self) -> str:
-        """The FT format's split kind: global | replicated | qkv | qkv_bias | column | row."""
-        if self.split == "none":
+        """The FT format's split kind: global | replicated | qkv | qkv_bias | column | row (global rows are never
+        split in the FT directory, whatever the engine's split)."""
+        if self.split == "none" or not self.per_layer:
             return "replicated" if self.per_layer else "global"
         if self.split == "qkv":
             return "qkv_bias" if len(self.shape) == 1 else "qkv"
@@ -109,7 +113,8 @@ WEIGHTS: tuple[Weight, ...] = (
     Weight("mlp.c_proj.weight", "mlp.c_proj.weight", "mlp.c_proj.weight", ("mlp.down_proj.weight",), ("H", "F"),
            "row"),
     Weight("transformer.ln_f.weight", "ln_f.weight", "ln_f.weight", ("model.norm.weight",), ("H",), per_layer=False),
-    Weight("lm_head.weight", "lm_head.weight", "lm_head.weight", ("lm_head.weight",), ("V", "H"), per_layer=False),
+    Weight("lm_head.weight", "lm_head.weight", "lm_head.weight", ("lm_head.weight",), ("V", "H"), "column",
+           per_layer=False),
 )
 
 LAYER_WEIGHTS = tuple(w for w in WEIGHTS if w.per_layer)
