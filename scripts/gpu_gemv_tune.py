@@ -217,11 +217,11 @@ def main() -> None:
                     "matmul's configs carry their own)")
     ap.add_argument("--tp", type=int, default=1, choices=(1, 2, 4, 8),
                     help="one tensor-parallel rank's shapes: qkv and gate_up rows / tp, dense and c_proj columns / tp "
-                    "(the lm_head is whole on every rank)")
+                    "and lm_head rows / tp (vocab-parallel)")
     args = ap.parse_args()
     tp = args.tp
     shapes = {"qkv": (12288 // tp, 4096), "dense": (4096, 4096 // tp), "gate_up": (22016 // tp, 4096),
-              "c_proj": (4096, 11008 // tp), "lm_head": (151936, 4096)}
+              "c_proj": (4096, 11008 // tp), "lm_head": (151936 // tp, 4096)}
     codes = args.format == "int8" and args.rows <= F.GEMV_ROWS  # int8 decode: the elementwise int8_gemv
     fp8 = args.format == "fp8" or codes
     weight_only = args.format == "int4" or (args.format == "int8" and not codes)
