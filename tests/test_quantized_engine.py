@@ -121,16 +121,24 @@ def test_quantized_engine_shares_the_unquantised_tensors():
         assert (got[k].data_ptr() == v.data_ptr()) == (k in state), k  # only the unquantised tensors are shared
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bench_engine times CUDA steps")
 def test_bench_engine_refuses_a_batch_its_kv_cache_cannot_hold(monkeypatch):
-    """A pool one block short of the static batch: no row (the batch would run in waves and its decode ms/token
-    would count a later wave's prefill); the full pool gives a row."""
+    """A pool one block short of the static batch, or with no block at all: QWenError, no row (the batch would run
+    in waves and its decode ms/token would count a later wave's prefill); the full pool gives a row (CUDA: the
+    timing needs it; the refusals come first and run anywhere)."""
+    from qwen_trtllm import QWenError
     from qwen_trtllm.evaluation import benchmark as bm
     from qwen_trtllm.runtime import executor
 
-    engine = bm.random_engine("tiny", max_batch_size=4, max_input_len=16, max_output_len=8)
-    row = bm.bench_engine(engine, 4, 16, 8, runs=1)
-    assert row is not None and row.batch == 4 and row.decode_ms_per_token > 0
+    cuda = torch.cuda.is_available()
+    engine = bm.random_engine("tiny", "float16" if cuda else "float32", "cuda" if cuda else "cpu", max_batch_size=4,
+                              max_input_len=16, max_output_len=8)
+    if cuda:
+        row = bm.bench_engine(engine, 4, 16, 8, runs=1)
+        assert row.batch == 4 and row.decode_ms_per_token > 0
     sized = executor.pool_size_in_blocks
     monkeypatch.setattr(executor, "pool_size_in_blocks", lambda *a, **k: sized(*a, **k) - 1)
-    assert bm.bench_engine(engine, 4, 16, 8, runs=1) is None
+    with pytest.raises(QWenError, match="the KV cache holds 192 tokens, 4 x 24 needs 256 in 64-token"):
+        bm.bench_engine(engine, 4, 16, 8, runs=1)
+    monkeypatch.setattr(executor, "pool_size_in_blocks", lambda *a, **k: 1)  # the null block only
+    with pytest.raises(QWenError, match="room for no block"):
+        bm.bench_engine(engine, 4, 16, 8, runs=1)

@@ -102,6 +102,23 @@ def test_rank_files_hold_only_their_shard(tp_engines):
         assert f.get_tensor("embed.weight").shape[0] == vocab  # the embedding is replicated
 
 
+def test_an_engine_with_the_whole_lm_head_per_rank_asks_for_a_rebuild(tp_engines, tmp_path):
+    """Rank files from before lm_head became vocab-parallel (the whole lm_head on every rank): one line naming it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qwen_trtllm import QWenError
+
+    old = tmp_path / "old_tp2"
+    shutil.copytree(tp_engines[2], old)
+    state = load_file(str(old / "rank0.safetensors"))
+    state["lm_head.weight"] = load_file(str(tp_engines[1] / "rank0.safetensors"))["lm_head.weight"]
+    save_file(state, str(old / "rank0.safetensors"))
+    with pytest.raises(QWenError, match="built before lm_head became vocab-parallel"):
+        Engine.load(old, device="cpu", rank=0, world_size=2)
+
+
 def test_tensor_parallel_must_divide_the_vocabulary():
     from qwen_trtllm import QWenError
     from qwen_trtllm.checkpoint.random_checkpoint import PRESETS

@@ -94,12 +94,11 @@ def main() -> int:
         eng = engine if quant is None else bm.quantized_engine(engine, quant, args.group_size, args.quantize_lm_head)
         for inp, out in pairs:
             for b in batches:
-                row = bm.bench_engine(eng, b, inp, out, args.runs, copy_gbs)
-                if row is None:  # on every rank (tensor parallel: the ranks agree on the pool)
-                    show(f"skipped batch {b} x {inp + out} tokens: their KV cache does not fit in GPU memory beside "
-                         f"the weights and a {b * inp}-token prefill's activations; lower --batch_size", flush=True)
+                try:
+                    rows.append(bm.bench_engine(eng, b, inp, out, args.runs, copy_gbs))
+                except QWenError as e:  # the KV cache cannot hold the batch: on every rank (they agree on the pool)
+                    show(f"skipped batch {b} x {inp + out} tokens: {e}", flush=True)
                     continue
-                rows.append(row)
                 show(bm.format_table(rows[-1:]).splitlines()[-1], flush=True)
         if quant is not None:
             del eng

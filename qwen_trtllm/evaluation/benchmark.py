@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from qwen_trtllm import QWenError
 from qwen_trtllm.builder.build import runtime_weights_from_hf
 from qwen_trtllm.builder.engine_format import DTYPES, BuildConfig, QuantizationConfig
 from qwen_trtllm.checkpoint.random_checkpoint import PRESETS, random_tensor
@@ -138,23 +139,26 @@ def static_batch_llm(engine: Engine, batch: int, input_len: int, output_len: int
 
 
 def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, runs: int = 3,
-                 copy_gbs: float | None = None) -> BenchRow | None:
+                 copy_gbs: float | None = None) -> BenchRow:
     """A static batch through the in-flight batching runtime: `batch` requests of input_len submitted together,
     all prompts in one prefill step (max_num_tokens = batch x input_len), output_len tokens each. Tensor parallel:
     every rank calls this, rank 0 times and returns the row, the other ranks follow its steps and return a row
     of NaN.
 
-    None (on every rank) when the KV cache pool, sized from the free device memory less the prefill's activation
-    reserve, cannot hold the whole batch: the requests would run in waves and decode ms/token would count the
-    later waves' prefill and decode too. RuntimeError if a prefill step leaves a request without its first
-    token."""
+    QWenError (on every rank: the ranks agree on the pool) when the KV cache pool, sized from the free device
+    memory less the prefill's activation reserve, cannot hold the whole batch: the requests would run in waves
+    and decode ms/token would count the later waves' prefill and decode too. RuntimeError if a prefill step
+    leaves a request without its first token (a scheduler bug)."""
     dev = engine.device
-    llm = static_batch_llm(engine, batch, input_len, output_len)
+    llm = static_batch_llm(engine, batch, input_len, output_len)  # QWenError: not one block fits
     ex = llm.executor
-    kv = ex.kv_cache
-    if kv.num_blocks - 1 < batch * -(-(input_len + output_len) // kv.tokens_per_block):  # same pool on every rank
+    kv, seq = ex.kv_cache, input_len + output_len
+    needed = batch * -(-seq // kv.tokens_per_block) * kv.tokens_per_block  # whole blocks per sequence
+    if kv.max_tokens < needed:
+        tokens, tpb = kv.max_tokens, kv.tokens_per_block
         release(llm)
-        return None
+        raise QWenError(f"the KV cache holds {tokens} tokens, {batch} x {seq} needs {needed} in {tpb}-token blocks, "
+                        f"beside the weights and a {batch * input_len}-token prefill's activations: lower --batch_size")
     g = torch.Generator().manual_seed(batch * 1000 + input_len)
     prompts = torch.randint(0, engine.config.vocab_size, (batch, input_len), generator=g).tolist()
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
@@ -168,9 +172,9 @@ def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, ru
         t0 = time.perf_counter()
         ex.step()  # the prefill step
         t1 = time.perf_counter()
-        if any(len(r.output_token_ids) != 1 for r in reqs):
+        if any(len(r.output_token_ids) != 1 for r in reqs):  # TTFT and decode ms/token would mix waves
             raise RuntimeError(f"the prefill step gave {sum(len(r.output_token_ids) == 1 for r in reqs)} of {batch} "
-                               "requests their first token: TTFT and decode ms/token would mix the batch's waves")
+                               "requests their first token although the KV cache holds them all: a scheduler bug")
         while ex.has_work:
             ex.step()
         t2 = time.perf_counter()

@@ -84,6 +84,9 @@ class Engine:
         got = {k: v.shape for k, v in state.items()}
         if expected != got:
             bad = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
+            if bad[0] == "lm_head.weight" and world_size > 1 and got[bad[0]][0] == config.vocab_size:
+                raise QWenError(f"{path} holds the whole lm_head: the engine was built before lm_head became "
+                                "vocab-parallel (V/tp rows per rank); rebuild it with examples/qwen/build.py")
             raise QWenError(f"{path} does not match its config.json (first mismatch: {bad[0]}): rebuild the engine")
         model.load_state_dict(state, assign=True)
         triton = use_triton_kernels(build, device)
