@@ -307,8 +307,8 @@ def select_config(M: int, N: int, K: int, precision: str, group_size: int = 128,
     --rows M; int8 at 1-4 rows sweeps int8_gemv, which the engine runs there): decode (M <= 16) streams the
     weights with 16-row tensor-core tiles split over K until about 3 (int4
     with N <= 4096: 4) programs per SM are in flight, each prefetching the first 256 bytes of its weight rows into
-    L2 before its PDL wait; M <= 64 uses 32/64-row tiles and about 1.5 programs per SM; prefill uses large tiles and
-    no split.
+    L2 before its PDL wait; M <= 64 uses 32/64-row tiles and about 1.5 programs per SM (int8 at 33-64 rows with
+    N <= 4096: 5 stages, H200 2026-12-01); prefill uses large tiles and no split.
     """
     sms = sm_count(device, 132) if device is not None else 132
     int4 = precision == "int4"
@@ -324,8 +324,9 @@ def select_config(M: int, N: int, K: int, precision: str, group_size: int = 128,
         cfg = WOConfig("mma", 16, 128 if narrow and long_k else 64, 256, num_warps=4,
                        num_stages=3 if narrow and not long_k else 4, group_m=1, prefetch=256, maxnreg=128)
         programs = sms if narrow and long_k else 3 * sms
-    elif M <= 64:
-        cfg = WOConfig("mma", triton.next_power_of_2(M), 128, 128, num_warps=4, num_stages=3, group_m=1)
+    elif M <= 64:  # int8's narrow outputs (dense, c_proj) at 33-64 rows: 5 stages (the H200 sweep at 64 rows)
+        stages = 5 if not int4 and N <= 4096 and M > 32 else 3
+        cfg = WOConfig("mma", triton.next_power_of_2(M), 128, 128, num_warps=4, num_stages=stages, group_m=1)
         programs = 3 * sms // 2
     elif int4:
         cfg, programs = WOConfig("mma", 64, 128, 128, num_warps=4, num_stages=3, group_m=8), 3 * sms // 2
