@@ -125,12 +125,17 @@ def decode_step_bytes(engine: Engine, batch: int, context: int) -> int:
     return weights + kv_cache_bytes(engine, batch, context)
 
 
+def static_batch_kv_tokens(batch: int, seq_len: int, tokens_per_block: int) -> int:
+    """KV cache tokens a static batch of `batch` sequences of seq_len tokens takes: whole blocks per sequence."""
+    return batch * -(-seq_len // tokens_per_block) * tokens_per_block
+
+
 def static_batch_llm(engine: Engine, batch: int, input_len: int, output_len: int,
                      tokens_per_block: int = 64) -> LLM:
     """An LLM sized for one static batch: `batch` requests of input_len prompt tokens and output_len output tokens,
     every prompt in one prefill step (max_num_tokens = batch x input_len), a KV cache of exactly their blocks."""
     seq = input_len + output_len
-    kv = KvCacheConfig(max_tokens=batch * -(-seq // tokens_per_block) * tokens_per_block,
+    kv = KvCacheConfig(max_tokens=static_batch_kv_tokens(batch, seq, tokens_per_block),
                        tokens_per_block=tokens_per_block)
     llm = LLM.from_engine(engine, config=ExecutorConfig(max_batch_size=batch, max_num_tokens=batch * input_len,
                                                         max_seq_len=seq, kv_cache=kv))
@@ -153,7 +158,7 @@ def bench_engine(engine: Engine, batch: int, input_len: int, output_len: int, ru
     llm = static_batch_llm(engine, batch, input_len, output_len)  # QWenError: not one block fits
     ex = llm.executor
     kv, seq = ex.kv_cache, input_len + output_len
-    needed = batch * -(-seq // kv.tokens_per_block) * kv.tokens_per_block  # whole blocks per sequence
+    needed = static_batch_kv_tokens(batch, seq, kv.tokens_per_block)
     if kv.max_tokens < needed:
         tokens, tpb = kv.max_tokens, kv.tokens_per_block
         release(llm)

@@ -390,7 +390,7 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
         tiles = grid[0]
     counters = arrival_counters(x.device, tiles) if split > 1 else y
     pdl = cfg.pdl and pdl_enabled(x.device)
-    wide = max(M * max(x.stride(0), N), split * M * N) >= 2**31  # int64 row offsets (int32 keeps decode lean)
+    wide = max(M * x.stride(0), split * M * N) >= 2**31  # x's rows, y and the partials: int64 row offsets past 2^31
     common = dict(INT4=int4, GROUP=group_size if int4 else 1, HAS_BIAS=bias is not None, SPLIT_K=split, WIDE=wide,
                   EVEN_K=K % bk == 0, BLOCK_N=cfg.block_n, BLOCK_K=bk, PDL=pdl,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
