@@ -245,6 +245,23 @@ def test_int8_gemv_matches_fp32_matmul_of_dequantised_weights(M, N, K, gated, dt
     assert y.shape == (M, N) and y.dtype == dtype and _rel(y.cpu(), ref) <= tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.float32, 1e-4)])
+def test_int8_gemv_offset_codes_with_biased_activations(dtype, tol):
+    """int8_gemv sums (q + 128) x and subtracts 128 sum x (the denormal scheme of kernels/fp8_gemv.py): with every
+    activation near 1 (and one outlier) the two sums are ~100x the result, the case where a wrong offset or its
+    float32 cancellation shows. fp16: the output's rounding; fp32: the documented bound (~1e-5 here)."""
+    from qwen_trtllm.kernels.fp8_gemv import int8_gemv
+
+    M, N, K = 2, 24, 4096
+    qw, s = quantize_int8(_weights(N, K, 5))
+    g = torch.Generator().manual_seed(6)
+    x = 1.0 + 0.1 * torch.randn(M, K, generator=g)
+    x[:, 7] = 300.0
+    ref = x.double() @ dequantize_int8(qw, s).double().T
+    y = int8_gemv(x.to(dtype).to(DEVICE), qw.to(DEVICE), s.to(DEVICE))
+    assert _rel(y.cpu(), ref) <= tol
+
+
 @pytest.mark.parametrize("gpu", ["H200", "H100"])
 def test_int8_gemv_gpu_configs(gpu):
     """Every int8 config of the code GEMV's table gives the product (here in the interpreter; shapes crossing two

@@ -1,8 +1,11 @@
 """The FP8 GEMV of decode: y = x @ (codes * scales)^T (+ bias) for 1-16 rows of x, e4m3 weights [N, K] streamed
 once from HBM (1 byte per weight, half of fp16's) with one float32 scale per output channel. The activations are
 not quantised (quantization/fp8.py says why). The elementwise kernel also runs weight-only int8 codes (int8_gemv:
-fp16 scales per output channel, 1-GEMV_ROWS rows), converted to float32 exactly with the 2^23 trick of
-kernels/weight_only_gemm.py: the same bytes per weight, so the same scheme.
+fp16 scales per output channel, 1-GEMV_ROWS rows): the same bytes per weight, so the same scheme, with the codes
+read as float32 denormals (below): sum q x = 2^85 sum ((q + 128) 2^-149)(x 2^64) - 128 sum x. Every product is
+exact; float32 accumulation of the offset sum adds a relative error of ~2^-24 |sum (q + 128) x| / |sum q x| (3e-6
+with every activation near 1 against 8e-7 near 0, tests/test_weight_only.py), far under an fp16 output's rounding.
+x must stay under 2^64 in magnitude (fp16 and bf16 activations do; fp32 beyond it gives inf).
 
 Two kernels, both giving each program BLOCK_N whole weight rows and walking K in BLOCK_K tiles:
   * `_fp8_gemv_kernel`, 1-GEMV_ROWS rows (decode at batch 1-4), the fp16 GEMV's scheme (kernels/gemv.py): each
@@ -37,19 +40,49 @@ import triton.language as tl
 from torch import Tensor
 
 from qwen_trtllm.kernels.activation import silu_times
-from qwen_trtllm.kernels.launch import gpu_model, l2_prefetch_bytes, l2_prefetch_rows, pdl_enabled, pdl_start
-from qwen_trtllm.kernels.weight_only_gemm import int8_to_float
+from qwen_trtllm.kernels.launch import (
+    gpu_model,
+    l2_prefetch_bytes,
+    l2_prefetch_rows,
+    pdl_enabled,
+    pdl_start,
+    runs_ptx,
+)
 
 GEMV_ROWS = 4  # rows up to which the elementwise kernel runs (tl.dot above)
 MAX_ROWS = 16
 PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+)
 
 
+# int8_gemv's codes as float32 denormals: the int32 q + 128 (0-255) read as a float32 is exactly (q + 128) 2^-149,
+# and times x 2^64 a normal float (q + 128) x 2^-85 for every nonzero fp16 x (no .ftz: the FFMA keeps denormal
+# operands exact). Two instructions per weight (the byte's move, the FFMA) instead of the 2^23 trick's four. On
+# CUDA inline PTX does four codes per 32-bit register: xor 0x80 per byte gives q + 128, prmt moves each byte to the
+# bottom of a zero word; the interpreter computes the same values in Triton.
+_I8_TO_DENORMAL_PTX = tl.constexpr("""{
+.reg .b32 t;
+xor.b32 t, $4, 0x80808080;
+prmt.b32 $0, t, 0, 0x4440;
+prmt.b32 $1, t, 0, 0x4441;
+prmt.b32 $2, t, 0, 0x4442;
+prmt.b32 $3, t, 0, 0x4443;
+}""")
+
+
+@triton.jit
+def _offset_denormals(codes, ASM: tl.constexpr):
+    """int8 codes q -> float32 (q + 128) * 2^-149, exact."""
+    if ASM:
+        return tl.inline_asm_elementwise(_I8_TO_DENORMAL_PTX, "=r,=r,=r,=r,r", [codes], dtype=tl.float32,
+                                         is_pure=True, pack=4)
+    return (codes.to(tl.int32) + 128).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr,
                      HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GATED: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                     VEC: tl.constexpr = 1, INT8: tl.constexpr = False):
+                     VEC: tl.constexpr = 1, INT8: tl.constexpr = False, ASM: tl.constexpr = False):
     pid = tl.program_id(0)
     n0 = pid * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -61,6 +94,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y
     pdl_start(PDL)
     for m in tl.static_range(M):  # each row re-reads W from L2, not HBM: programs finish a tile before moving on
         acc = tl.zeros((BLOCK_N, BLOCK_K // VEC), tl.float32)
+        if INT8:
+            xsum = tl.zeros((BLOCK_K,), tl.float32)  # sum x per lane: the offset's correction
         for k0 in tl.range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K:
@@ -74,16 +109,20 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y
                 xv = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
                 if GATED:
                     xv = silu_times(xv, tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0))
-            if INT8:  # int8 -> float32 exactly without the I2F unit (weight_only_gemm's 2^23 trick)
-                w = int8_to_float(codes, 0)
+            xf = xv.to(tl.float32)
+            if INT8:  # (q + 128) 2^-149 x 2^64 = (q + 128) x 2^-85, exact and never below 2^-126 (fp16 x)
+                prod = _offset_denormals(codes, ASM) * (xf * 18446744073709551616.0)[None, :]
+                xsum += xf
             else:  # e4m3 -> float32 exactly, one conversion
-                w = codes.to(tl.float32)
-            prod = w * xv.to(tl.float32)[None, :]
+                prod = codes.to(tl.float32) * xf[None, :]
             if VEC > 1:
                 acc += tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // VEC, VEC)), axis=2)
             else:
                 acc += prod
-        y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+        y = tl.sum(acc, axis=1)
+        if INT8:  # sum q x = 2^85 sum (q + 128) x 2^-85 - 128 sum x
+            y = y * 38685626227668133590597632.0 - 128.0 * tl.sum(xsum, axis=0)
+        y = y * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -149,15 +188,16 @@ class Fp8GemvConfig(NamedTuple):
 # the wide shapes (qkv 15.9 -> 14.3 us, gate_up 24.8 -> 23.8, e4m3 lm_head 162 -> 146; dense and the gated c_proj
 # are as fast or slower with it): batch 1 2.73 -> 2.65 ms (docs/PERF.md). The H100's
 # elementwise configs are unmeasured guesses (the fp16 GEMV's H100 table), its tl.dot ones the H200's.
-# "int8" (int8_gemv's codes, 1-GEMV_ROWS rows, not gated; gated takes "gated"): H200 from
-# `scripts/gpu_gemv_tune.py --format int8 --rows 1` (2026-12-01): 2048-code tiles for the wide shapes (qkv 17.2 ->
-# 15.3 us, gate_up 26.6 -> 25.3 against the e4m3 entry), the e4m3 narrow entry for dense (6.5 us). H100: the
-# e4m3 entries. A GPU without an entry takes the H100's.
+# "int8" (int8_gemv's codes, 1-GEMV_ROWS rows, not gated; gated takes "gated"): H200 from the 22-config sweep of
+# the denormal codes at batch 1 (docs/results/h200_decode5/int8_denormal.txt; `scripts/gpu_gemv_tune.py --format
+# int8 --rows 1` sweeps the same kernel): dense 5.6 us with (4, 2048, 2, 3, 16), gate_up 24.2 with (4, 1024, 2,
+# 3, 16) (qkv 15.2 with it, 14.8 with dense's); the gated c_proj keeps "gated" (15.5). H100: the e4m3 entries. A
+# GPU without an entry takes the H100's.
 _CONFIGS: dict[str, dict[str, tuple[Fp8GemvConfig, ...]]] = {
     "H200": {"gemv": (Fp8GemvConfig(4, 1024, 4, 3), Fp8GemvConfig(4, 512, 2, 2, 16)),
              "gated": (Fp8GemvConfig(8, 1024, 4, 3),),
              "mma": (Fp8GemvConfig(32, 512, 4, 4), Fp8GemvConfig(64, 256, 4, 4)),
-             "int8": (Fp8GemvConfig(4, 1024, 4, 3), Fp8GemvConfig(4, 2048, 2, 3, 16))},
+             "int8": (Fp8GemvConfig(4, 2048, 2, 3, 16), Fp8GemvConfig(4, 1024, 2, 3, 16))},
     "H100": {"gemv": (Fp8GemvConfig(16, 1024, 8, 3), Fp8GemvConfig(8, 1024, 8, 3)),
              "int8": (Fp8GemvConfig(16, 1024, 8, 3), Fp8GemvConfig(8, 1024, 8, 3)),
              "gated": (Fp8GemvConfig(16, 1024, 8, 3),),
@@ -242,7 +282,7 @@ def _code_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, 
     grid = (triton.cdiv(N, cfg.block_n),)
     if M <= GEMV_ROWS:
         _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, GATED=gated, VEC=cfg.sum_vec,
-                               INT8=code_dtype == torch.int8, **common)
+                               INT8=code_dtype == torch.int8, ASM=runs_ptx(x.device), **common)
     else:
         _fp8_mma_kernel[grid](*args, M, N, K, x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,
                               UPCAST=x.dtype == torch.bfloat16 and not x.is_cuda, BLOCK_M=16, **common)

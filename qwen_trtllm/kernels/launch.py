@@ -66,6 +66,14 @@ def gpu_model(device: torch.device) -> str:
     return next((m for m in TUNED_MODELS if m in name), "")
 
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # as when the kernel modules (imported after) are defined
+
+
+def runs_ptx(device: torch.device) -> bool:
+    """Whether kernels on `device` run compiled (CUDA, not Triton's interpreter), so inline PTX can run."""
+    return device.type == "cuda" and not _INTERPRETED
+
+
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL and prefetch weights (compiled CUDA on sm_90+)."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":

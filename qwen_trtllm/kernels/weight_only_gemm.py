@@ -22,7 +22,6 @@ four weights per 32-bit register (the interpreter and bf16 / fp32 x take the pla
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,11 +35,11 @@ from qwen_trtllm.kernels.launch import (
     l2_prefetch_rows,
     pdl_enabled,
     pdl_start,
+    runs_ptx,
     sm_count,
 )
 
 _XKIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # as when the kernels below are defined
 
 
 @triton.jit
@@ -400,7 +399,7 @@ def weight_only_matmul(x: Tensor, qweight: Tensor, scales: Tensor, precision: st
     if cfg.kernel == "gemv":
         _wo_gemv_kernel[grid](*args, ROWS=cfg.block_m, **common)
     else:
-        use_asm = cfg.asm and x.dtype == torch.float16 and x.is_cuda and not _INTERPRETED
+        use_asm = cfg.asm and x.dtype == torch.float16 and runs_ptx(x.device)
         row_bytes = (K - (split - 1) * k_per_split) // (2 if int4 else 1)  # the shortest (last) split's slice
         prefetch = l2_prefetch_bytes(x.device, cfg.prefetch, row_bytes, qweight.stride(0) * qweight.element_size())
         _wo_mma_kernel[grid](*args, XKIND=_XKIND[x.dtype], BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
