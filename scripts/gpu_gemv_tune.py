@@ -6,17 +6,17 @@ python3 scripts/gpu_gemv_tune.py [--rows 1] [--shapes qkv,...] [--format fp16|fp
                                  [--prefetch BYTES] [--tp 1|2|4|8]
 
 --format fp8 sweeps the FP8 GEMV (kernels/fp8_gemv.py: e4m3 weights, 1 byte each, fp16 activations) instead: its
-elementwise kernel for --rows 1-4, its tl.dot kernel for 5-16, each over that kernel's configs
+elementwise kernel for --rows 1, its tl.dot kernel for 2-16, each over that kernel's configs
 (Fp8GemvConfig), on the fp8 engine's shapes (its lm_head is e4m3 with build.py --use_fp8 --quantize_lm_head).
 GB/s count the e4m3 bytes, so they compare with the fp16 sweep's per byte. --gated times c_proj as the MLP runs
 it (x = [gate | up], SiLU*mul fused); --prefetch sets the bytes of each weight row prefetched into L2 before the
 PDL wait (default: the kernel module's PREFETCH_BYTES).
 
---format int8 at --rows 1-4 sweeps what the engine runs there: the FP8 GEMV's elementwise kernel on int8 codes
+--format int8 at --rows 1 sweeps what the engine runs there: the FP8 GEMV's elementwise kernel on int8 codes
 (kernels/fp8_gemv.py int8_gemv, the fp8 configs; --gated and --prefetch as for fp8). The fp8 and int8 GEMV
 sweeps also print the cuBLAS fp16 line first (not --gated) and check each config as below; their GB/s count the
 codes and scales.
---format int8 above 4 rows, and int4, sweep the weight-only matmul (kernels/weight_only_gemm.py: int8 per output
+--format int8 above 1 row, and int4, sweep the weight-only matmul (kernels/weight_only_gemm.py: int8 per output
 channel, int4 in groups of 128, as build.py --use_weight_only quantises) over configs around select_config's
 choice (each one a compile): the engine runs it at those --rows, decode and prefill alike (select_config: up to
 16 rows 16-row tensor-core tiles split over K; 17-64 rows one tile of the rows rounded up to a power of two;
@@ -205,15 +205,15 @@ def tune_wo(name: str, N: int, K: int, rows: int, precision: str) -> None:
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--rows", type=int, default=1,
-                    help="rows of x: the decode batch (fp16: 1-4, fp8: 1-16; int8 / int4: any, prefill tokens too)")
+                    help="rows of x: the decode batch (fp16: 1, fp8: 1-16; int8 / int4: any, prefill tokens too)")
     ap.add_argument("--shapes", default=None, help="default qkv,dense,gate_up,c_proj,lm_head")
     ap.add_argument("--format", choices=("fp16", "fp8", "int8", "int4"), default="fp16",
-                    help="fp16 GEMV, fp8 GEMV, int8 at --rows 1-4: int8_gemv (the fp8 GEMV's kernel); otherwise "
+                    help="fp16 GEMV, fp8 GEMV, int8 at --rows 1: int8_gemv (the fp8 GEMV's kernel); otherwise "
                     "the int8 / int4 (group 128) weight-only matmul")
     ap.add_argument("--gated", action="store_true",
-                    help="c_proj with SiLU*mul fused, as the MLP runs it (fp16; fp8 and int8 at --rows 1-4)")
+                    help="c_proj with SiLU*mul fused, as the MLP runs it (fp16; fp8 and int8 at --rows 1)")
     ap.add_argument("--prefetch", type=int, default=None,
-                    help="L2 prefetch bytes per weight row (sm_90+; fp16, fp8, int8 at --rows 1-4: the weight-only "
+                    help="L2 prefetch bytes per weight row (sm_90+; fp16, fp8, int8 at --rows 1: the weight-only "
                     "matmul's configs carry their own)")
     ap.add_argument("--tp", type=int, default=1, choices=(1, 2, 4, 8),
                     help="one tensor-parallel rank's shapes: qkv and gate_up rows / tp, dense and c_proj columns / tp "
@@ -228,13 +228,13 @@ def main() -> None:
     if args.rows < 1:
         ap.error("--rows takes 1 or more")
     if args.format == "fp16" and args.rows > G.MAX_ROWS:
-        ap.error(f"--format fp16 takes --rows 1-{G.MAX_ROWS} (above, the engine runs cuBLAS)")
+        ap.error(f"--format fp16 takes --rows {G.MAX_ROWS} (above, the engine runs cuBLAS)")
     if fp8 and not 1 <= args.rows <= F.MAX_ROWS:
         ap.error(f"--format fp8 takes --rows 1-{F.MAX_ROWS} (above, the engine runs torch._scaled_mm)")
     if fp8 and args.gated and args.rows > F.GEMV_ROWS:
-        ap.error(f"--format fp8 --gated takes --rows 1-{F.GEMV_ROWS} (above, silu_mul runs before the GEMV)")
+        ap.error(f"--format fp8 --gated takes --rows {F.GEMV_ROWS} (above, silu_mul runs before the GEMV)")
     if weight_only and (args.gated or args.prefetch is not None):
-        ap.error("--gated and --prefetch are for --format fp16 / fp8, and int8 at --rows 1-4 (the weight-only "
+        ap.error("--gated and --prefetch are for --format fp16 / fp8, and int8 at --rows 1 (the weight-only "
                  "matmul fuses no SiLU*mul; its configs carry their own prefetch)")
     names = (args.shapes if args.shapes is not None else "qkv,dense,gate_up,c_proj,lm_head").split(",")
     unknown = [n for n in names if n not in shapes]

@@ -13,7 +13,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # even K, K % 512 != 0, ragged N and K; several row blocks (BLOCK_N is 64 in the interpreter, 8 or 16 on CUDA)
 @pytest.mark.parametrize("N,K", [(24, 512), (40, 768), (33, 1000), (150, 96)])
-@pytest.mark.parametrize("rows", [1, MAX_ROWS])
+@pytest.mark.parametrize("rows", [MAX_ROWS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gemv_matches_fp32_matmul(N, K, rows, dtype):
     g = torch.Generator().manual_seed(N * K + rows)
@@ -53,9 +53,9 @@ def gemv_calls(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("rows", [1, MAX_ROWS, MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [MAX_ROWS, MAX_ROWS + 1, 4])
 def test_linear_runs_the_kernel_for_decode_rows_only(rows, gemv_calls):
-    """Decode-sized inputs go through the GEMV kernel (on CPU in Triton's interpreter), larger ones to F.linear."""
+    """One row (batch-1 decode) goes through the GEMV kernel (on CPU in Triton's interpreter), more to F.linear."""
     assert triton_available(DEVICE)  # tests/conftest.py switches the interpreter on off CUDA
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 1000, generator=g).to(DEVICE)
@@ -72,13 +72,13 @@ def test_gated_gemv_fuses_silu_mul(K, dtype, gemv_calls):
     from qwen_trtllm.kernels import silu_mul_reference
 
     g = torch.Generator().manual_seed(K)
-    gu = torch.randn(2, 1, 2 * K, generator=g).to(DEVICE, dtype)
+    gu = torch.randn(1, 1, 2 * K, generator=g).to(DEVICE, dtype)
     w = (torch.randn(40, K, generator=g) * K**-0.5).to(DEVICE, dtype)
     ref = torch.nn.functional.linear(silu_mul_reference(gu).double(), w.double())
     got = gemv(gu, w, gated=True)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
-    assert got.shape == (2, 1, 40) and rel_err(got, ref) < tol
-    assert rel_err(linear(gu, w, gated=True), ref) < tol and gemv_calls == [2]  # through linear: the kernel
+    assert got.shape == (1, 1, 40) and rel_err(got, ref) < tol
+    assert rel_err(linear(gu, w, gated=True), ref) < tol and gemv_calls == [1]  # through linear: the kernel
     big = torch.randn(MAX_ROWS + 1, 2 * K, generator=g).to(DEVICE, dtype)  # the fallback: silu_mul, then F.linear
     ref_big = torch.nn.functional.linear(silu_mul_reference(big).double(), w.double())
-    assert rel_err(linear(big, w, gated=True), ref_big) < tol and gemv_calls == [2]
+    assert rel_err(linear(big, w, gated=True), ref_big) < tol and gemv_calls == [1]

@@ -73,9 +73,9 @@ def test_group_size_not_dividing_is_one_line_error(tiny_checkpoint, tmp_path):
 
 def test_int8_engine_triton_path_matches_plain(tiny_checkpoint, tmp_path, monkeypatch):
     """A float32 int8 engine with its Triton kernels (the interpreter on CPU) against its PyTorch path (dequantise
-    + F.linear): the same teacher-forced logits to float32 rounding. Its batch-3 decode steps take int8_gemv
-    (kernels/fp8_gemv.py) in every linear layer, with SiLU*mul fused into c_proj; the prefill takes the weight-only
-    matmul (tests/test_weight_only.py covers that kernel and the routing at every row count)."""
+    + F.linear): the same teacher-forced logits to float32 rounding. Batch-1 decode steps take int8_gemv
+    (kernels/fp8_gemv.py) in every linear layer, with SiLU*mul fused into c_proj; the prefills and batch-3 decode
+    take the weight-only matmul (tests/test_weight_only.py covers that kernel and the routing at every row count)."""
 
     import qwen_trtllm.kernels.fp8_gemv as fp8_gemv_mod
     from qwen_trtllm.builder.build import build_engine
@@ -94,12 +94,13 @@ def test_int8_engine_triton_path_matches_plain(tiny_checkpoint, tmp_path, monkey
                         or real(x, *a, gated=gated, **k))
     llm = LLM.from_engine(engine, config=ExecutorConfig(kv_cache=KvCacheConfig(max_tokens=3 * 64), cuda_graphs=False))
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=g).tolist() for n in (5, 3, 4)]
-    forced = torch.randint(0, engine.config.vocab_size, (3, 3), generator=g)
-    assert_triton_path_matches_plain(engine, llm, prompts, forced)
-    layers = engine.config.num_hidden_layers  # 2 decode steps of 3 rows: qkv, dense, gate_up, gated c_proj
-    assert sorted(set(rows)) == [(3, False), (3, True)] and len(rows) == 2 * layers * 4
-    assert rows.count((3, True)) == 2 * layers
+    for lens in ((5, 3, 4), (6,)):
+        prompts = [torch.randint(0, engine.config.vocab_size, (n,), generator=g).tolist() for n in lens]
+        forced = torch.randint(0, engine.config.vocab_size, (len(lens), 3), generator=g)
+        assert_triton_path_matches_plain(engine, llm, prompts, forced)
+    layers = engine.config.num_hidden_layers  # 2 decode steps of 1 row: qkv, dense, gate_up, gated c_proj
+    assert sorted(set(rows)) == [(1, False), (1, True)] and len(rows) == 2 * layers * 4
+    assert rows.count((1, True)) == 2 * layers
 
 
 def test_quantized_engine_shares_the_unquantised_tensors():

@@ -1,28 +1,30 @@
 """The FP8 GEMV of decode: y = x @ (codes * scales)^T (+ bias) for 1-16 rows of x, e4m3 weights [N, K] streamed
 once from HBM (1 byte per weight, half of fp16's) with one float32 scale per output channel. The activations are
 not quantised (quantization/fp8.py says why). The elementwise kernel also runs weight-only int8 codes (int8_gemv:
-fp16 scales per output channel, 1-GEMV_ROWS rows): the same bytes per weight, so the same scheme, with the codes
+fp16 scales per output channel, one row): the same bytes per weight, so the same scheme, with the codes
 read as float32 denormals (below): sum q x = 2^85 sum ((q + 128) 2^-149)(x 2^64) - 128 sum x. Every product is
 exact; float32 accumulation of the offset sum adds a relative error of ~2^-24 |sum (q + 128) x| / |sum q x| (3e-6
 with every activation near 1 against 8e-7 near 0, tests/test_weight_only.py), far under an fp16 output's rounding.
 x must stay under 2^64 in magnitude (fp16 and bf16 activations do; fp32 beyond it gives inf).
 
 Two kernels, both giving each program BLOCK_N whole weight rows and walking K in BLOCK_K tiles:
-  * `_fp8_gemv_kernel`, 1-GEMV_ROWS rows (decode at batch 1-4), the fp16 GEMV's scheme (kernels/gemv.py): each
+  * `_fp8_gemv_kernel`, one row (decode at batch 1), the fp16 GEMV's scheme (kernels/gemv.py): each
     e4m3 tile [BLOCK_N, BLOCK_K] (BLOCK_K bytes per row) is converted once, straight to float32, multiplied
     elementwise with the activation tile in float32 and accumulated in a [BLOCK_N, BLOCK_K] float32 tile that is
     reduced over K once at the end (config sum_vec > 1: each tile's products are first summed in groups of sum_vec
     adjacent ones, inside a thread, into a [BLOCK_N, BLOCK_K / sum_vec] accumulator: fewer registers, so more
-    programs and loads in flight per SM); one x row after another (the later rows re-read the weights from L2).
-  * `_fp8_mma_kernel`, GEMV_ROWS+1 to MAX_ROWS rows: tl.dot on 16-row tiles (rows padded with zeros), the codes
+    programs and loads in flight per SM). Only one row: each further row would go through the same per-weight
+    instructions again (re-reading the weights from L2), so at 2-4 rows the tl.dot kernel is 1.2-2.3x faster
+    per step (H200, docs/results/h200_decode5/gemv_rows_ab.txt: int8 batch 4 7.68 -> 3.37 ms, fp8 7.02 -> 3.91).
+  * `_fp8_mma_kernel`, 2 to MAX_ROWS rows: tl.dot on 16-row tiles (rows padded with zeros), the codes
     converted straight to x's dtype (exact: e4m3's 3 mantissa bits and exponent range fit fp16 and bf16),
     float32 accumulation; fp32 activations in full IEEE precision; bf16 ones in float32 under the interpreter,
     whose tl.dot misreads bf16.
 In both the per-channel scale multiplies the accumulated row once at the end, then the bias is added (float32),
-then the row is rounded to x's dtype. gated=True (elementwise kernel only, 1-GEMV_ROWS rows) reads x as
+then the row is rounded to x's dtype. gated=True (elementwise kernel only, one row) reads x as
 [gate | up] ([M, 2K]) and multiplies with SiLU(gate) * up (silu_times: silu_mul's roundings, never written to
 memory), the MLP's c_proj; the tl.dot kernel would recompute SiLU on whole 16-row tiles in every program (13.0 ms
-at batch 16 on the H200 against 5.56 without, and a failed GPU test), so above GEMV_ROWS silu_mul runs first.
+at batch 16 on the H200 against 5.56 without, and a failed GPU test), so above one row silu_mul runs first.
 On sm_90+ both launch with programmatic dependent launch and prefetch the first PREFETCH_BYTES of each weight
 row into L2 before waiting for the previous kernel (kernels/launch.py). Launch configs come from the GPU model
 and static shapes only (`default_config`): CUDA-graph safe. The codes are only loaded and widened, never produced, so
@@ -49,7 +51,7 @@ from qwen_trtllm.kernels.launch import (
     runs_ptx,
 )
 
-GEMV_ROWS = 4  # rows up to which the elementwise kernel runs (tl.dot above)
+GEMV_ROWS = 1  # rows up to which the elementwise kernel runs (tl.dot above): one, the module docstring says why
 MAX_ROWS = 16
 PREFETCH_BYTES = 1024  # of each weight row, into L2 before the PDL wait (sm_90+)
 
@@ -79,8 +81,8 @@ def _offset_denormals(codes, ASM: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y, M: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GATED: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
                      VEC: tl.constexpr = 1, INT8: tl.constexpr = False, ASM: tl.constexpr = False):
     pid = tl.program_id(0)
@@ -92,40 +94,39 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_x, stride_y
     if PREFETCH > 0:  # the weights never depend on the previous kernel: start streaming them before the wait
         l2_prefetch_rows(w_blk + row_off, PREFETCH)
     pdl_start(PDL)
-    for m in tl.static_range(M):  # each row re-reads W from L2, not HBM: programs finish a tile before moving on
-        acc = tl.zeros((BLOCK_N, BLOCK_K // VEC), tl.float32)
-        if INT8:
-            xsum = tl.zeros((BLOCK_K,), tl.float32)  # sum x per lane: the offset's correction
-        for k0 in tl.range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                codes = tl.load(w_blk + row_off[:, None] + offs_k[None, :])
-                xv = tl.load(x_ptr + m * stride_x + offs_k)
-                if GATED:  # x row = [gate | up]: SiLU(gate) * up with silu_mul's roundings
-                    xv = silu_times(xv, tl.load(x_ptr + m * stride_x + K + offs_k))
-            else:
-                k_ok = offs_k < K
-                codes = tl.load(w_blk + row_off[:, None] + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-                xv = tl.load(x_ptr + m * stride_x + offs_k, mask=k_ok, other=0.0)
-                if GATED:
-                    xv = silu_times(xv, tl.load(x_ptr + m * stride_x + K + offs_k, mask=k_ok, other=0.0))
-            xf = xv.to(tl.float32)
-            if INT8:  # (q + 128) 2^-149 x 2^64 = (q + 128) x 2^-85, exact and never below 2^-126 (fp16 x)
-                prod = _offset_denormals(codes, ASM) * (xf * 18446744073709551616.0)[None, :]
-                xsum += xf
-            else:  # e4m3 -> float32 exactly, one conversion
-                prod = codes.to(tl.float32) * xf[None, :]
-            if VEC > 1:
-                acc += tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // VEC, VEC)), axis=2)
-            else:
-                acc += prod
-        y = tl.sum(acc, axis=1)
-        if INT8:  # sum q x = 2^85 sum (q + 128) x 2^-85 - 128 sum x
-            y = y * 38685626227668133590597632.0 - 128.0 * tl.sum(xsum, axis=0)
-        y = y * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_y + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // VEC), tl.float32)
+    if INT8:
+        xsum = tl.zeros((BLOCK_K,), tl.float32)  # sum x per lane: the offset's correction
+    for k0 in tl.range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            codes = tl.load(w_blk + row_off[:, None] + offs_k[None, :])
+            xv = tl.load(x_ptr + offs_k)
+            if GATED:  # x row = [gate | up]: SiLU(gate) * up with silu_mul's roundings
+                xv = silu_times(xv, tl.load(x_ptr + K + offs_k))
+        else:
+            k_ok = offs_k < K
+            codes = tl.load(w_blk + row_off[:, None] + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            xv = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+            if GATED:
+                xv = silu_times(xv, tl.load(x_ptr + K + offs_k, mask=k_ok, other=0.0))
+        xf = xv.to(tl.float32)
+        if INT8:  # (q + 128) 2^-149 x 2^64 = (q + 128) x 2^-85, exact and never below 2^-126 (fp16 x)
+            prod = _offset_denormals(codes, ASM) * (xf * 18446744073709551616.0)[None, :]
+            xsum += xf
+        else:  # e4m3 -> float32 exactly, one conversion
+            prod = codes.to(tl.float32) * xf[None, :]
+        if VEC > 1:
+            acc += tl.sum(tl.reshape(prod, (BLOCK_N, BLOCK_K // VEC, VEC)), axis=2)
+        else:
+            acc += prod
+    y = tl.sum(acc, axis=1)
+    if INT8:  # sum q x = 2^85 sum (q + 128) x 2^-85 - 128 sum x
+        y = y * 38685626227668133590597632.0 - 128.0 * tl.sum(xsum, axis=0)
+    y = y * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -178,7 +179,7 @@ class Fp8GemvConfig(NamedTuple):
     sum_vec: int = 1
 
 
-# Configs per GPU model (launch.gpu_model): "gemv" (the elementwise kernel, <= GEMV_ROWS rows) and "mma" (the tl.dot
+# Configs per GPU model (launch.gpu_model): "gemv" (the elementwise kernel, one row) and "mma" (the tl.dot
 # kernel, above) as (narrow, wide): narrow for N <= 4096 (Qwen-7B's dense and c_proj), wide above (qkv, gate_up);
 # "gated": c_proj with SiLU*mul fused (the elementwise kernel). H200: the bests of
 # `scripts/gpu_gemv_tune.py --format fp8 --rows 1 | --rows 1 --shapes c_proj --gated | --rows 8 | --rows 16`
@@ -188,7 +189,7 @@ class Fp8GemvConfig(NamedTuple):
 # the wide shapes (qkv 15.9 -> 14.3 us, gate_up 24.8 -> 23.8, e4m3 lm_head 162 -> 146; dense and the gated c_proj
 # are as fast or slower with it): batch 1 2.73 -> 2.65 ms (docs/PERF.md). The H100's
 # elementwise configs are unmeasured guesses (the fp16 GEMV's H100 table), its tl.dot ones the H200's.
-# "int8" (int8_gemv's codes, 1-GEMV_ROWS rows, not gated; gated takes "gated"): H200 from the 22-config sweep of
+# "int8" (int8_gemv's codes, one row, not gated; gated takes "gated"): H200 from the 22-config sweep of
 # the denormal codes at batch 1 (docs/results/h200_decode5/int8_denormal.txt; `scripts/gpu_gemv_tune.py --format
 # int8 --rows 1` sweeps the same kernel): dense 5.6 us with (4, 2048, 2, 3, 16), gate_up 24.2 with (4, 1024, 2,
 # 3, 16) (qkv 15.2 with it, 14.8 with dense's); the gated c_proj keeps "gated" (15.5). H100: the e4m3 entries. A
@@ -224,7 +225,7 @@ def default_config(N: int, K: int, device: torch.device, rows: int = 1, gated: b
 def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, gated: bool = False,
              config: Fp8GemvConfig | None = None) -> Tensor:
     """x [M, K] (M <= 16; fp16/bf16/fp32) @ (qweight e4m3 [N, K] * scales float32 [N])^T (+ bias [N]) -> [M, N]
-    in x.dtype. gated (M <= GEMV_ROWS): x is [M, 2K] = [gate | up] and the product uses SiLU(gate) * up. config:
+    in x.dtype. gated (M = 1): x is [M, 2K] = [gate | up] and the product uses SiLU(gate) * up. config:
     the launch parameters (default_config's by default; the tuner passes its own). ValueError naming each
     problem for other shapes or dtypes, or a bias that is not [N]."""
     return _code_gemv(x, qweight, scales, bias, gated, config, torch.float8_e4m3fn, torch.float32, MAX_ROWS)
@@ -232,8 +233,8 @@ def fp8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = N
 
 def int8_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, gated: bool = False,
               config: Fp8GemvConfig | None = None) -> Tensor:
-    """Weight-only int8 (quantization/weight_only.py's layout) through the elementwise kernel: x [M, K] (M <=
-    GEMV_ROWS; fp16/bf16/fp32) @ (qweight int8 [N, K] * scales fp16 [N])^T (+ bias [N]) -> [M, N] in x.dtype,
+    """Weight-only int8 (quantization/weight_only.py's layout) through the elementwise kernel: x [M, K] (M =
+    GEMV_ROWS = 1; fp16/bf16/fp32) @ (qweight int8 [N, K] * scales fp16 [N])^T (+ bias [N]) -> [M, N] in x.dtype,
     float32 products and accumulation, the scale once per row. The same bytes per weight as e4m3, so the same
     configs. gated, config and the ValueError as in fp8_gemv."""
     return _code_gemv(x, qweight, scales, bias, gated, config, torch.int8, torch.float16, GEMV_ROWS)
@@ -252,7 +253,8 @@ def _check_codes(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None
     most = GEMV_ROWS if gated else max_rows
     problems = []
     if not 0 < M <= most:
-        problems.append(f"x has {M} rows, the kernel takes 1-{most}{' with gated' if gated else ''}")
+        takes = f"1-{most}" if most > 1 else "1"
+        problems.append(f"x has {M} rows, the kernel takes {takes}{' with gated' if gated else ''}")
     if gated and KX % 2:
         problems.append(f"gated x [{M}, {KX}] must be [gate | up], an even width")
     if qweight.dtype != code_dtype or qweight.dim() != 2 or qweight.shape[1] != K or not qweight.is_contiguous():
@@ -281,7 +283,7 @@ def _code_gemv(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, 
     args = (x, qweight, scales, bias if bias is not None else scales, y)
     grid = (triton.cdiv(N, cfg.block_n),)
     if M <= GEMV_ROWS:
-        _fp8_gemv_kernel[grid](*args, N, K, x.stride(0), y.stride(0), M=M, GATED=gated, VEC=cfg.sum_vec,
+        _fp8_gemv_kernel[grid](*args, N, K, GATED=gated, VEC=cfg.sum_vec,
                                INT8=code_dtype == torch.int8, ASM=runs_ptx(x.device), **common)
     else:
         _fp8_mma_kernel[grid](*args, M, N, K, x.stride(0), y.stride(0), IEEE=x.dtype == torch.float32,

@@ -4,7 +4,7 @@ memory; accumulation is fp32; the output has x's dtype (fp16, bf16 or fp32).
 
 `_wo_mma_kernel` does every M: BLOCK_M x BLOCK_N tiles on the tensor cores (16-row tiles for decode, where only
 the weight bytes matter), the int tile converted to x's dtype in registers after a pipelined (cp.async) load.
-(The engine's int8 layers at 1-4 rows run kernels/fp8_gemv.py's int8_gemv instead: WeightOnlyLinear.forward.)
+(The engine's int8 layers at one row run kernels/fp8_gemv.py's int8_gemv instead: WeightOnlyLinear.forward.)
 int8: one dot chain per tile, the per-channel scale applied at the end. int4: per K tile (BLOCK_K divides the
 group) two dots, even k against the low nibbles and odd k against the high ones, scaled by the group's scale in
 fp32. `_wo_gemv_kernel` (CUDA-core products, ROWS rows of x per program) serves int4 groups under 32 columns.
@@ -303,7 +303,7 @@ def select_config(M: int, N: int, K: int, precision: str, group_size: int = 128,
     """The launch configuration for a static shape: the same choice for the same shapes, no autotuning.
 
     Picked from sweeps on an H100 over Qwen-7B's shapes (now: scripts/gpu_gemv_tune.py --format int8|int4
-    --rows M; int8 at 1-4 rows sweeps int8_gemv, which the engine runs there): decode (M <= 16) streams the
+    --rows M; int8 at 1 row sweeps int8_gemv, which the engine runs there): decode (M <= 16) streams the
     weights with 16-row tensor-core tiles split over K until about 3 (int4
     with N <= 4096: 4) programs per SM are in flight, each prefetching the first 256 bytes of its weight rows into
     L2 before its PDL wait; M <= 64 uses 32/64-row tiles and about 1.5 programs per SM (int8 at 33-64 rows with

@@ -39,7 +39,7 @@ FP8_MAX = QMAX[FP8_DTYPE]  # the largest finite e4m3 value
 GEMV_MAX_ROWS = 16
 # Rows up to which the MLP's c_proj hands the GEMV [gate | up] and SiLU*mul is fused: its elementwise kernel's
 # (kernels/fp8_gemv.py GEMV_ROWS, which says why not above); above, silu_mul runs first.
-GATED_MAX_ROWS = 4
+GATED_MAX_ROWS = 1
 SCALE_MIN = 2.0**-30  # keeps all-zero rows from a zero scale (their codes are 0 whatever the scale)
 MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada (sm_89), Hopper (sm_90) and later
 

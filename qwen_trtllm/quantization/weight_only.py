@@ -25,7 +25,7 @@ from qwen_trtllm import QWenError
 from qwen_trtllm.models.qwen.weights import ENGINE_LINEARS
 
 PRECISIONS = ("int8", "int4")
-GEMV_ROWS = 4  # rows up to which int8 layers run int8_gemv: kernels/fp8_gemv.py's GEMV_ROWS (a test checks)
+GEMV_ROWS = 1  # rows up to which int8 layers run int8_gemv: kernels/fp8_gemv.py's GEMV_ROWS (a test checks)
 KINDS = PRECISIONS + ("fp8",)  # what the model-level functions below take: fp8 = quantization/fp8.py's Fp8Linear
 # The runtime's linear layers that weight-only quantisation replaces (lm_head only on request).
 QUANTIZED_LAYERS = ENGINE_LINEARS  # ("attn.qkv", "attn.dense", "mlp.gate_up", "mlp.c_proj")
@@ -150,7 +150,7 @@ class WeightOnlyLinear(nn.Module):
     Buffers: qweight (int8 [out, in] | uint8 [out, in/2]), scales (fp16 [out] | [out, in/group_size]),
     bias (optional, [out], the engine dtype). use_triton: None = the kernels on CUDA, the dequantise + F.linear
     fallback elsewhere; True also runs them on CPU under TRITON_INTERPRET=1 (tests); False never. The kernels:
-    int8 at 1-GEMV_ROWS rows the elementwise 1-byte-code GEMV (kernels/fp8_gemv.py int8_gemv: CUDA-core products,
+    int8 at one row (GEMV_ROWS) the elementwise 1-byte-code GEMV (kernels/fp8_gemv.py int8_gemv: CUDA-core products,
     as the fp16 and e4m3 GEMVs), otherwise kernels/weight_only_gemm.py. accepts_gated: forward(x, gated=True)
     takes the MLP's [gate | up] and applies SiLU(gate) * up itself (inside int8_gemv, else silu_mul first).
     """
