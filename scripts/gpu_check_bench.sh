@@ -70,8 +70,8 @@ the other GPU tools (run them directly, PYTHONPATH=$PWD, from the repository roo
   python3 scripts/profile_decode.py [--batch 1] [--context 128] [--quant int8|int4|fp8] [--ablate ...]
   python3 scripts/gpu_gemv_tune.py [--rows 1] [--shapes qkv,dense,gate_up,c_proj,lm_head]
                                   [--format fp16|fp8|int8|int4] [--gated] [--prefetch BYTES]
-                                  (fp8: kernels/fp8_gemv.py's _CONFIGS; int8 / int4: the weight-only matmul at
-                                  any --rows, e.g. --format int8 --rows 1|16|64|1024, cuBLAS fp16 beside)
+                                  (fp8 and int8 at --rows 1: kernels/fp8_gemv.py's _CONFIGS; int8 above 1 row and
+                                  int4: the weight-only matmul, e.g. --format int8 --rows 16|64|1024, cuBLAS fp16 beside)
   python3 scripts/gpu_kernel_bench.py [--quick] [--batches 1,8,64,256,512] [--contexts 128,2048]
 EOF
 }

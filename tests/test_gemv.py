@@ -63,6 +63,8 @@ def test_linear_runs_the_kernel_for_decode_rows_only(rows, gemv_calls):
     got = linear(x, w, b)
     assert gemv_calls == ([rows] if rows <= MAX_ROWS else [])
     assert rel_err(got, torch.nn.functional.linear(x.double(), w.double(), b.double())) < 1e-5
+    none = linear(x[:0], w, b)  # no rows: F.linear's empty product, never the kernel
+    assert none.shape == (0, 40) and gemv_calls == ([rows] if rows <= MAX_ROWS else [])
 
 
 @pytest.mark.parametrize("K", [512, 1000])

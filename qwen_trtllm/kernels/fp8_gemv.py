@@ -3,9 +3,11 @@ once from HBM (1 byte per weight, half of fp16's) with one float32 scale per out
 not quantised (quantization/fp8.py says why). The elementwise kernel also runs weight-only int8 codes (int8_gemv:
 fp16 scales per output channel, one row): the same bytes per weight, so the same scheme, with the codes
 read as float32 denormals (below): sum q x = 2^85 sum ((q + 128) 2^-149)(x 2^64) - 128 sum x. Every product is
-exact; float32 accumulation of the offset sum adds a relative error of ~2^-24 |sum (q + 128) x| / |sum q x| (3e-6
-with every activation near 1 against 8e-7 near 0, tests/test_weight_only.py), far under an fp16 output's rounding.
-x must stay under 2^64 in magnitude (fp16 and bf16 activations do; fp32 beyond it gives inf).
+exact (fp16 / bf16 x); float32 accumulation of the offset sum adds a relative error of ~2^-24 |sum (q + 128) x| /
+|sum q x| (3e-6 with every activation near 1 against 8e-7 near 0, tests/test_weight_only.py), far under an fp16
+output's rounding.
+x must stay under 2^64 in magnitude (fp16 activations always do; bf16 / fp32 beyond it give inf), and bf16 / fp32
+x under 2^-41 lose relative precision (their products are denormal); every fp16 x is in range.
 
 Two kernels, both giving each program BLOCK_N whole weight rows and walking K in BLOCK_K tiles:
   * `_fp8_gemv_kernel`, one row (decode at batch 1), the fp16 GEMV's scheme (kernels/gemv.py): each
@@ -14,8 +16,9 @@ Two kernels, both giving each program BLOCK_N whole weight rows and walking K in
     reduced over K once at the end (config sum_vec > 1: each tile's products are first summed in groups of sum_vec
     adjacent ones, inside a thread, into a [BLOCK_N, BLOCK_K / sum_vec] accumulator: fewer registers, so more
     programs and loads in flight per SM). Only one row: each further row would go through the same per-weight
-    instructions again (re-reading the weights from L2), so at 2-4 rows the tl.dot kernel is 1.2-2.3x faster
-    per step (H200, docs/results/h200_decode5/gemv_rows_ab.txt: int8 batch 4 7.68 -> 3.37 ms, fp8 7.02 -> 3.91).
+    instructions again (re-reading the weights from L2), so at 2-4 rows the tensor-core kernels (the tl.dot one
+    below for e4m3, kernels/weight_only_gemm.py for int8) are 1.2-2.3x faster per step (H200,
+    docs/results/h200_decode5/gemv_rows_ab.txt: int8 batch 4 7.68 -> 3.37 ms, fp8 7.02 -> 3.91).
   * `_fp8_mma_kernel`, 2 to MAX_ROWS rows: tl.dot on 16-row tiles (rows padded with zeros), the codes
     converted straight to x's dtype (exact: e4m3's 3 mantissa bits and exponent range fit fp16 and bf16),
     float32 accumulation; fp32 activations in full IEEE precision; bf16 ones in float32 under the interpreter,

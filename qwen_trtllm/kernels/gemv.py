@@ -83,7 +83,7 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = Fa
     N, K = weight.shape
     x2 = x.reshape(-1, 2 * K if gated else K)
     M = x2.shape[0]
-    assert M <= MAX_ROWS and weight.is_contiguous() and x2.stride(1) == 1
+    assert 0 < M <= MAX_ROWS and weight.is_contiguous() and x2.stride(1) == 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     bn, bk, warps, stages = config or default_config(N, K, x.device)
     pdl = pdl_enabled(x.device)
@@ -102,7 +102,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gated: bool = 
     from qwen_trtllm.kernels import silu_mul, silu_mul_reference, triton_available
 
     kernels = triton_available(x.device)
-    if kernels and x.numel() // x.shape[-1] <= MAX_ROWS and weight.is_contiguous():
+    if kernels and x.numel() and x.numel() // x.shape[-1] <= MAX_ROWS and weight.is_contiguous():
         return gemv(x, weight, bias, gated)
     if gated:
         x = silu_mul(x) if kernels else silu_mul_reference(x)
