@@ -76,7 +76,7 @@ def runs_ptx(device: torch.device) -> bool:
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL and prefetch weights (compiled CUDA on sm_90+)."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if not runs_ptx(device):
         return False
     if os.environ.get("QWEN_TRTLLM_PDL", "1") == "0":
         return False
